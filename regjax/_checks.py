@@ -1,0 +1,135 @@
+"""Argument checks shared by the functional core.
+
+Every check runs at trace time: it looks only at Python values, shapes and
+dtypes, never at the contents of a traced array, so it costs nothing inside
+``jit``. A rate that is itself traced cannot be range-checked here; the ops
+clip such a rate into their valid range (documented on each op) so that an
+out-of-range schedule can never produce NaN.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_traced(value) -> bool:
+  return isinstance(value, jax.core.Tracer)
+
+
+def check_floating(x, op: str, name: str = "x") -> None:
+  dtype = getattr(x, "dtype", None)
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+        f"{op}: `{name}` must be a floating-point array "
+        f"(float16, bfloat16, float32 or float64); got {dtype or type(x).__name__}."
+    )
+
+
+def check_deterministic(deterministic, op: str) -> bool:
+  """Returns ``deterministic`` as a Python bool; it selects code at trace time."""
+  if is_traced(deterministic):
+    raise TypeError(
+        f"{op}: `deterministic` must be a Python bool, not a traced value; "
+        "mark it static (e.g. jax.jit(..., static_argnames='deterministic'))."
+    )
+  if not isinstance(deterministic, (bool, np.bool_)):
+    raise TypeError(f"{op}: `deterministic` must be a bool; got {deterministic!r}.")
+  return bool(deterministic)
+
+
+def check_key(key, op: str) -> None:
+  """Accepts a typed key (``jax.random.key``) or a raw uint32 key (``PRNGKey``)."""
+  if key is None:
+    raise ValueError(
+        f"{op}: train mode (deterministic=False) needs a PRNG key: pass "
+        "`key=jax.random.key(...)`, or set `deterministic=True` for eval."
+    )
+  dtype = getattr(key, "dtype", None)
+  shape = getattr(key, "shape", None)
+  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    if shape != ():
+      raise ValueError(
+          f"{op}: `key` must be a single PRNG key (shape ()); got a batch of shape "
+          f"{shape}. Use jax.vmap over the op to apply many keys."
+      )
+    return
+  if dtype == jnp.uint32 and shape is not None and len(shape) == 1:
+    return
+  raise TypeError(
+      f"{op}: `key` must be a PRNG key from jax.random.key(seed) or "
+      f"jax.random.PRNGKey(seed); got {type(key).__name__} "
+      f"with dtype {dtype} and shape {shape}."
+  )
+
+
+def check_rate(value, op: str, name: str, *, low: float, high: float,
+               high_inclusive: bool) -> float | jax.Array:
+  """Validates a scalar rate.
+
+  Concrete values (Python numbers, NumPy or concrete JAX scalars) must lie in
+  ``[low, high]`` (or ``[low, high)``) and are returned as a Python float.
+  Traced scalars are returned unchanged; the caller clips them.
+  """
+  shape = np.shape(value)
+  if shape != ():
+    raise ValueError(f"{op}: `{name}` must be a scalar; got shape {shape}.")
+  if is_traced(value):
+    if not jnp.issubdtype(value.dtype, jnp.floating) and not jnp.issubdtype(
+        value.dtype, jnp.integer):
+      raise TypeError(f"{op}: `{name}` must be a real number; got dtype {value.dtype}.")
+    return value
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+      value, (numbers.Real, np.ndarray, np.generic, jax.Array)):
+    raise TypeError(f"{op}: `{name}` must be a real number; got {value!r}.")
+  try:
+    number = float(value)
+  except (TypeError, ValueError):
+    raise TypeError(f"{op}: `{name}` must be a real number; got {value!r}.") from None
+  upper = "]" if high_inclusive else ")"
+  above = number > high if high_inclusive else number >= high
+  if math.isnan(number) or number < low or above:
+    raise ValueError(
+        f"{op}: `{name}` must be in [{low:g}, {high:g}{upper}; got {value!r}."
+    )
+  return number
+
+
+def check_broadcast_dims(broadcast_dims: Sequence[int], ndim: int, op: str) -> tuple[int, ...]:
+  if isinstance(broadcast_dims, int):
+    broadcast_dims = (broadcast_dims,)
+  dims = []
+  for dim in broadcast_dims:
+    if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool):
+      raise TypeError(f"{op}: `broadcast_dims` must hold ints; got {dim!r}.")
+    if not -ndim <= dim < ndim:
+      raise ValueError(
+          f"{op}: `broadcast_dims` entry {dim} is out of range for an input of "
+          f"rank {ndim}; accepted range is [{-ndim}, {ndim - 1}]."
+      )
+    dims.append(int(dim) % ndim)
+  return tuple(sorted(set(dims)))
+
+
+def canonical_axes(axis, ndim: int, op: str, name: str = "axis") -> tuple[int, ...]:
+  axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+  out = []
+  for a in axes:
+    if not isinstance(a, (int, np.integer)) or isinstance(a, bool):
+      raise TypeError(f"{op}: `{name}` must be an int or a tuple of ints; got {axis!r}.")
+    if not -ndim <= a < ndim:
+      raise ValueError(
+          f"{op}: `{name}`={axis!r} is out of range for an input of rank {ndim}; "
+          f"accepted range is [{-ndim}, {ndim - 1}]."
+      )
+    out.append(int(a) % ndim)
+  if len(set(out)) != len(out):
+    raise ValueError(f"{op}: `{name}`={axis!r} repeats an axis.")
+  if not out:
+    raise ValueError(f"{op}: `{name}` must name at least one feature axis.")
+  return tuple(sorted(out))

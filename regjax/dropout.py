@@ -1,0 +1,194 @@
+"""Multiplicative-noise regularizers: inverted dropout, Gaussian dropout, Uout.
+
+All three multiply each unit by noise of mean 1. What separates them, for a
+BatchNorm that follows, is the noise variance ``s2`` (see ``BRIEF.md`` §2)::
+
+    dropout(rate)           x * m / (1 - rate),  m ~ Bernoulli(1 - rate)   s2 = rate / (1 - rate)
+    gaussian_dropout(rate)  x * (1 + sqrt(rate / (1 - rate)) * e), e ~ N(0, 1)   s2 = rate / (1 - rate)
+    uout(beta)              x * (1 + r),  r ~ U(-beta, beta)               s2 = beta**2 / 3
+
+Common contract: the key is explicit; ``deterministic=True`` or a zero rate
+returns ``x`` itself and needs no key; the output has ``x``'s shape and dtype
+(half-precision inputs are computed in float32 and rounded once); the same key
+gives the same draw with and without ``jit``. ``rate``/``beta`` may be traced
+scalars, so a schedule does not recompile; a traced value cannot be checked at
+trace time and is clipped into the op's valid range instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from regjax import _checks
+
+__all__ = [
+    "dropout",
+    "gaussian_dropout",
+    "uout",
+    "dropout_noise_variance",
+    "uout_noise_variance",
+    "matched_uout_beta",
+]
+
+# Largest traced Gaussian-dropout rate: keeps the noise stddev finite (~4096).
+_MAX_TRACED_GAUSSIAN_RATE = 1.0 - 2.0**-24
+
+
+def _noise_shape(shape: tuple[int, ...], broadcast_dims: tuple[int, ...]) -> tuple[int, ...]:
+  return tuple(1 if i in broadcast_dims else d for i, d in enumerate(shape))
+
+
+def _compute_dtype(dtype) -> jnp.dtype:
+  # float16/bfloat16 are computed in float32 so the result is rounded only once.
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _prepare(x, key, deterministic, broadcast_dims, op):
+  _checks.check_floating(x, op)
+  deterministic = _checks.check_deterministic(deterministic, op)
+  if key is not None:
+    _checks.check_key(key, op)
+  dims = _checks.check_broadcast_dims(broadcast_dims, x.ndim, op)
+  return deterministic, _noise_shape(x.shape, dims)
+
+
+def dropout(
+    x: jax.Array,
+    rate: float | jax.Array,
+    *,
+    key: jax.Array | None = None,
+    deterministic: bool = False,
+    broadcast_dims: Sequence[int] = (),
+) -> jax.Array:
+  """Inverted dropout (Srivastava et al. 2014, JMLR 15).
+
+  Train mode: ``y = x * m / (1 - rate)`` with ``m ~ Bernoulli(1 - rate)``, so
+  ``E[y] = x`` and the multiplicative noise variance is ``rate / (1 - rate)``.
+  Eval mode (``deterministic=True``) returns ``x``.
+
+  Args:
+    x: floating-point array.
+    rate: probability of dropping a unit, in ``[0, 1]``. ``rate == 1`` returns
+      zeros (with zero, never NaN, gradients). A traced rate is clipped to
+      ``[0, 1]``.
+    key: PRNG key; required in train mode unless ``rate`` is concretely 0 or 1.
+    deterministic: if True, return ``x`` unchanged.
+    broadcast_dims: axes that share one mask draw (e.g. the spatial axes for
+      channel dropout), as in ``flax.linen.Dropout``.
+
+  Returns:
+    An array with ``x``'s shape and dtype. The mask is drawn with
+    ``jax.random.bernoulli(key, 1 - rate, shape)``, the same draw as
+    ``flax.linen.Dropout`` makes from the same key.
+  """
+  op = "regjax.dropout"
+  deterministic, noise_shape = _prepare(x, key, deterministic, broadcast_dims, op)
+  rate = _checks.check_rate(rate, op, "rate", low=0.0, high=1.0, high_inclusive=True)
+  if deterministic:
+    return x
+  if not _checks.is_traced(rate):
+    if rate == 0.0:
+      return x
+    if rate == 1.0:
+      return jnp.zeros_like(x)
+  _checks.check_key(key, op)
+  compute_dtype = _compute_dtype(x.dtype)
+  keep = 1.0 - jnp.clip(jnp.asarray(rate, compute_dtype), 0.0, 1.0)
+  mask = jax.random.bernoulli(key, keep, noise_shape)
+  # Multiplying by a 0-or-1/keep factor (rather than dividing x and selecting)
+  # keeps the gradient exactly 0 where keep == 0, instead of 0 * inf = NaN.
+  safe_keep = jnp.where(keep > 0, keep, 1.0)
+  factor = jnp.where(mask, 1.0 / safe_keep, 0.0).astype(compute_dtype)
+  return (x.astype(compute_dtype) * factor).astype(x.dtype)
+
+
+def gaussian_dropout(
+    x: jax.Array,
+    rate: float | jax.Array,
+    *,
+    key: jax.Array | None = None,
+    deterministic: bool = False,
+    broadcast_dims: Sequence[int] = (),
+) -> jax.Array:
+  """Gaussian (multiplicative) dropout (Srivastava et al. 2014, §10).
+
+  Train mode: ``y = x * (1 + sqrt(rate / (1 - rate)) * e)``, ``e ~ N(0, 1)``:
+  the same mean and noise variance as ``dropout(x, rate)`` (the stddev of
+  Keras' ``GaussianDropout``). Eval mode returns ``x``.
+
+  Args:
+    x: floating-point array.
+    rate: in ``[0, 1)``. A traced rate is clipped to ``[0, 1 - 2**-24]``.
+    key: PRNG key; required in train mode unless ``rate`` is concretely 0.
+    deterministic: if True, return ``x`` unchanged.
+    broadcast_dims: axes that share one noise draw.
+  """
+  op = "regjax.gaussian_dropout"
+  deterministic, noise_shape = _prepare(x, key, deterministic, broadcast_dims, op)
+  rate = _checks.check_rate(rate, op, "rate", low=0.0, high=1.0, high_inclusive=False)
+  if deterministic or (not _checks.is_traced(rate) and rate == 0.0):
+    return x
+  _checks.check_key(key, op)
+  compute_dtype = _compute_dtype(x.dtype)
+  rate = jnp.clip(jnp.asarray(rate, compute_dtype), 0.0, _MAX_TRACED_GAUSSIAN_RATE)
+  stddev = jnp.sqrt(rate / (1.0 - rate))
+  noise = jax.random.normal(key, noise_shape, compute_dtype)
+  return (x.astype(compute_dtype) * (1.0 + stddev * noise)).astype(x.dtype)
+
+
+def uout(
+    x: jax.Array,
+    beta: float | jax.Array,
+    *,
+    key: jax.Array | None = None,
+    deterministic: bool = False,
+    broadcast_dims: Sequence[int] = (),
+) -> jax.Array:
+  """Uout: uniform multiplicative noise (Li, Chen, Hu, Yang 2019, arXiv:1801.05134).
+
+  Train mode: ``y = x * (1 + r)``, ``r ~ U(-beta, beta)``; noise variance
+  ``beta**2 / 3``, so ``uout(beta)`` matches ``dropout(rate)`` in variance
+  when ``beta = sqrt(3 * rate / (1 - rate))`` (:func:`matched_uout_beta`).
+  The paper's customary ``beta = 0.1`` is the variance of dropout at
+  ``rate ~ 0.0033``. Eval mode returns ``x``.
+
+  Args:
+    x: floating-point array.
+    beta: noise half-width, ``>= 0``. ``beta > 1`` is allowed (matched-variance
+      comparisons need it) and flips a unit's sign with probability
+      ``(beta - 1) / (2 * beta)``. A traced beta is clipped below at 0.
+    key: PRNG key; required in train mode unless ``beta`` is concretely 0.
+    deterministic: if True, return ``x`` unchanged.
+    broadcast_dims: axes that share one noise draw.
+  """
+  op = "regjax.uout"
+  deterministic, noise_shape = _prepare(x, key, deterministic, broadcast_dims, op)
+  beta = _checks.check_rate(beta, op, "beta", low=0.0, high=float("inf"), high_inclusive=False)
+  if deterministic or (not _checks.is_traced(beta) and beta == 0.0):
+    return x
+  _checks.check_key(key, op)
+  compute_dtype = _compute_dtype(x.dtype)
+  beta = jnp.maximum(jnp.asarray(beta, compute_dtype), 0.0)
+  noise = jax.random.uniform(key, noise_shape, compute_dtype, minval=-1.0, maxval=1.0)
+  return (x.astype(compute_dtype) * (1.0 + beta * noise)).astype(x.dtype)
+
+
+def dropout_noise_variance(rate):
+  """Multiplicative noise variance of (Gaussian) dropout: ``rate / (1 - rate)``."""
+  return rate / (1.0 - rate)
+
+
+def uout_noise_variance(beta):
+  """Multiplicative noise variance of Uout: ``beta**2 / 3``."""
+  return beta**2 / 3.0
+
+
+def matched_uout_beta(rate):
+  """The Uout ``beta`` whose noise variance equals dropout's at ``rate``.
+
+  ``beta = sqrt(3 * rate / (1 - rate))``; e.g. rate 0.5 -> beta ~ 1.732.
+  """
+  return (3.0 * dropout_noise_variance(rate)) ** 0.5

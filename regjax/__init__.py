@@ -7,7 +7,7 @@ not import Flax).
 
 import importlib
 
-from regjax.dropout import (
+from regjax.stochastic import (
     dropout,
     dropout_noise_variance,
     gaussian_dropout,

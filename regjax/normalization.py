@@ -66,7 +66,12 @@ def _moments(x, reduction_axes, mask, axis_name, axis_index_groups):
   not a mean of per-device means.
   """
   first = tuple(slice(0, 1) if a in reduction_axes else slice(None) for a in range(x.ndim))
-  shift = lax.stop_gradient(x[first])
+  shift = x[first]
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, x.shape)
+    # A masked-out first sample may be padding of any size (or NaN): never shift by it.
+    shift = jnp.where(mask[first], shift, 0)
+  shift = lax.stop_gradient(shift)
   deviation = x - shift
   if mask is None:
     local_count = jnp.asarray(
@@ -74,7 +79,6 @@ def _moments(x, reduction_axes, mask, axis_name, axis_index_groups):
     local_count = jnp.broadcast_to(local_count, shift.shape)
     local_sum = jnp.sum(deviation, reduction_axes, keepdims=True)
   else:
-    mask = jnp.broadcast_to(mask, x.shape)
     local_count = jnp.sum(mask, reduction_axes, keepdims=True, dtype=x.dtype)
     local_sum = jnp.sum(jnp.where(mask, deviation, 0), reduction_axes, keepdims=True)
 
@@ -170,12 +174,13 @@ def batch_norm(
   if mask is not None:
     if getattr(mask, "dtype", None) != jnp.bool_:
       raise TypeError(f"{op}: `mask` must be a boolean array; got {getattr(mask, 'dtype', mask)!r}.")
-    try:
-      jnp.broadcast_shapes(mask.shape, x.shape)
+    try:  # `mask` must broadcast *to* x's shape, not merely with it
+      broadcastable = jnp.broadcast_shapes(mask.shape, x.shape) == x.shape
     except ValueError:
+      broadcastable = False
+    if not broadcastable:
       raise ValueError(
-          f"{op}: `mask` of shape {mask.shape} does not broadcast to `x` of shape {x.shape}."
-      ) from None
+          f"{op}: `mask` of shape {mask.shape} does not broadcast to `x` of shape {x.shape}.")
   out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
   stats_dtype = jnp.promote_types(x.dtype, jnp.float32)
 

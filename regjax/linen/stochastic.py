@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from regjax import dropout as F
+from regjax import stochastic as F
 from regjax._checks import is_traced
 
 

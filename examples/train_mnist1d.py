@@ -12,23 +12,25 @@ where the noise layer is chosen by ``--noise``:
   gaussian  regjax.linen.GaussianDropout(rate)  noise variance rate / (1 - rate)
   uout      regjax.linen.Uout(beta)             noise variance beta**2 / 3
 
-One epoch is a ``jax.lax.scan`` over the training steps inside a single
-``jax.jit``; evaluation runs in deterministic mode (``train=False``: running
-BatchNorm statistics, no noise).
+Training is a Python loop over one ``jax.jit``-compiled step (on XLA:CPU this
+is several times faster than a ``jax.lax.scan`` over the epoch); evaluation
+runs in deterministic mode (``train=False``: running BatchNorm statistics, no
+noise).
 
 Usage (from the repository root):
 
   python examples/train_mnist1d.py                      # default CNN, no noise
   python examples/train_mnist1d.py --noise dropout --rate 0.1
   python examples/train_mnist1d.py --noise uout --beta 0.1
+  python examples/train_mnist1d.py --model mlp
   python examples/train_mnist1d.py --quick --out /tmp/m.json   # smoke test
 
-Metrics (config, per-epoch history, final train/test loss and accuracy,
-wall time) go to a JSON file, by default
+The progress bar shows the epoch's mean train-mode batch loss and accuracy
+(noise on) and the eval-mode test accuracy. Metrics (config, per-epoch
+history, final eval-mode train/test loss and accuracy, wall time) go to a JSON
+file, by default
 ``runs/train_mnist1d/<timestamp>/metrics.json``.
 """
-
-from __future__ import annotations
 
 import argparse
 import datetime
@@ -144,8 +146,8 @@ class CNN1D(nn.Module):
   noise: str = "none"
   rate: float = 0.0
   beta: float = 0.0
-  channels: tuple[int, ...] = (32, 64, 64)
-  hidden: int = 128
+  channels: tuple[int, ...] = (32, 32, 32)
+  hidden: int = 64
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -203,18 +205,18 @@ def _loss_and_accuracy(logits, labels):
   return loss, accuracy
 
 
-def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, batch_size: int):
-  """A jitted ``(state, x, y, keys, epoch) -> (state, mean loss, mean acc)``.
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation):
+  """A jitted ``(state, x, y, idx, dropout_key) -> (state, loss, accuracy)``.
 
-  The epoch's batches come from a permutation drawn with
-  ``fold_in(keys['shuffle'], epoch)``; the incomplete last batch is dropped
-  (a different remainder each epoch). Step ``t`` draws its noise from
-  ``fold_in(keys['dropout'], t)``. The loss and accuracy are those of the
-  training batches in train mode (noise on, batch statistics).
+  One optimizer step on the batch ``x[idx], y[idx]`` (the gather happens inside
+  ``jit``, so the full arrays stay on the device). Step ``t`` draws its noise
+  from ``fold_in(dropout_key, t)``. The loss and accuracy are those of the batch
+  in train mode (noise on, batch statistics).
   """
 
-  def train_step(state: TrainState, batch, dropout_key):
-    xb, yb = batch
+  @functools.partial(jax.jit, donate_argnums=0)
+  def train_step(state: TrainState, x, y, idx, dropout_key):
+    xb, yb = x[idx], y[idx]
     step_key = jax.random.fold_in(dropout_key, state.step)
 
     def loss_fn(params):
@@ -230,22 +232,21 @@ def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, batch_s
     params = optax.apply_updates(state.params, updates)
     state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                           opt_state=opt_state)
-    return state, (loss, accuracy)
+    return state, loss, accuracy
 
-  @functools.partial(jax.jit, donate_argnums=0)
-  def train_epoch(state, x, y, keys, epoch):
-    n = x.shape[0]
-    steps = n // batch_size
-    perm = jax.random.permutation(jax.random.fold_in(keys["shuffle"], epoch), n)
-    perm = perm[: steps * batch_size].reshape(steps, batch_size)
+  return train_step
 
-    def body(state, idx):
-      return train_step(state, (x[idx], y[idx]), keys["dropout"])
 
-    state, (losses, accuracies) = jax.lax.scan(body, state, perm)
-    return state, losses.mean(), accuracies.mean()
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def epoch_batches(shuffle_key, epoch, n: int, batch_size: int):
+  """``(n // batch_size, batch_size)`` sample indices for ``epoch``.
 
-  return train_epoch
+  A permutation drawn with ``fold_in(shuffle_key, epoch)``; the incomplete last
+  batch is dropped (a different remainder each epoch).
+  """
+  steps = n // batch_size
+  perm = jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), n)
+  return perm[: steps * batch_size].reshape(steps, batch_size)
 
 
 def make_evaluate(model: nn.Module):
@@ -271,8 +272,11 @@ def train(model: nn.Module, data: dict[str, np.ndarray], *, epochs: int = 30,
 
   Returns:
     ``{'state': TrainState, 'history': [per-epoch dicts], 'final': {...},
-    'train_seconds': float}``; ``final`` holds eval-mode loss and accuracy on
-    the full train and test sets.
+    'train_seconds': float}``. Each history entry holds the epoch's mean
+    ``train_batch_loss``/``train_batch_acc`` (train mode: noise on, batch
+    statistics) and the eval-mode ``test_loss``/``test_acc`` after the epoch;
+    ``final`` holds eval-mode loss and accuracy on the full train and test
+    sets.
   """
   n = data["x"].shape[0]
   if not 0 < batch_size <= n:
@@ -295,7 +299,7 @@ def train(model: nn.Module, data: dict[str, np.ndarray], *, epochs: int = 30,
                      batch_stats=variables["batch_stats"],
                      opt_state=tx.init(variables["params"]))
 
-  train_epoch = make_train_epoch(model, tx, batch_size)
+  train_step = make_train_step(model, tx)
   evaluate = make_evaluate(model)
 
   history = []
@@ -307,14 +311,22 @@ def train(model: nn.Module, data: dict[str, np.ndarray], *, epochs: int = 30,
     bar = tqdm(epoch_iter, desc="epochs", unit="epoch", file=sys.stderr)
     epoch_iter = bar
   for epoch in epoch_iter:
-    state, train_loss, train_acc = train_epoch(state, x, y, keys, epoch)
+    # A Python loop over a jitted step: on XLA:CPU this runs several times
+    # faster than the same epoch as a lax.scan inside one jit.
+    losses, accuracies = [], []
+    for idx in np.asarray(epoch_batches(keys["shuffle"], epoch, n, batch_size)):
+      state, loss, accuracy = train_step(state, x, y, idx, keys["dropout"])
+      losses.append(loss)
+      accuracies.append(accuracy)
+    train_loss, train_acc = jnp.mean(jnp.stack(losses)), jnp.mean(jnp.stack(accuracies))
     test_loss, test_acc = evaluate(state, x_test, y_test)
-    record = {"epoch": epoch + 1, "train_loss": float(train_loss),
-              "train_acc": float(train_acc), "test_loss": float(test_loss),
+    record = {"epoch": epoch + 1, "train_batch_loss": float(train_loss),
+              "train_batch_acc": float(train_acc), "test_loss": float(test_loss),
               "test_acc": float(test_acc)}
     history.append(record)
     if bar is not None:
-      bar.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['train_acc']:.3f}",
+      bar.set_postfix(loss=f"{record['train_batch_loss']:.3f}",
+                      acc=f"{record['train_batch_acc']:.3f}",
                       test_acc=f"{record['test_acc']:.3f}")
   if bar is not None:
     bar.close()
@@ -332,24 +344,31 @@ def train(model: nn.Module, data: dict[str, np.ndarray], *, epochs: int = 30,
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
       description="Train a small CNN/MLP with regjax BatchNorm and a noise layer on MNIST-1D "
-      "(generated offline; nothing is downloaded).",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--model", choices=MODEL_CHOICES, default="cnn", help="network")
+      "(generated offline; nothing is downloaded).")
+  p.add_argument("--model", choices=MODEL_CHOICES, default="cnn",
+                 help="network (default: %(default)s)")
   p.add_argument("--noise", choices=NOISE_CHOICES, default="none",
-                 help="noise layer after every BatchNorm + relu")
+                 help="noise layer after every BatchNorm + relu (default: %(default)s)")
   p.add_argument("--rate", type=float, default=0.1,
-                 help="drop rate of --noise dropout / gaussian (noise variance rate/(1-rate))")
+                 help="drop rate of --noise dropout / gaussian; noise variance rate/(1-rate) "
+                 "(default: %(default)s)")
   p.add_argument("--beta", type=float, default=0.1,
-                 help="half-width of --noise uout (noise variance beta**2/3)")
-  p.add_argument("--epochs", type=int, default=30)
-  p.add_argument("--batch-size", type=int, default=128)
-  p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine decay to 0)")
-  p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+                 help="half-width of --noise uout; noise variance beta**2/3 "
+                 "(default: %(default)s)")
+  p.add_argument("--epochs", type=int, default=30,
+                 help="passes over the training set (default: %(default)s)")
+  p.add_argument("--batch-size", type=int, default=128,
+                 help="the incomplete last batch of an epoch is dropped (default: %(default)s)")
+  p.add_argument("--lr", type=float, default=3e-3,
+                 help="peak learning rate, cosine decay to 0 (default: %(default)s)")
+  p.add_argument("--weight-decay", type=float, default=1e-4,
+                 help="AdamW weight decay (default: %(default)s)")
   p.add_argument("--seed", type=int, default=0,
-                 help="training seed: initialization, noise and batch order")
+                 help="training seed: initialization, noise and batch order "
+                 "(default: %(default)s)")
   p.add_argument("--data-seed", type=int, default=MNIST1D_DEFAULT_SEED,
                  help="mnist1d dataset seed (args.seed of make_dataset); the default is "
-                 "mnist1d's own, the dataset of the published results")
+                 "mnist1d's own, the dataset of the published results (default: %(default)s)")
   p.add_argument("--out", default=None,
                  help="metrics JSON path (default: runs/train_mnist1d/<timestamp>/metrics.json)")
   p.add_argument("--quick", action="store_true",
@@ -358,6 +377,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   args = p.parse_args(argv)
   if args.quick:
     args.epochs = 2
+  if args.epochs < 1:
+    p.error(f"--epochs must be >= 1; got {args.epochs}")
+  if args.batch_size < 1:
+    p.error(f"--batch-size must be >= 1; got {args.batch_size}")
   if args.noise in ("dropout", "gaussian") and not 0.0 <= args.rate < 1.0:
     p.error(f"--rate must be in [0, 1) for --noise {args.noise}; got {args.rate}")
   if args.noise == "uout" and args.beta < 0:

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from regjax import _checks
@@ -25,11 +26,16 @@ BatchStats = dict[str, jax.Array]
 
 def init_batch_stats(num_features: int | tuple[int, ...], dtype=jnp.float32) -> BatchStats:
   """Running statistics before any update: mean 0 and variance 1 per feature."""
-  shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
-  if not all(isinstance(d, int) and d > 0 for d in shape):
+  is_int = lambda d: isinstance(d, (int, np.integer)) and not isinstance(d, bool)
+  if is_int(num_features):
+    shape = (num_features,)
+  else:
+    shape = tuple(num_features) if isinstance(num_features, (tuple, list)) else (None,)
+  if not all(is_int(d) and d > 0 for d in shape):
     raise ValueError(
         f"init_batch_stats: `num_features` must be a positive int or a tuple of "
         f"positive ints; got {num_features!r}.")
+  shape = tuple(int(d) for d in shape)
   return {"mean": jnp.zeros(shape, dtype), "var": jnp.ones(shape, dtype)}
 
 
@@ -65,13 +71,18 @@ def _moments(x, reduction_axes, mask, axis_name, axis_index_groups):
   device by its count: unequal or masked batches give the full-batch result,
   not a mean of per-device means.
   """
-  first = tuple(slice(0, 1) if a in reduction_axes else slice(None) for a in range(x.ndim))
-  shift = x[first]
+  # The first sample is picked by a one-hot sum, not a slice: under jit, slicing
+  # a batch axis with explicit sharding (jax.make_mesh's default) is an error.
+  is_first = True
+  for a in reduction_axes:
+    is_first = is_first & (lax.broadcasted_iota(
+        jnp.int32, tuple(x.shape[a] if d == a else 1 for d in range(x.ndim)), a) == 0)
   if mask is not None:
     mask = jnp.broadcast_to(mask, x.shape)
     # A masked-out first sample may be padding of any size (or NaN): never shift by it.
-    shift = jnp.where(mask[first], shift, 0)
-  shift = lax.stop_gradient(shift)
+    is_first = is_first & mask
+  shift = lax.stop_gradient(
+      jnp.sum(jnp.where(is_first, x, 0), reduction_axes, keepdims=True))
   deviation = x - shift
   if mask is None:
     local_count = jnp.asarray(

@@ -1,0 +1,25 @@
+"""The package's layering and public surface."""
+
+import subprocess
+import sys
+
+import regjax
+
+
+def test_functional_core_does_not_import_flax():
+  code = ("import sys, regjax, jax.numpy as jnp; "
+          "regjax.batch_norm(jnp.ones((4, 2)), regjax.init_batch_stats(2)); "
+          "print('flax' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "False"
+
+
+def test_linen_is_importable_as_an_attribute():
+  assert set(regjax.linen.__all__) == {"BatchNorm", "Dropout", "GaussianDropout", "Uout"}
+
+
+def test_public_names_exist_and_have_docstrings():
+  for name in regjax.__all__:
+    obj = getattr(regjax, name)
+    if callable(obj) and name != "BatchStats":
+      assert obj.__doc__ and len(obj.__doc__) > 40, name

@@ -1,8 +1,8 @@
 """regjax: regularization layers for JAX, with train/eval behaviour done right.
 
 The functions here are pure and know nothing of Flax; ``regjax.linen`` wraps
-them as Flax linen modules (imported on first use, so ``import regjax`` does
-not import Flax).
+them as Flax linen modules and ``regjax.nnx`` as Flax NNX modules (imported
+on first use, so ``import regjax`` does not import Flax).
 """
 
 import importlib
@@ -16,22 +16,49 @@ from regjax.stochastic import (
     uout_noise_variance,
 )
 from regjax.normalization import BatchStats, batch_norm, init_batch_stats
+from regjax.affine_noise import alpha_dropout, gaussian_noise
+from regjax.structured import (
+    channel_dropout,
+    cutout,
+    drop_path,
+    drop_path_rates,
+    dropblock,
+    dropblock_rate_schedule,
+)
+from regjax.weights import (
+    default_max_norm_filter,
+    dropconnect_dense,
+    max_norm,
+    max_norm_projection,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BatchStats",
+    "alpha_dropout",
     "batch_norm",
+    "channel_dropout",
+    "cutout",
+    "default_max_norm_filter",
+    "drop_path",
+    "drop_path_rates",
+    "dropblock",
+    "dropblock_rate_schedule",
+    "dropconnect_dense",
     "dropout",
     "dropout_noise_variance",
     "gaussian_dropout",
+    "gaussian_noise",
     "init_batch_stats",
     "matched_uout_beta",
+    "max_norm",
+    "max_norm_projection",
     "uout",
     "uout_noise_variance",
 ]
 
-_SUBMODULES = ("linen",)
+_SUBMODULES = ("linen", "nnx", "diagnostics")
 
 
 def __getattr__(name):

@@ -2,5 +2,20 @@
 
 from regjax.linen.normalization import BatchNorm
 from regjax.linen.stochastic import Dropout, GaussianDropout, Uout
+from regjax.linen.affine_noise import AlphaDropout, GaussianNoise
+from regjax.linen.structured import ChannelDropout, Cutout, DropBlock, DropPath
+from regjax.linen.weights import DropConnect
 
-__all__ = ["BatchNorm", "Dropout", "GaussianDropout", "Uout"]
+__all__ = [
+    "AlphaDropout",
+    "BatchNorm",
+    "ChannelDropout",
+    "Cutout",
+    "DropBlock",
+    "DropConnect",
+    "DropPath",
+    "Dropout",
+    "GaussianDropout",
+    "GaussianNoise",
+    "Uout",
+]

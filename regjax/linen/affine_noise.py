@@ -1,0 +1,63 @@
+"""Linen wrappers of :mod:`regjax.affine_noise`: alpha dropout and additive Gaussian noise.
+
+Like every regjax noise module, a module in train mode with no
+``rng_collection`` stream raises instead of drawing from ``'params'``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+
+from regjax import affine_noise as F
+from regjax.linen.stochastic import _is_concretely, noise_key
+
+
+class AlphaDropout(nn.Module):
+  """Alpha dropout for SELU networks; see :func:`regjax.alpha_dropout`.
+
+  Attributes:
+    rate: probability of dropping a unit.
+    broadcast_dims: axes that share one mask.
+    deterministic: eval mode if True; may be given at call instead.
+    rng_collection: the PRNG stream the mask is drawn from.
+  """
+
+  rate: float
+  broadcast_dims: Sequence[int] = ()
+  deterministic: bool | None = None
+  rng_collection: str = "dropout"
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
+               rng: jax.Array | None = None) -> jax.Array:
+    deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+    key = noise_key(self, deterministic, rng, _is_concretely(self.rate, 0.0, 1.0))
+    return F.alpha_dropout(inputs, self.rate, key=key, deterministic=deterministic,
+                           broadcast_dims=self.broadcast_dims)
+
+
+class GaussianNoise(nn.Module):
+  """Additive ``N(0, stddev**2)`` noise, Keras ``GaussianNoise``; see :func:`regjax.gaussian_noise`.
+
+  Attributes:
+    stddev: standard deviation of the noise.
+    broadcast_dims: axes that share one noise draw.
+    deterministic: eval mode if True; may be given at call instead.
+    rng_collection: the PRNG stream the noise is drawn from.
+  """
+
+  stddev: float
+  broadcast_dims: Sequence[int] = ()
+  deterministic: bool | None = None
+  rng_collection: str = "dropout"
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
+               rng: jax.Array | None = None) -> jax.Array:
+    deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+    key = noise_key(self, deterministic, rng, _is_concretely(self.stddev, 0.0))
+    return F.gaussian_noise(inputs, self.stddev, key=key, deterministic=deterministic,
+                            broadcast_dims=self.broadcast_dims)

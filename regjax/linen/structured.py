@@ -1,0 +1,121 @@
+"""Linen wrappers of :mod:`regjax.structured`: channel dropout, drop path, DropBlock, cutout.
+
+Like every regjax noise module, a module in train mode with no
+``rng_collection`` stream raises instead of drawing from ``'params'``. A rate
+that follows a schedule can be a traced value: build the module inside a
+compact method from a traced argument (``DropBlock(rate)(x)``) and one
+compilation serves the whole schedule.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from regjax import structured as F
+from regjax.linen.stochastic import _is_concretely, noise_key
+
+
+class ChannelDropout(nn.Module):
+  """Drops whole channels (one draw per sample and channel); see :func:`regjax.channel_dropout`.
+
+  Keras ``SpatialDropout1D/2D/3D``, torch ``Dropout1d/2d/3d``.
+
+  Attributes:
+    rate: probability of dropping a channel.
+    channel_axis: the channel axis (-1, channels-last, by default; 1 for channels-first).
+    deterministic: eval mode if True; may be given at call instead.
+    rng_collection: the PRNG stream the mask is drawn from.
+  """
+
+  rate: float
+  channel_axis: int = -1
+  deterministic: bool | None = None
+  rng_collection: str = "dropout"
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
+               rng: jax.Array | None = None) -> jax.Array:
+    deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+    key = noise_key(self, deterministic, rng, _is_concretely(self.rate, 0.0, 1.0))
+    return F.channel_dropout(inputs, self.rate, key=key, deterministic=deterministic,
+                             channel_axis=self.channel_axis)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth on a residual branch; see :func:`regjax.drop_path` (timm ``DropPath``).
+
+  Use as ``x + DropPath(rate)(branch(x), deterministic=not train)``;
+  :func:`regjax.drop_path_rates` gives the per-block rates.
+
+  Attributes:
+    rate: probability of dropping the branch.
+    mode: ``'row'`` (one draw per sample) or ``'batch'`` (one for the batch).
+    deterministic: eval mode if True; may be given at call instead.
+    rng_collection: the PRNG stream the mask is drawn from.
+  """
+
+  rate: float
+  mode: str = "row"
+  deterministic: bool | None = None
+  rng_collection: str = "dropout"
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
+               rng: jax.Array | None = None) -> jax.Array:
+    deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+    key = noise_key(self, deterministic, rng, _is_concretely(self.rate, 0.0, 1.0))
+    return F.drop_path(inputs, self.rate, key=key, deterministic=deterministic, mode=self.mode)
+
+
+class DropBlock(nn.Module):
+  """Drops contiguous ``block_size x block_size`` regions; see :func:`regjax.dropblock`.
+
+  Attributes:
+    rate: nominal drop rate (ramp it with :func:`regjax.dropblock_rate_schedule`).
+    block_size: side of the square blocks.
+    share_channels: one mask per sample, shared by its channels.
+    data_format: ``'NHWC'`` or ``'NCHW'``.
+    deterministic: eval mode if True; may be given at call instead.
+    rng_collection: the PRNG stream the mask is drawn from.
+  """
+
+  rate: float
+  block_size: int = 7
+  share_channels: bool = False
+  data_format: str = "NHWC"
+  deterministic: bool | None = None
+  rng_collection: str = "dropout"
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
+               rng: jax.Array | None = None) -> jax.Array:
+    deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+    key = noise_key(self, deterministic, rng, _is_concretely(self.rate, 0.0))
+    return F.dropblock(inputs, self.rate, key=key, deterministic=deterministic,
+                       block_size=self.block_size, share_channels=self.share_channels,
+                       data_format=self.data_format)
+
+
+class Cutout(nn.Module):
+  """Zeroes one ``size x size`` square per image (inputs only); see :func:`regjax.cutout`.
+
+  Attributes:
+    size: side of the square.
+    data_format: ``'NHWC'`` or ``'NCHW'``.
+    deterministic: eval mode if True; may be given at call instead.
+    rng_collection: the PRNG stream the squares are drawn from.
+  """
+
+  size: int
+  data_format: str = "NHWC"
+  deterministic: bool | None = None
+  rng_collection: str = "dropout"
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
+               rng: jax.Array | None = None) -> jax.Array:
+    deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+    key = noise_key(self, deterministic, rng, _is_concretely(self.size, 0))
+    return F.cutout(inputs, self.size, key=key, deterministic=deterministic,
+                    data_format=self.data_format)

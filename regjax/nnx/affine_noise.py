@@ -1,0 +1,74 @@
+"""NNX wrappers of :mod:`regjax.affine_noise`: alpha dropout and additive Gaussian noise.
+
+Constructor and call follow ``flax.nnx.Dropout`` (see :mod:`regjax.nnx.stochastic`);
+a train-mode module never draws from a stream other than its ``rng_collection``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+from flax import nnx
+
+from regjax import _checks
+from regjax import affine_noise as F
+from regjax.nnx._common import NoiseModule, RngsArg, hashable, is_concretely
+
+
+class AlphaDropout(NoiseModule):
+  """Alpha dropout for SELU networks; see :func:`regjax.alpha_dropout`.
+
+  Args:
+    rate: probability of dropping a unit, in ``[0, 1]``.
+    broadcast_dims: axes that share one mask.
+    deterministic: eval mode if True; switched by ``model.train()`` /
+      ``model.eval()`` / ``nnx.view``; a value given at call takes precedence.
+    rng_collection: the ``nnx.Rngs`` stream the mask is drawn from.
+    rngs: an ``nnx.Rngs`` with a ``rng_collection`` stream, an
+      ``nnx.RngStream``, or None (then a key must be given at call).
+  """
+
+  def __init__(self, rate: float, *, broadcast_dims: Sequence[int] = (),
+               deterministic: bool | None = False, rng_collection: str = "dropout",
+               rngs: nnx.Rngs | nnx.RngStream | None = None):
+    _checks.check_rate(rate, "regjax.nnx.AlphaDropout", "rate", low=0.0, high=1.0,
+                       high_inclusive=True)
+    self.rate = rate
+    self.broadcast_dims = hashable(broadcast_dims)
+    self._init_noise(deterministic, rng_collection, rngs)
+
+  def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
+               rngs: RngsArg = None) -> jax.Array:
+    """Applies alpha dropout; ``rngs`` (a key, stream or Rngs) overrides the kept stream."""
+    deterministic = self._deterministic(deterministic)
+    key = self._key(deterministic, rngs, is_concretely(self.rate, 0.0, 1.0))
+    return F.alpha_dropout(inputs, self.rate, key=key, deterministic=deterministic,
+                           broadcast_dims=self.broadcast_dims)
+
+
+class GaussianNoise(NoiseModule):
+  """Additive ``N(0, stddev**2)`` noise; see :func:`regjax.gaussian_noise`.
+
+  Keras ``GaussianNoise``.
+
+  Arguments as :class:`AlphaDropout`, with ``stddev >= 0`` in place of ``rate``.
+  """
+
+  def __init__(self, stddev: float, *, broadcast_dims: Sequence[int] = (),
+               deterministic: bool | None = False, rng_collection: str = "dropout",
+               rngs: nnx.Rngs | nnx.RngStream | None = None):
+    _checks.check_rate(stddev, "regjax.nnx.GaussianNoise", "stddev", low=0.0, high=math.inf,
+                       high_inclusive=False)
+    self.stddev = stddev
+    self.broadcast_dims = hashable(broadcast_dims)
+    self._init_noise(deterministic, rng_collection, rngs)
+
+  def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
+               rngs: RngsArg = None) -> jax.Array:
+    """Adds the noise; ``rngs`` overrides the kept stream."""
+    deterministic = self._deterministic(deterministic)
+    key = self._key(deterministic, rngs, is_concretely(self.stddev, 0.0))
+    return F.gaussian_noise(inputs, self.stddev, key=key, deterministic=deterministic,
+                            broadcast_dims=self.broadcast_dims)

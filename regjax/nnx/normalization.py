@@ -1,0 +1,221 @@
+"""NNX BatchNorm, drop-in for ``flax.nnx.BatchNorm``.
+
+Same constructor arguments and attributes, and the same variables:
+``nnx.BatchStat`` ``mean`` and ``var`` (float32) and ``nnx.Param`` ``scale``
+and ``bias``, so ``nnx.state`` trees and checkpoints match flax's. The
+statistics come from :func:`regjax.batch_norm`, which stays accurate when
+``|mean| >> std``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax.nnx.nn import dtypes
+from jax.nn import initializers
+
+from regjax import _checks
+from regjax import normalization as F
+
+Initializer = Any
+
+
+def _resolve_mode(deterministic: bool | None, use_running_average: bool | None,
+                  where: str) -> bool | None:
+  """Merges ``deterministic`` with its flax alias ``use_running_average``."""
+  if deterministic is None:
+    return use_running_average
+  if use_running_average is not None and bool(use_running_average) != bool(deterministic):
+    raise ValueError(
+        f"BatchNorm: `deterministic={deterministic}` and its alias "
+        f"`use_running_average={use_running_average}` disagree ({where}); pass one.")
+  return deterministic
+
+
+class BatchNorm(nnx.Module):
+  """Batch normalization with running statistics in ``nnx.BatchStat`` variables.
+
+  Arguments and attributes match ``flax.nnx.BatchNorm``; in addition:
+
+  Args:
+    deterministic: eval mode if True; an alias of ``use_running_average``
+      (the attribute ``deterministic`` reads and writes
+      ``use_running_average``, so ``model.train()`` / ``model.eval()`` and
+      ``nnx.view(model, deterministic=...)`` switch it too; where ``nnx.view``
+      gets both names, ``use_running_average`` wins). If given to the
+      constructor, it sets the mode in place of ``use_running_average``'s
+      default ``False``; ``use_running_average=True, deterministic=False`` is
+      an error, as are disagreeing values at call.
+    unbiased_running_var: store the unbiased batch variance in the running
+      variance (PyTorch's convention; its ``momentum=0.1`` is ``0.9`` here).
+
+  ``num_features`` may be a tuple when ``axis`` is a tuple (one size per
+  feature axis). ``use_fast_variance`` is accepted so flax code ports
+  unchanged, but regjax always uses its accurate two-pass statistics. The
+  output dtype, if ``dtype`` is None, is inferred from the input and the
+  params (flax's documented rule; the float32 statistics do not promote it).
+  """
+
+  def __init__(
+      self,
+      num_features: int | tuple[int, ...],
+      *,
+      use_running_average: bool | None = False,
+      axis: int | tuple[int, ...] = -1,
+      momentum: float = 0.99,
+      epsilon: float = 1e-5,
+      dtype: Any = None,
+      param_dtype: Any = jnp.float32,
+      use_bias: bool = True,
+      use_scale: bool = True,
+      bias_init: Initializer = initializers.zeros,
+      scale_init: Initializer = initializers.ones,
+      axis_name: str | None = None,
+      axis_index_groups: Any = None,
+      use_fast_variance: bool = True,
+      deterministic: bool | None = None,
+      unbiased_running_var: bool = False,
+      rngs: nnx.Rngs,
+      bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+      scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+  ):
+    op = "regjax.nnx.BatchNorm"
+    if isinstance(num_features, (int, np.integer)) and not isinstance(num_features, bool):
+      feature_shape = (int(num_features),)
+    elif isinstance(num_features, (tuple, list)):
+      feature_shape = tuple(num_features)
+    else:
+      feature_shape = None
+    if feature_shape is None or not feature_shape or not all(
+        isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0
+        for d in feature_shape):
+      raise ValueError(
+          f"{op}: `num_features` must be a positive int (or a tuple of them, one per "
+          f"feature axis); got {num_features!r}.")
+    n_axes = 1 if isinstance(axis, (int, np.integer)) else len(tuple(axis))
+    if n_axes != len(feature_shape):
+      raise ValueError(
+          f"{op}: `num_features`={num_features!r} gives {len(feature_shape)} feature "
+          f"size(s) but `axis`={axis!r} names {n_axes} axis/axes.")
+    _checks.check_rate(momentum, op, "momentum", low=0.0, high=1.0, high_inclusive=True)
+    if (not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool)
+        or not (epsilon > 0 and np.isfinite(epsilon))):
+      raise ValueError(f"{op}: `epsilon` must be a finite Python number > 0; got {epsilon!r}.")
+    if deterministic is not None:
+      use_running_average = _resolve_mode(
+          deterministic, True if use_running_average else None, "constructor arguments")
+
+    self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
+    self.scale: nnx.Param | None
+    self.bias: nnx.Param | None
+    if use_scale:
+      self.scale = nnx.Param(scale_init(rngs.params(), feature_shape, param_dtype),
+                             **scale_metadata)
+    else:
+      self.scale = nnx.data(None)
+    if use_bias:
+      self.bias = nnx.Param(bias_init(rngs.params(), feature_shape, param_dtype),
+                            **bias_metadata)
+    else:
+      self.bias = nnx.data(None)
+
+    # Static attributes must be hashable (they are part of nnx's graph definition).
+    self.num_features = tuple(num_features) if isinstance(num_features, list) else num_features
+    self.use_running_average = use_running_average
+    self.axis = tuple(axis) if isinstance(axis, list) else axis
+    self.momentum = momentum
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.unbiased_running_var = unbiased_running_var
+
+  # `deterministic` is an alias: one stored value, so train()/eval(),
+  # set_attributes and nnx.view can never leave the two out of step.
+  @property
+  def deterministic(self) -> bool | None:
+    """Eval mode if True; an alias of ``use_running_average``."""
+    return self.use_running_average
+
+  @deterministic.setter
+  def deterministic(self, value: bool | None) -> None:
+    self.use_running_average = value
+
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
+               deterministic: bool | None = None, mask: jax.Array | None = None) -> jax.Array:
+    """Normalizes ``x``; in train mode also updates ``mean`` and ``var``.
+
+    Args:
+      x: the input.
+      use_running_average: eval mode if True; takes precedence over the
+        attribute.
+      deterministic: alias of ``use_running_average``.
+      mask: optional boolean array broadcastable to ``x``; only True positions
+        enter the statistics.
+    """
+    mode = _resolve_mode(deterministic, use_running_average, "call arguments")
+    if mode is None:
+      mode = self.use_running_average
+    if mode is None:
+      raise ValueError(
+          "BatchNorm: no `use_running_average`/`deterministic` value: pass it to the "
+          "constructor, at call, or switch the model with model.train() / model.eval() "
+          "or nnx.view(model, use_running_average=...).")
+    feature_axes = _checks.canonical_axes(self.axis, x.ndim, "BatchNorm")
+    feature_shape = tuple(x.shape[a] for a in feature_axes)
+    if feature_shape != tuple(self.mean.shape):
+      raise ValueError(
+          f"BatchNorm(num_features={self.num_features!r}): the input's feature "
+          f"axes {feature_axes} have sizes {feature_shape}; expected "
+          f"{tuple(self.mean.shape)}.")
+    scale = self.scale[...] if self.scale is not None else None
+    bias = self.bias[...] if self.bias is not None else None
+    y, new_stats = F.batch_norm(
+        x, {"mean": self.mean[...], "var": self.var[...]}, scale, bias,
+        deterministic=mode,
+        momentum=self.momentum,
+        epsilon=self.epsilon,
+        axis=self.axis,
+        axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups,
+        unbiased_running_var=self.unbiased_running_var,
+        mask=mask,
+        dtype=dtypes.canonicalize_dtype(
+            *(a for a in (x, scale, bias) if a is not None), dtype=self.dtype),
+    )
+    if not mode:
+      # Statistics are state, never differentiated (as in nnx.BatchNorm).
+      self.mean[...] = jax.lax.stop_gradient(new_stats["mean"])
+      self.var[...] = jax.lax.stop_gradient(new_stats["var"])
+    return y
+
+  def set_view(self, use_running_average: bool | None = None,
+               deterministic: bool | None = None):
+    """Class method used by ``nnx.view``.
+
+    ``nnx.view`` passes its keyword arguments to every module, so
+    ``nnx.view(model, deterministic=True, use_running_average=False)`` (noise
+    off, BatchNorm on batch statistics, as for re-estimating the statistics)
+    is legitimate: the specific name ``use_running_average`` takes precedence
+    over the alias ``deterministic`` here.
+
+    Args:
+      use_running_average: if True, the stored batch statistics are used
+        instead of the statistics of the input (eval mode).
+      deterministic: alias of ``use_running_average``, used when that is not
+        given.
+    """
+    mode = use_running_average if use_running_average is not None else deterministic
+    if mode is not None:
+      self.use_running_average = mode

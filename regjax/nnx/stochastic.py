@@ -1,0 +1,105 @@
+"""NNX wrappers of the noise ops, drop-in for ``flax.nnx.Dropout``.
+
+Same constructor and call signature as ``nnx.Dropout``: the module is built
+with ``rngs=nnx.Rngs(dropout=...)`` and keeps a fork of the ``'dropout'``
+stream; a key, ``RngStream`` or ``Rngs`` given at call takes precedence;
+``model.train()`` / ``model.eval()`` / ``nnx.view(model, deterministic=...)``
+switch the ``deterministic`` attribute.
+
+Unlike flax, a module never draws its noise from a stream other than its
+``rng_collection``: an ``nnx.Rngs`` without a ``'dropout'`` stream is not
+silently replaced by its ``'default'`` stream, and a train-mode call with no
+key raises a ``ValueError`` that names the stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+from flax import nnx
+
+from regjax import _checks
+from regjax import stochastic as F
+from regjax.nnx._common import NoiseModule, RngsArg, hashable, is_concretely
+
+
+class Dropout(NoiseModule):
+  """Inverted dropout; see :func:`regjax.dropout`. Same arguments as ``flax.nnx.Dropout``.
+
+  Args:
+    rate: probability of dropping a unit (not the keep rate), in ``[0, 1]``.
+    broadcast_dims: axes that share one mask.
+    deterministic: eval mode if True; switched by ``model.train()`` /
+      ``model.eval()`` / ``nnx.view``; a value given at call takes precedence.
+    rng_collection: the ``nnx.Rngs`` stream the mask is drawn from.
+    rngs: an ``nnx.Rngs`` with a ``rng_collection`` stream (a fork of it is
+      kept), an ``nnx.RngStream``, or None (then a key must be given at call
+      in train mode).
+  """
+
+  def __init__(self, rate: float, *, broadcast_dims: Sequence[int] = (),
+               deterministic: bool | None = False, rng_collection: str = "dropout",
+               rngs: nnx.Rngs | nnx.RngStream | None = None):
+    _checks.check_rate(rate, "regjax.nnx.Dropout", "rate", low=0.0, high=1.0,
+                       high_inclusive=True)
+    self.rate = rate
+    self.broadcast_dims = hashable(broadcast_dims)
+    self._init_noise(deterministic, rng_collection, rngs)
+
+  def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
+               rngs: RngsArg = None) -> jax.Array:
+    """Applies dropout; ``rngs`` (a key, stream or Rngs) overrides the kept stream."""
+    deterministic = self._deterministic(deterministic)
+    key = self._key(deterministic, rngs, is_concretely(self.rate, 0.0, 1.0))
+    return F.dropout(inputs, self.rate, key=key, deterministic=deterministic,
+                     broadcast_dims=self.broadcast_dims)
+
+
+class GaussianDropout(NoiseModule):
+  """Multiplicative N(1, rate/(1-rate)) noise; see :func:`regjax.gaussian_dropout`.
+
+  Arguments as :class:`Dropout`; ``rate`` is in ``[0, 1)``.
+  """
+
+  def __init__(self, rate: float, *, broadcast_dims: Sequence[int] = (),
+               deterministic: bool | None = False, rng_collection: str = "dropout",
+               rngs: nnx.Rngs | nnx.RngStream | None = None):
+    _checks.check_rate(rate, "regjax.nnx.GaussianDropout", "rate", low=0.0, high=1.0,
+                       high_inclusive=False)
+    self.rate = rate
+    self.broadcast_dims = hashable(broadcast_dims)
+    self._init_noise(deterministic, rng_collection, rngs)
+
+  def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
+               rngs: RngsArg = None) -> jax.Array:
+    """Applies Gaussian dropout; ``rngs`` overrides the kept stream."""
+    deterministic = self._deterministic(deterministic)
+    key = self._key(deterministic, rngs, is_concretely(self.rate, 0.0))
+    return F.gaussian_dropout(inputs, self.rate, key=key, deterministic=deterministic,
+                              broadcast_dims=self.broadcast_dims)
+
+
+class Uout(NoiseModule):
+  """Uniform multiplicative noise ``x * (1 + U(-beta, beta))``; see :func:`regjax.uout`.
+
+  Arguments as :class:`Dropout`, with ``beta >= 0`` (the noise half-width) in
+  place of ``rate``.
+  """
+
+  def __init__(self, beta: float, *, broadcast_dims: Sequence[int] = (),
+               deterministic: bool | None = False, rng_collection: str = "dropout",
+               rngs: nnx.Rngs | nnx.RngStream | None = None):
+    _checks.check_rate(beta, "regjax.nnx.Uout", "beta", low=0.0, high=float("inf"),
+                       high_inclusive=False)
+    self.beta = beta
+    self.broadcast_dims = hashable(broadcast_dims)
+    self._init_noise(deterministic, rng_collection, rngs)
+
+  def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
+               rngs: RngsArg = None) -> jax.Array:
+    """Applies Uout noise; ``rngs`` overrides the kept stream."""
+    deterministic = self._deterministic(deterministic)
+    key = self._key(deterministic, rngs, is_concretely(self.beta, 0.0))
+    return F.uout(inputs, self.beta, key=key, deterministic=deterministic,
+                  broadcast_dims=self.broadcast_dims)

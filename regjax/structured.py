@@ -1,0 +1,401 @@
+"""Structured dropout: masks shared over channels, samples, blocks or squares.
+
+::
+
+    channel_dropout(rate)  x * m / (1 - rate), one m per (sample, channel)      Tompson et al. 2015
+    drop_path(rate)        x * m / (1 - rate), one m per sample (or per batch)  Huang et al. 2016
+    dropblock(rate)        x * M * numel(M) / sum(M), M zero on random
+                           block_size x block_size squares                     Ghiasi et al. 2018
+    cutout(size)           x with one size x size square per sample set to 0   DeVries, Taylor 2017
+
+The first two are inverted dropout with a broadcast mask and share
+:func:`regjax.dropout`'s mask draw. All follow the common contract of
+:mod:`regjax.stochastic` (explicit key; ``deterministic=True`` or a concretely
+zero rate returns ``x`` itself and needs no key; output in ``x``'s shape and
+dtype; same key, same draw with and without ``jit``; a traced rate is clipped
+into the valid range).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from regjax import _checks, _random
+from regjax.stochastic import _compute_dtype, dropout
+
+__all__ = [
+    "channel_dropout",
+    "cutout",
+    "drop_path",
+    "drop_path_rates",
+    "dropblock",
+    "dropblock_rate_schedule",
+]
+
+_DATA_FORMATS = ("NHWC", "NCHW")
+_DROP_PATH_MODES = ("row", "batch")
+_DROP_PATH_CONVENTIONS = ("huang", "linspace")
+
+
+def _check_common(x, key, deterministic, op):
+  _checks.check_floating(x, op)
+  deterministic = _checks.check_deterministic(deterministic, op)
+  if key is not None:
+    _checks.check_key(key, op)
+  return deterministic
+
+
+def _check_dropout_rate(rate, op):
+  return _checks.check_rate(rate, op, "rate", low=0.0, high=1.0, high_inclusive=True)
+
+
+def _trivial_dropout(x, rate, deterministic):
+  """The result when no draw is needed (eval, rate 0 or 1), else None."""
+  if deterministic:
+    return x
+  if not _checks.is_traced(rate):
+    if rate == 0.0:
+      return x
+    if rate == 1.0:
+      return jnp.zeros_like(x)
+  return None
+
+
+def _check_int(value, op, name, *, low, high=None, high_text=None):
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+    raise TypeError(f"{op}: `{name}` must be an int; got {value!r}.")
+  if value < low or (high is not None and value > high):
+    bound = "inf)" if high is None else f"{high}]"
+    raise ValueError(
+        f"{op}: `{name}` must be in [{low}, {bound}{high_text or ''}; got {value!r}.")
+  return int(value)
+
+
+def _spatial_axes(x, data_format, op):
+  """(height axis, width axis, channel axis) of a rank-4 feature map."""
+  if x.ndim != 4:
+    raise ValueError(
+        f"{op}: `x` must be a batch of 2-D feature maps of rank 4 ({data_format}); got "
+        f"shape {x.shape}. Use jax.vmap for a single image or a stack of batches.")
+  if data_format not in _DATA_FORMATS:
+    raise ValueError(f"{op}: `data_format` must be one of {_DATA_FORMATS}; got {data_format!r}.")
+  return (1, 2, 3) if data_format == "NHWC" else (2, 3, 1)
+
+
+def channel_dropout(
+    x: jax.Array,
+    rate: float | jax.Array,
+    *,
+    key: jax.Array | None = None,
+    deterministic: bool = False,
+    channel_axis: int = -1,
+) -> jax.Array:
+  """Channel ("spatial") dropout (Tompson et al. 2015, CVPR).
+
+  Train mode: ``y = x * m / (1 - rate)`` with one ``m ~ Bernoulli(1 - rate)``
+  per (sample, channel), shared over every spatial position, so a whole
+  feature map is kept (and scaled) or zeroed. Neighbouring activations of a
+  feature map are strongly correlated, so per-element dropout barely removes
+  information there; this does. Keras ``SpatialDropout1D/2D/3D``, torch
+  ``Dropout1d/2d/3d``. Eval mode returns ``x``.
+
+  Axis 0 is the batch axis; every axis other than 0 and ``channel_axis`` is
+  spatial: rank 3 ``(N, L, C)``, 4 ``(N, H, W, C)`` and 5 ``(N, D, H, W, C)``
+  maps channels-last, or channels-first with ``channel_axis=1``. This is
+  :func:`regjax.dropout` with ``broadcast_dims`` set to the spatial axes (the
+  same mask draw).
+
+  Args:
+    x: floating-point array of rank >= 3.
+    rate: probability of dropping a channel, in ``[0, 1]``; ``rate == 1``
+      returns zeros. A traced rate is clipped to ``[0, 1]``.
+    key: PRNG key; required in train mode unless ``rate`` is concretely 0 or 1.
+    deterministic: if True, return ``x`` unchanged.
+    channel_axis: the channel axis (not 0, the batch axis).
+  """
+  op = "regjax.channel_dropout"
+  deterministic = _check_common(x, key, deterministic, op)
+  if x.ndim < 3:
+    raise ValueError(
+        f"{op}: `x` must have rank >= 3 (batch, spatial..., channels); got shape {x.shape}. "
+        "For (batch, features) use regjax.dropout.")
+  if not isinstance(channel_axis, (int, np.integer)) or isinstance(channel_axis, bool):
+    raise TypeError(f"{op}: `channel_axis` must be an int; got {channel_axis!r}.")
+  (axis,) = _checks.canonical_axes(channel_axis, x.ndim, op, "channel_axis")
+  if axis == 0:
+    raise ValueError(f"{op}: `channel_axis` must not be 0, the batch axis; got {channel_axis}.")
+  rate = _check_dropout_rate(rate, op)
+  trivial = _trivial_dropout(x, rate, deterministic)
+  if trivial is not None:
+    return trivial
+  _checks.check_key(key, op)
+  spatial = tuple(a for a in range(1, x.ndim) if a != axis)
+  return dropout(x, rate, key=key, broadcast_dims=spatial)
+
+
+def drop_path(
+    x: jax.Array,
+    rate: float | jax.Array,
+    *,
+    key: jax.Array | None = None,
+    deterministic: bool = False,
+    mode: str = "row",
+) -> jax.Array:
+  """Drop path / stochastic depth on a residual branch (Huang et al. 2016, ECCV).
+
+  Train mode: ``y = x * m / (1 - rate)`` where ``m ~ Bernoulli(1 - rate)`` is
+  drawn once per sample (``mode='row'``, mask shape ``(batch, 1, ..., 1)``) or
+  once for the whole batch (``mode='batch'``). Apply it to the residual branch
+  only: ``out = shortcut + drop_path(branch(x), rate, key=k)``. Eval mode
+  returns ``x``.
+
+  Huang et al. train with ``x * m`` and multiply by the survival probability
+  at test time; the inverted scaling here (timm ``drop_path``, torchvision
+  ``stochastic_depth``) is the same in expectation and leaves eval free.
+
+  Args:
+    x: floating-point array of rank >= 1; axis 0 is the batch axis.
+    rate: probability of dropping the branch, in ``[0, 1]``; ``rate == 1``
+      returns zeros. A traced rate is clipped to ``[0, 1]``.
+    key: PRNG key; required in train mode unless ``rate`` is concretely 0 or 1.
+    deterministic: if True, return ``x`` unchanged.
+    mode: ``'row'`` (one draw per sample) or ``'batch'`` (one for the batch),
+      torchvision's names.
+  """
+  op = "regjax.drop_path"
+  deterministic = _check_common(x, key, deterministic, op)
+  if mode not in _DROP_PATH_MODES:
+    raise ValueError(f"{op}: `mode` must be one of {_DROP_PATH_MODES}; got {mode!r}.")
+  if x.ndim < 1:
+    raise ValueError(f"{op}: `x` must have a batch axis (rank >= 1); got shape {x.shape}.")
+  rate = _check_dropout_rate(rate, op)
+  trivial = _trivial_dropout(x, rate, deterministic)
+  if trivial is not None:
+    return trivial
+  _checks.check_key(key, op)
+  first = 1 if mode == "row" else 0
+  return dropout(x, rate, key=key, broadcast_dims=tuple(range(first, x.ndim)))
+
+
+def drop_path_rates(num_blocks: int, max_rate: float, *,
+                    convention: str = "huang") -> tuple[float, ...]:
+  """Per-block drop-path rates of the linear decay rule (Huang et al. 2016, eq. 4).
+
+  ``convention='huang'`` (default, the paper): block ``l = 1..L`` (counted from
+  the input) gets ``rate_l = l / L * max_rate``, so the first block already
+  drops with ``max_rate / L`` and the last with ``max_rate`` (the paper's
+  survival probability ``p_l = 1 - l / L * (1 - p_L)``).
+
+  ``convention='linspace'``: ``rate_l = (l - 1) / (L - 1) * max_rate``, i.e.
+  ``linspace(0, max_rate, L)``: the first block is never dropped. This is timm's
+  ``dpr = torch.linspace(0, drop_path_rate, depth)`` and torchvision's ConvNeXt
+  and Swin. (torchvision's EfficientNet uses yet another, ``(l - 1) / L``.)
+
+  Args:
+    num_blocks: ``L >= 1``, the number of residual blocks.
+    max_rate: the last block's rate, in ``[0, 1]``.
+    convention: ``'huang'`` or ``'linspace'``.
+
+  Returns:
+    A tuple of ``L`` Python floats, one per block, first block first; the
+    last is exactly ``max_rate``.
+  """
+  op = "regjax.drop_path_rates"
+  num_blocks = _check_int(num_blocks, op, "num_blocks", low=1)
+  max_rate = _checks.check_rate(max_rate, op, "max_rate", low=0.0, high=1.0,
+                                high_inclusive=True)
+  if _checks.is_traced(max_rate):
+    raise TypeError(f"{op}: `max_rate` must be a concrete number (the schedule is static).")
+  if convention not in _DROP_PATH_CONVENTIONS:
+    raise ValueError(
+        f"{op}: `convention` must be one of {_DROP_PATH_CONVENTIONS}; got {convention!r}.")
+  if convention == "huang":
+    return tuple(l / num_blocks * max_rate for l in range(1, num_blocks + 1))
+  if num_blocks == 1:
+    return (0.0,)
+  return tuple(l / (num_blocks - 1) * max_rate for l in range(num_blocks))
+
+
+def _box_any(seeds: jax.Array, block_size: int, axes: tuple[int, int]) -> jax.Array:
+  """Marks every position covered by a block_size x block_size block whose
+  top-left corner is a seed; the output is block_size - 1 longer on each axis.
+
+  A box maximum is separable, so two 1-D max filters (O(block_size) per
+  element) replace one 2-D one (O(block_size**2)).
+  """
+  out = seeds.astype(jnp.float32)
+  for axis in axes:
+    window = [1] * out.ndim
+    window[axis] = block_size
+    padding = [(0, 0)] * out.ndim
+    # Output index h sees seeds h - block_size + 1 .. h: pad block_size - 1 on both sides.
+    padding[axis] = (block_size - 1, block_size - 1)
+    out = jax.lax.reduce_window(out, 0.0, jax.lax.max, tuple(window), (1,) * out.ndim,
+                                tuple(padding))
+  return out > 0
+
+
+def dropblock(
+    x: jax.Array,
+    rate: float | jax.Array,
+    *,
+    key: jax.Array | None = None,
+    deterministic: bool = False,
+    block_size: int = 7,
+    share_channels: bool = False,
+    data_format: str = "NHWC",
+) -> jax.Array:
+  """DropBlock (Ghiasi, Lin, Le 2018, NeurIPS): drop contiguous square regions.
+
+  Train mode, for a feature map of height ``H`` and width ``W``:
+
+  1. Draw seeds ``~ Bernoulli(gamma)`` at the ``(H - block_size + 1) x
+     (W - block_size + 1)`` positions where a whole block fits, with
+     ``gamma = rate * H * W / (block_size**2 * (H - block_size + 1) * (W - block_size + 1))``.
+  2. Zero the ``block_size x block_size`` block at every seed: ``M = 0`` there.
+  3. ``y = x * M * numel(M) / sum(M)``, the sums running over the whole mask
+     (batch, space and channels, as in the reference TF code and timm); an
+     all-zero mask gives zeros, never NaN.
+
+  Masks are independent per sample and channel, or shared by all channels of
+  a sample with ``share_channels=True`` (the paper tried both). Eval mode
+  returns ``x``.
+
+  ``rate`` is the paper's nominal rate: ``gamma`` counts each seed as
+  ``block_size**2`` dropped units, so the expected dropped fraction is ``rate``
+  only to first order. Overlapping blocks make it smaller: exactly
+  ``mean over positions of 1 - (1 - gamma)**c``, with ``c`` the number of
+  fitting blocks covering a position; e.g. 0.094 for ``rate=0.1``, ``32 x 32``,
+  ``block_size=7``. ``rate == 1`` is allowed and follows the same formula
+  (it does not drop everything unless ``block_size`` is 1 or the map's size).
+
+  The paper ramps ``rate`` linearly from 0 (:func:`dropblock_rate_schedule`);
+  pass it as a traced scalar so the ramp does not recompile. A traced rate is
+  clipped to ``[0, 1]``.
+
+  Args:
+    x: floating-point array of rank 4, ``NHWC`` or ``NCHW``.
+    rate: nominal drop rate, in ``[0, 1]``.
+    key: PRNG key; required in train mode unless ``rate`` is concretely 0.
+    deterministic: if True, return ``x`` unchanged.
+    block_size: side of the square blocks, in ``[1, min(H, W)]``.
+    share_channels: one mask per sample, shared by its channels.
+    data_format: ``'NHWC'`` (flax's layout) or ``'NCHW'``.
+  """
+  op = "regjax.dropblock"
+  deterministic = _check_common(x, key, deterministic, op)
+  h_axis, w_axis, c_axis = _spatial_axes(x, data_format, op)
+  height, width = x.shape[h_axis], x.shape[w_axis]
+  block_size = _check_int(block_size, op, "block_size", low=1, high=min(height, width),
+                          high_text=f" (the feature map is {height} x {width})")
+  if not isinstance(share_channels, (bool, np.bool_)):
+    raise TypeError(f"{op}: `share_channels` must be a bool; got {share_channels!r}.")
+  rate = _check_dropout_rate(rate, op)
+  if deterministic or (not _checks.is_traced(rate) and rate == 0.0):
+    return x
+  _checks.check_key(key, op)
+  compute_dtype = _compute_dtype(x.dtype)
+  valid_h, valid_w = height - block_size + 1, width - block_size + 1
+  # gamma <= rate for every block_size (b * (n - b + 1) >= n on [1, n]), so it is a probability.
+  gamma = jnp.clip(jnp.asarray(rate, jnp.float32), 0.0, 1.0) * (
+      height * width / (block_size**2 * valid_h * valid_w))
+  seed_shape = list(x.shape)
+  seed_shape[h_axis], seed_shape[w_axis] = valid_h, valid_w
+  if share_channels:
+    seed_shape[c_axis] = 1
+  seeds = _random.bernoulli(key, gamma, tuple(seed_shape))
+  keep = ~_box_any(seeds, block_size, (h_axis, w_axis))
+  # An exact integer count; an all-dropped mask zeroes x whatever the scale.
+  kept = jnp.sum(keep, dtype=jnp.int32)
+  scale = keep.size / jnp.maximum(kept, 1).astype(jnp.float32)
+  factor = jnp.where(keep, scale, 0.0).astype(compute_dtype)
+  return (x.astype(compute_dtype) * factor).astype(x.dtype)
+
+
+def dropblock_rate_schedule(step, total_steps: int, final_rate: float | jax.Array) -> jax.Array:
+  """The linear DropBlock ramp of Ghiasi et al.: ``final_rate * clip(step / total_steps, 0, 1)``.
+
+  Starts at 0, reaches ``final_rate`` at ``step == total_steps`` and stays
+  there. ``step`` may be traced (e.g. an optimizer step counter under ``jit``);
+  pass the result straight to :func:`dropblock`. Equivalent to
+  ``optax.linear_schedule(0.0, final_rate, total_steps)(step)``.
+
+  Args:
+    step: the current step (int or traced scalar).
+    total_steps: length of the ramp, ``>= 1``.
+    final_rate: rate at the end of the ramp, in ``[0, 1]``.
+
+  Returns:
+    A float32 scalar array.
+  """
+  op = "regjax.dropblock_rate_schedule"
+  total_steps = _check_int(total_steps, op, "total_steps", low=1)
+  final_rate = _checks.check_rate(final_rate, op, "final_rate", low=0.0, high=1.0,
+                                  high_inclusive=True)
+  if np.shape(step) != ():
+    raise ValueError(f"{op}: `step` must be a scalar; got shape {np.shape(step)}.")
+  fraction = jnp.clip(jnp.asarray(step, jnp.float32) / total_steps, 0.0, 1.0)
+  return jnp.clip(jnp.asarray(final_rate, jnp.float32), 0.0, 1.0) * fraction
+
+
+def cutout(
+    x: jax.Array,
+    size: int | jax.Array,
+    *,
+    key: jax.Array | None = None,
+    deterministic: bool = False,
+    data_format: str = "NHWC",
+) -> jax.Array:
+  """Cutout (DeVries & Taylor 2017, arXiv:1708.04552): zero one square per image.
+
+  Train mode: for every sample draw a centre ``(cy, cx)`` uniformly over the
+  ``H x W`` pixels and zero rows ``cy - size // 2 .. cy - size // 2 + size - 1``
+  and the same columns around ``cx``, in every channel, clipped by the
+  border (so a square near the edge is smaller, as in the paper). Nothing is
+  rescaled: cutout is data augmentation for inputs, not a hidden-layer
+  regularizer. Eval mode returns ``x``.
+
+  For even ``size`` this is the reference code's square; for odd ``size`` the
+  reference code zeroes ``size - 1`` rows, here exactly ``size``.
+
+  Args:
+    x: floating-point array of rank 4, ``NHWC`` or ``NCHW`` (``jax.vmap``
+      for a single image).
+    size: side of the square, an int in ``[0, min(H, W)]``; 0 returns ``x``.
+      A traced integer size is clipped to that range.
+    key: PRNG key; required in train mode unless ``size`` is concretely 0.
+    deterministic: if True, return ``x`` unchanged.
+    data_format: ``'NHWC'`` or ``'NCHW'``.
+  """
+  op = "regjax.cutout"
+  deterministic = _check_common(x, key, deterministic, op)
+  h_axis, w_axis, _ = _spatial_axes(x, data_format, op)
+  height, width = x.shape[h_axis], x.shape[w_axis]
+  if _checks.is_traced(size):
+    if np.shape(size) != () or not jnp.issubdtype(size.dtype, jnp.integer):
+      raise TypeError(f"{op}: `size` must be an integer scalar; got {size.dtype}{size.shape}.")
+  else:
+    if isinstance(size, (np.ndarray, jax.Array)) and size.shape == () and jnp.issubdtype(
+        size.dtype, jnp.integer):
+      size = int(size)
+    size = _check_int(size, op, "size", low=0, high=min(height, width),
+                      high_text=f" (the image is {height} x {width})")
+  if deterministic or (not _checks.is_traced(size) and size == 0):
+    return x
+  _checks.check_key(key, op)
+  size = jnp.clip(jnp.asarray(size, jnp.int32), 0, min(height, width))
+  batch = x.shape[0]
+  centres = jax.random.randint(key, (batch, 2), 0, jnp.array([height, width], jnp.int32))
+  start = centres - size // 2  # (batch, 2): top row, left column; may be negative
+  rows = jnp.arange(height)[None, :]
+  cols = jnp.arange(width)[None, :]
+  in_rows = (rows >= start[:, :1]) & (rows < start[:, :1] + size)  # (batch, H)
+  in_cols = (cols >= start[:, 1:]) & (cols < start[:, 1:] + size)  # (batch, W)
+  hole = in_rows[:, :, None] & in_cols[:, None, :]  # (batch, H, W)
+  hole = hole[..., None] if data_format == "NHWC" else hole[:, None]
+  # A select, not a product: the square is exactly 0 even where x is inf or NaN.
+  return jnp.where(hole, jnp.zeros((), x.dtype), x)

@@ -36,7 +36,7 @@ from regjax import diagnostics
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from data import DatasetUnavailableError, batch_indices, load_dataset  # noqa: E402
-from models import default_cnn, parse_order  # noqa: E402
+from models import ACTIVATIONS, default_cnn, parse_order  # noqa: E402
 from training import evaluate, init_state, make_optimizer, train_step  # noqa: E402
 
 CUSTOMARY = {"dropout": 0.5, "gaussian": 0.5, "uout": 0.1}
@@ -92,6 +92,8 @@ class Config:
 
   @property
   def label(self) -> str:
+    if self.setting == "order sweep":
+      return self.order
     if self.method == "none":
       return "no noise" + ("" if self.order == DEFAULT_ORDER else f" [{self.order}]")
     knob = "beta" if self.method == "uout" else "rate"
@@ -135,8 +137,8 @@ def _strengths(config: Config) -> tuple[float, float]:
           config.value if config.placement == "head" else 0.0)
 
 
-def _model(method: str, order: str, block_value, head_value, data):
-  return default_cnn(data["name"], data["num_classes"], order=order,
+def _model(method: str, order: str, block_value, head_value, data, activation="relu"):
+  return default_cnn(data["name"], data["num_classes"], order=order, activation=activation,
                      block_noise=method, block_noise_value=block_value,
                      head_noise=method, head_noise_value=head_value)
 
@@ -165,7 +167,7 @@ def train_group(method, order, configs, seeds, data, args, progress):
   tx = make_optimizer(args.lr, args.epochs, steps_per_epoch, args.weight_decay)
 
   def model(strength):
-    return _model(method, order, strength[0], strength[1], data)
+    return _model(method, order, strength[0], strength[1], data, args.activation)
 
   def init(key_data, strength):
     init_key = jax.random.fold_in(jax.random.wrap_key_data(key_data), 0)
@@ -320,9 +322,31 @@ def format_contrasts(contrasts) -> str:
   return "\n".join(lines)
 
 
+def _ranks(values) -> np.ndarray:
+  """Ranks from 1, ties sharing their mean rank."""
+  values = np.asarray(values, np.float64)
+  order = np.argsort(values, kind="stable")
+  ranks = np.empty(len(values))
+  ranks[order] = np.arange(1, len(values) + 1)
+  for v in np.unique(values):
+    ranks[values == v] = ranks[values == v].mean()
+  return ranks
+
+
+def claimed_rank_correlation(summary, claimed_losses) -> tuple[float, int]:
+  """Spearman correlation between our mean test losses and the claimed ones."""
+  pairs = [(e["test_loss"], claimed_losses[e["order"]]) for e in summary
+           if e["order"] in claimed_losses]
+  if len(pairs) < 3:
+    return float("nan"), len(pairs)
+  ours, claimed = _ranks([p[0] for p in pairs]), _ranks([p[1] for p in pairs])
+  return float(np.corrcoef(ours, claimed)[0, 1]), len(pairs)
+
+
 def format_table(summary, claimed_losses=None) -> str:
   pct = lambda m, s: f"{100 * m:5.1f} ± {100 * s:3.1f}" if not math.isnan(s) else f"{100 * m:5.1f}"
-  header = (f"{'configuration':38s} {'s2':>7s} {'test acc %':>13s} {'vs no noise':>14s} "
+  width = max(38, *(len(e["config"]) for e in summary))
+  header = (f"{'configuration':{width}s} {'s2':>7s} {'test acc %':>13s} {'vs no noise':>14s} "
             f"{'test loss':>15s} {'BN shift':>9s} {'acc recal. %':>13s} {'recal. gain':>13s}")
   if claimed_losses:
     header += f" {'claimed loss':>12s}"
@@ -334,7 +358,7 @@ def format_table(summary, claimed_losses=None) -> str:
     gain = f"{100 * e['recal_gain']:+5.1f}" + ("" if e["recal_significant"] else " n.s.")
     loss = (f"{e['test_loss']:.4f} ± {e['test_loss_sd']:.4f}"
             if not math.isnan(e["test_loss_sd"]) else f"{e['test_loss']:.4f}")
-    line = (f"{e['config']:38s} {e['s2']:7.4f} {pct(e['test_acc'], e['test_acc_sd']):>13s} "
+    line = (f"{e['config']:{width}s} {e['s2']:7.4f} {pct(e['test_acc'], e['test_acc_sd']):>13s} "
             f"{vs:>14s} {loss:>15s} {e['mean_shift']:9.3f} "
             f"{pct(e['recal_test_acc'], e['recal_test_acc_sd']):>13s} {gain:>13s}")
     if claimed_losses:
@@ -351,6 +375,16 @@ def format_table(summary, claimed_losses=None) -> str:
 
 # ---------------------------------------------------------------------------
 # Plots
+
+COLORS = {"none": "black", "dropout": "tab:blue", "gaussian": "tab:orange", "uout": "tab:green"}
+
+
+def _style(entry) -> dict:
+  """Colour by op, line style by placement, marker by noise level."""
+  return {"color": COLORS.get(entry["method"], "tab:purple"),
+          "linestyle": "--" if entry["placement"] == "head" else "-",
+          "marker": "o" if entry["s2"] >= 0.1 else ("s" if entry["s2"] > 0 else "D")}
+
 
 def plot_all(summary, results, run_dir) -> list[str]:
   import matplotlib
@@ -381,8 +415,8 @@ def plot_all(summary, results, run_dir) -> list[str]:
   fig, ax = plt.subplots(figsize=(9, 5))
   for e in summary:
     layers = list(e["shift_per_layer"])
-    ax.plot(range(len(layers)), [e["shift_per_layer"][p] for p in layers], marker="o",
-            label=e["config"], linestyle="--" if e["placement"] == "head" else "-")
+    ax.plot(range(len(layers)), [e["shift_per_layer"][p] for p in layers], label=e["config"],
+            alpha=0.85, **_style(e))
   ax.set_xticks(range(len(layers)), [p.replace("/", "/\n") for p in layers], fontsize=7)
   ax.set_yscale("log")
   ax.set_ylabel("variance shift  max(real/moving, moving/real)")
@@ -395,10 +429,12 @@ def plot_all(summary, results, run_dir) -> list[str]:
   plt.close(fig)
 
   fig, ax = plt.subplots(figsize=(6, 6))
-  for label in labels:
-    rows = [r for r in results if r["config"] == label]
+  for e in summary:
+    rows = [r for r in results if r["config"] == e["config"]]
+    style = _style(e)
     ax.scatter([100 * r["test_acc"] for r in rows], [100 * r["recal_test_acc"] for r in rows],
-               label=label, s=18)
+               label=e["config"], s=22, color=style["color"], marker=style["marker"],
+               facecolors="none" if e["placement"] == "head" else style["color"])
   lo = 100 * min(min(r["test_acc"], r["recal_test_acc"]) for r in results)
   ax.plot([lo, 100], [lo, 100], color="gray", linewidth=1)
   ax.set_xlabel("test accuracy before recalibration (%)")
@@ -433,6 +469,8 @@ def parse_args(argv=None):
                  help="noise op used in the order sweep")
   p.add_argument("--order-value", type=float, default=0.25,
                  help="rate (beta for uout) used in the order sweep")
+  p.add_argument("--activation", default="relu", choices=sorted(ACTIVATIONS),
+                 help="CNN activation (BRIEF.md §5's experiment used elu)")
   p.add_argument("--recal-batches", type=int, default=4,
                  help="training batches of 1000 used by the shift measurement and recalibration")
   p.add_argument("--out-dir", default=None, help="run folder (default runs/compare_dropout/<time>)")
@@ -488,7 +526,8 @@ def main(argv=None):
       runs, states, history = train_group(method, order, group, seeds, data, args, progress)
       # Noise modules hold no variables and are the identity in eval mode, so one
       # noise-free model evaluates every config of an order (one compilation).
-      eval_model = default_cnn(data["name"], data["num_classes"], order=order)
+      eval_model = default_cnn(data["name"], data["num_classes"], order=order,
+                               activation=args.activation)
       results += measure(runs, states, eval_model, data, args, shift_batches)
       for r, (config, seed) in enumerate(runs):
         histories.setdefault(config.label, {})[seed] = history[r]
@@ -498,6 +537,13 @@ def main(argv=None):
   table = format_table(summary, CLAIMED_ORDER_LOSS if args.orders else None)
   if contrasts:
     table += "\n\n" + format_contrasts(contrasts)
+  rank_correlation = None
+  if args.orders:
+    rank_correlation, n_orders = claimed_rank_correlation(summary, CLAIMED_ORDER_LOSS)
+    if n_orders >= 3:
+      table += (f"\n\nSpearman rank correlation of our mean test losses with the claimed ones "
+                f"(BRIEF.md §5, one run each on MNIST, ELU): {rank_correlation:+.2f} over "
+                f"{n_orders} orders.")
   elapsed = time.perf_counter() - t0
 
   run_dir = args.out_dir or os.path.join(
@@ -507,7 +553,8 @@ def main(argv=None):
       "study": "orders" if args.orders else "placement",
       "args": vars(args), "dataset": data["name"],
       "train_size": int(len(data["x_train"])), "test_size": int(len(data["x_test"])),
-      "summary": summary, "matched_variance_contrasts": contrasts, "runs": results, "train_loss_per_epoch": histories,
+      "summary": summary, "matched_variance_contrasts": contrasts,
+      "claimed_order_rank_correlation": rank_correlation, "runs": results, "train_loss_per_epoch": histories,
       "elapsed_seconds": elapsed,
       "environment": {"regjax": regjax.__version__, "jax": jax.__version__,
                       "device": str(jax.devices()[0]), "python": platform.python_version(),

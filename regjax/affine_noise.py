@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from regjax import _checks, _random
-from regjax.stochastic import _compute_dtype, _prepare
+from regjax.stochastic import _compute_dtype, _prepare, _trivial_dropout
 
 __all__ = ["alpha_dropout", "gaussian_noise", "SELU_ALPHA", "SELU_LAMBDA"]
 
@@ -76,13 +76,9 @@ def alpha_dropout(
   op = "regjax.alpha_dropout"
   deterministic, noise_shape = _prepare(x, key, deterministic, broadcast_dims, op)
   rate = _checks.check_rate(rate, op, "rate", low=0.0, high=1.0, high_inclusive=True)
-  if deterministic:
-    return x
-  if not _checks.is_traced(rate):
-    if rate == 0.0:
-      return x
-    if rate == 1.0:
-      return jnp.zeros_like(x)
+  trivial = _trivial_dropout(x, rate, deterministic)
+  if trivial is not None:
+    return trivial
   _checks.check_key(key, op)
   compute_dtype = _compute_dtype(x.dtype)
   rate = jnp.clip(jnp.asarray(rate, compute_dtype), 0.0, 1.0)

@@ -46,6 +46,18 @@ def _compute_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
+def _trivial_dropout(x, rate, deterministic):
+  """The result of a dropout-type op when no draw is needed (eval, rate 0 or 1), else None."""
+  if deterministic:
+    return x
+  if not _checks.is_traced(rate):
+    if rate == 0.0:
+      return x
+    if rate == 1.0:
+      return jnp.zeros_like(x)
+  return None
+
+
 def _prepare(x, key, deterministic, broadcast_dims, op):
   _checks.check_floating(x, op)
   deterministic = _checks.check_deterministic(deterministic, op)
@@ -87,13 +99,9 @@ def dropout(
   op = "regjax.dropout"
   deterministic, noise_shape = _prepare(x, key, deterministic, broadcast_dims, op)
   rate = _checks.check_rate(rate, op, "rate", low=0.0, high=1.0, high_inclusive=True)
-  if deterministic:
-    return x
-  if not _checks.is_traced(rate):
-    if rate == 0.0:
-      return x
-    if rate == 1.0:
-      return jnp.zeros_like(x)
+  trivial = _trivial_dropout(x, rate, deterministic)
+  if trivial is not None:
+    return trivial
   _checks.check_key(key, op)
   compute_dtype = _compute_dtype(x.dtype)
   keep = 1.0 - jnp.clip(jnp.asarray(rate, compute_dtype), 0.0, 1.0)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from regjax import _checks, _random
-from regjax.stochastic import _compute_dtype, dropout
+from regjax.stochastic import _compute_dtype, _trivial_dropout, dropout
 
 __all__ = [
     "channel_dropout",
@@ -51,18 +51,6 @@ def _check_common(x, key, deterministic, op):
 
 def _check_dropout_rate(rate, op):
   return _checks.check_rate(rate, op, "rate", low=0.0, high=1.0, high_inclusive=True)
-
-
-def _trivial_dropout(x, rate, deterministic):
-  """The result when no draw is needed (eval, rate 0 or 1), else None."""
-  if deterministic:
-    return x
-  if not _checks.is_traced(rate):
-    if rate == 0.0:
-      return x
-    if rate == 1.0:
-      return jnp.zeros_like(x)
-  return None
 
 
 def _check_int(value, op, name, *, low, high=None, high_text=None):

@@ -90,3 +90,12 @@ def test_unavailable_dataset_is_one_line_not_a_trace(tmp_path, capsys):
   assert info.value.code == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("error:") and "Traceback" not in err
+
+
+def test_rank_correlation_with_ties():
+  np.testing.assert_array_equal(cd._ranks([3.0, 1.0, 2.0, 2.0]), [4.0, 1.0, 2.5, 2.5])
+  summary = [{"order": o, "test_loss": loss} for o, loss in cd.CLAIMED_ORDER_LOSS.items()]
+  rho, n = cd.claimed_rank_correlation(summary, cd.CLAIMED_ORDER_LOSS)
+  assert n == 10 and rho == pytest.approx(1.0)
+  reversed_summary = [{"order": e["order"], "test_loss": -e["test_loss"]} for e in summary]
+  assert cd.claimed_rank_correlation(reversed_summary, cd.CLAIMED_ORDER_LOSS)[0] == pytest.approx(-1)

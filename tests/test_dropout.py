@@ -353,3 +353,17 @@ def test_noise_variance_helpers():
   # Uout's customary beta = 0.1 matches dropout at a rate of only ~0.0033.
   rate = 0.1**2 / 3 / (1 + 0.1**2 / 3)
   assert regjax.matched_uout_beta(rate) == pytest.approx(0.1)
+
+
+def test_dropout_and_uout_commute_with_relu():
+  # Their factors are >= 0 (uout for beta <= 1) and relu(c * x) = c * relu(x) for c >= 0,
+  # so `act-drop` and `drop-act` block orders train identically with ReLU.
+  x = jax.random.normal(jax.random.key(30), (64, 32))
+  key = jax.random.key(31)
+  for op, value in ((regjax.dropout, 0.4), (regjax.uout, 0.9)):
+    np.testing.assert_array_equal(np.asarray(jax.nn.relu(op(x, value, key=key))),
+                                  np.asarray(op(jax.nn.relu(x), value, key=key)))
+  # Gaussian dropout's factor can be negative, so it does not commute.
+  g = regjax.gaussian_dropout
+  assert not np.array_equal(np.asarray(jax.nn.relu(g(x, 0.5, key=key))),
+                            np.asarray(g(jax.nn.relu(x), 0.5, key=key)))

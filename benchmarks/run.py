@@ -1,46 +1,61 @@
-"""Micro-benchmark of regjax's core ops against flax and a copy floor.
+"""Benchmark suite for regjax (issue 5): noise ops, BatchNorm, a training step, memory.
 
-One process, every function ``jax.jit``-compiled, each call timed on its own
-(``time.perf_counter`` around the call and ``jax.block_until_ready``) after
-warm-up calls that include compilation; the reported figure is the median of
-``--repeats`` calls made back to back (the steady state, with output
-buffers recycled; see ``run_cases``). PRNG keys are split before timing starts
-and passed to the jitted functions as arguments (a fresh key per call), so key
-generation is not timed.
+One command, one process, every timed function ``jax.jit``-compiled:
 
-Rows, for each size and dtype:
-
-  the copy floor ``x * 2``, forward and forward+backward (gradient of the
-  float32 sum), the cheapest op that reads and writes the array once;
-  noise ops, forward and forward+backward (``jax.value_and_grad`` of
-  ``sum(op(x))`` with respect to ``x``):
-    regjax.dropout(0.5), regjax.gaussian_dropout(0.5), regjax.uout(0.1),
-    flax.linen.Dropout(0.5) (via ``.apply({}, x, rngs={'dropout': key})``).
-  BatchNorm on ``(N, C)`` (features on the last axis):
-    train forward+backward (``jax.vjp`` with a fixed random cotangent, gradients
-    with respect to ``x``, ``scale`` and ``bias``, plus the updated running
-    statistics), train forward, and eval forward, for regjax.linen.BatchNorm,
-    flax.linen.BatchNorm(use_fast_variance=True) (flax's default) and
-    flax.linen.BatchNorm(use_fast_variance=False).
-
-Ratios: ``vs copy`` divides by the copy floor of the same kind (forward, or
-forward+backward) and shape; ``vs flax`` divides by flax.linen.Dropout for the
-noise ops and by flax.linen.BatchNorm(use_fast_variance=True) for BatchNorm.
-
-Usage (from the repository root):
-
-  python benchmarks/run.py
+  python benchmarks/run.py                      # default: small+large, float32+bfloat16
   python benchmarks/run.py --sizes small --dtypes float32 --repeats 10
+  python benchmarks/run.py --sizes 8x256 --sections noise,memory --repeats 2
 
-Results (all medians, plus the per-call times, versions, device and date) go
-to ``--out`` (default ``runs/benchmarks/results.json``, git-ignored).
+Sections (``--sections``, default all):
+
+  noise      forward ("fwd") and forward+backward ("fwd+bwd": ``jax.vjp`` with a
+             fixed random cotangent, returning the output and the input
+             gradient) of every regjax noise op, of its flax.linen /
+             Keras-style reference, and of the copy floor ``x * 2``;
+             channel_dropout, dropblock and cutout run on a 4-D (N, H, W, C)
+             view of the same elements. When ``rng_impl`` is a parameter of
+             an op, ``rng_impl='jax'`` is timed as an extra row.
+  batchnorm  BatchNorm on (N, C): train fwd+bwd (vjp w.r.t. x, scale, bias,
+             plus the running-statistics update), train fwd, eval fwd, for
+             regjax.linen.BatchNorm and flax.linen.BatchNorm with
+             use_fast_variance=True (flax's default: the reference) and False.
+  trainstep  one jitted training step (forward, loss, grad, optax adamw,
+             batch_stats update: examples/training.py's ``train_step``) of the
+             example CNN (examples/models.py ``default_cnn('mnist1d')``,
+             conv-bn-act-drop-pool x3, dropout 0.5 in the blocks, batch
+             (128, 40, 1)) with regjax.linen layers, against a flax.linen twin
+             (flax Dropout / BatchNorm, identical parameter shapes).
+  memory     what the backward of a noise op keeps: the bytes of the array
+             leaves of the vjp function returned from a jitted ``jax.vjp``
+             (its residuals), divided by ``x.size``; plus XLA's
+             ``memory_analysis()`` of the compiled forward+backward.
+
+Timing: ``--warmup`` untimed calls (compilation included), then up to
+``--repeats`` calls, each timed on its own (``perf_counter`` around the call
+and ``jax.block_until_ready``); the figure is the median. A row stops early
+once it has run ``--min-repeats`` calls and spent ``--row-budget`` seconds
+(0 disables the cap), so the default run stays short on a slow machine; the
+number of timed calls is kept per row in the JSON. PRNG keys are made before
+timing and passed in as arguments (a fresh key per call).
+
+Ratios: "vs copy" divides by the copy floor of the same mode ("fwd" or
+"fwd+bwd") and size/dtype; "vs ref" by the row's reference (see ``ref`` in
+the JSON and benchmarks/README.md). The TARGETS section checks issue 5's
+targets and prints PASS/FAIL with the measured value.
+
+Results go to ``--out`` (default ``runs/benchmarks/results.json``): every row's
+per-call times and median, the memory figures, the train-step times, target
+verdicts and the environment (versions, device, CPU count, load average, git
+commit).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
+import math
 import os
 import platform
 import statistics
@@ -52,98 +67,243 @@ from typing import Any, Callable
 import flax
 import flax.linen as nn
 import jax
-import jaxlib
 import jax.numpy as jnp
+import jaxlib
+import optax
 
 import regjax
 import regjax.linen as rnn
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {"small": (64, 1024), "large": (256, 16384)}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-WARMUP = 3
+SECTIONS = ("noise", "batchnorm", "trainstep", "memory")
+COPY = "copy x*2"
+FLAX_BN = "flax BatchNorm(fast_var=True)"
 
 
 # ------------------------------------------------------------------------------- timing
 
 
 class Case:
-  """One timed row: a jitted function and the arguments of its ``i``-th call."""
+  """One timed row: a jitted function, the arguments of its ``i``-th call, a reference."""
 
   def __init__(self, group: str, op: str, mode: str, fn: Callable,
-               args: Callable[[int], tuple]):
-    self.meta = {"group": group, "op": op, "mode": mode}
+               args: Callable[[int], tuple], ref: str | None = None):
+    self.meta = {"group": group, "op": op, "mode": mode, "ref": ref}
     self.fn, self.args = jax.jit(fn), args
 
 
-def run_cases(cases: list[Case], warmup: int, repeats: int) -> list[dict[str, Any]]:
-  """Times every case: ``warmup`` untimed calls (compilation included), then
-  ``repeats`` calls each timed on its own (``perf_counter`` around the call and
-  ``jax.block_until_ready``).
+def time_calls(fn: Callable, args: Callable[[int], tuple], warmup: int, repeats: int,
+               min_repeats: int, budget_s: float) -> list[float]:
+  """``warmup`` untimed calls, then up to ``repeats`` timed calls (see module docstring)."""
+  for i in range(warmup):
+    jax.block_until_ready(fn(*args(i)))
+  times: list[float] = []
+  spent = 0.0
+  for i in range(warmup, warmup + repeats):
+    a = args(i)
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*a))
+    times.append(time.perf_counter() - start)
+    spent += times[-1]
+    if budget_s > 0 and len(times) >= min_repeats and spent >= budget_s:
+      break
+  return times
+
+
+def run_cases(cases: list[Case], opts: argparse.Namespace) -> list[dict[str, Any]]:
+  """Times every case, one after the other.
 
   A case's calls run back to back, so its output buffers are recycled by the
   allocator: this is the kernel's steady-state cost. (Interleaving the cases
   instead makes large outputs land on fresh pages at random, and on XLA:CPU
-  the page faults can cost more than the kernel: 16 MiB of float32 ``x * 2``
-  takes ~2 ms recycled and ~9 ms on fresh pages on a 2-core machine.)
+  the page faults can cost more than the kernel.)
   """
   rows = []
   for case in cases:
-    for i in range(warmup):
-      jax.block_until_ready(case.fn(*case.args(i)))
-    times = []
-    for i in range(warmup, warmup + repeats):
-      args = case.args(i)
-      start = time.perf_counter()
-      jax.block_until_ready(case.fn(*args))
-      times.append(time.perf_counter() - start)
-    rows.append(dict(case.meta, times_s=times))
+    try:
+      times = time_calls(case.fn, case.args, opts.warmup, opts.repeats, opts.min_repeats,
+                         opts.row_budget)
+      rows.append(dict(case.meta, times_s=times))
+    except Exception as e:  # noqa: BLE001 - one broken op must not sink the run
+      print(f"    FAILED {case.meta['op']} {case.meta['mode']}: {type(e).__name__}: {e}",
+            file=sys.stderr, flush=True)
+      rows.append(dict(case.meta, times_s=[], error=f"{type(e).__name__}: {e}"))
   return rows
 
 
-# ---------------------------------------------------------------------------------- ops
+# ---------------------------------------------------------------------------- noise ops
 
 
-def sum_grad(f: Callable) -> Callable:
-  """``(x, *rest) -> (sum(f(x, *rest)), d sum / dx)``; the sum is taken in float32."""
-  return jax.value_and_grad(lambda x, *rest: jnp.sum(f(x, *rest), dtype=jnp.float32))
+def vjp_fn(f: Callable) -> Callable:
+  """``(x, key, ct) -> (f(x, key), vjp(ct))``: forward+backward with a fixed cotangent."""
+
+  def g(x, key, ct):
+    y, pullback = jax.vjp(lambda x: f(x, key), x)
+    return y, pullback(ct.astype(y.dtype))[0]
+
+  return g
 
 
-def copy_cases(x: jax.Array) -> list[Case]:
+def as_4d(x: jax.Array) -> jax.Array:
+  """``(N, D)`` viewed as ``(N, H, W, C)`` with ``H == W`` (same elements)."""
+  n, d = x.shape
+  for c in (16, 4, 1, 64, 8, 2, 32, 3):
+    if d % c == 0 and math.isqrt(d // c) ** 2 == d // c:
+      h = math.isqrt(d // c)
+      return x.reshape(n, h, h, c)
+  return x.reshape(n, 1, d, 1)
+
+
+def has_rng_impl(fn: Callable) -> bool:
+  try:
+    return "rng_impl" in inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
+
+
+def straightforward_gaussian_dropout(x, rate, key):
+  """Keras-style: ``x * (1 + s * N(0, 1))`` with ``s = sqrt(rate / (1 - rate))``."""
+  s = math.sqrt(rate / (1 - rate))
+  return x * (1 + s * jax.random.normal(key, x.shape, x.dtype))
+
+
+def straightforward_uout(x, beta, key):
+  """``x * (1 + U(-beta, beta))``."""
+  return x * (1 + jax.random.uniform(key, x.shape, x.dtype, minval=-beta, maxval=beta))
+
+
+def straightforward_alpha_dropout(x, rate, key):
+  """Keras' AlphaDropout: dropped units set to SELU's saturation, then an affine fix-up."""
+  alpha_p = -1.7580993408473766  # -scale * alpha of SELU
+  keep = 1.0 - rate
+  a = (keep + alpha_p ** 2 * keep * rate) ** -0.5
+  b = -a * alpha_p * rate
+  mask = jax.random.bernoulli(key, keep, x.shape)
+  return (a * jnp.where(mask, x, jnp.asarray(alpha_p, x.dtype)) + b).astype(x.dtype)
+
+
+def straightforward_gaussian_noise(x, stddev, key):
+  return x + stddev * jax.random.normal(key, x.shape, x.dtype)
+
+
+def flax_dropout(rate: float, broadcast_dims=()) -> Callable:
+  module = nn.Dropout(rate, broadcast_dims=broadcast_dims)
+  return lambda x, key: module.apply({}, x, deterministic=False, rngs={"dropout": key})
+
+
+def noise_ops(x4: jax.Array) -> list[tuple[str, Callable, bool, str | None]]:
+  """``(name, f(x, key), on_4d, reference name)``; references have reference None."""
+  h = x4.shape[1]
+  block = max(1, min(5, h))
+  cut = max(1, h // 2)
+  ops: list[tuple[str, Callable, bool, str | None]] = []
+
+  ref = "flax Dropout(0.5)"
+  ops.append(("regjax.dropout(0.5)", lambda x, key: regjax.dropout(x, 0.5, key=key), False,
+              ref))
+  ops.append((ref, flax_dropout(0.5), False, None))
+
+  ref = "straightforward gaussian_dropout(0.5)"
+  ops.append(("regjax.gaussian_dropout(0.5)",
+              lambda x, key: regjax.gaussian_dropout(x, 0.5, key=key), False, ref))
+  ops.append((ref, lambda x, key: straightforward_gaussian_dropout(x, 0.5, key), False, None))
+
+  ref = "straightforward uout(0.1)"
+  ops.append(("regjax.uout(0.1)", lambda x, key: regjax.uout(x, 0.1, key=key), False, ref))
+  ops.append((ref, lambda x, key: straightforward_uout(x, 0.1, key), False, None))
+  ops += [(label, f, False, r) for label, f, r in rng_impl_rows()]
+
+  optional = [
+      ("alpha_dropout", "regjax.alpha_dropout(0.1)", lambda f: lambda x, key: f(x, 0.1, key=key),
+       False, "keras-style alpha_dropout(0.1)",
+       lambda x, key: straightforward_alpha_dropout(x, 0.1, key)),
+      ("gaussian_noise", "regjax.gaussian_noise(0.1)",
+       lambda f: lambda x, key: f(x, 0.1, key=key), False,
+       "straightforward gaussian_noise(0.1)",
+       lambda x, key: straightforward_gaussian_noise(x, 0.1, key)),
+      ("channel_dropout", "regjax.channel_dropout(0.5) 4-D",
+       lambda f: lambda x, key: f(x, 0.5, key=key), True,
+       "flax Dropout(0.5, bcast H,W) 4-D", flax_dropout(0.5, broadcast_dims=(1, 2))),
+      ("drop_path", "regjax.drop_path(0.2)", lambda f: lambda x, key: f(x, 0.2, key=key), False,
+       "flax Dropout(0.2, bcast cols)", flax_dropout(0.2, broadcast_dims=(1,))),
+      ("dropblock", f"regjax.dropblock(0.1, block={block}) 4-D",
+       lambda f: lambda x, key: f(x, 0.1, key=key, block_size=block), True, None, None),
+      ("cutout", f"regjax.cutout(size={cut}) 4-D",
+       lambda f: lambda x, key: f(x, cut, key=key), True, None, None),
+  ]
+  for attr, label, make, on_4d, ref_name, ref_fn in optional:
+    fn = getattr(regjax, attr, None)
+    if fn is None:
+      continue
+    ops.append((label, make(fn), on_4d, ref_name))
+    if ref_name is not None:
+      ops.append((ref_name, ref_fn, on_4d, None))
+  return ops
+
+
+def rng_impl_rows() -> list[tuple[str, Callable, str]]:
+  """Extra ``rng_impl='jax'`` rows for the mandatory ops whose signature has it."""
+  rows = []
+  for attr, label, value, ref in (
+      ("dropout", "regjax.dropout(0.5, rng_impl='jax')", 0.5, "flax Dropout(0.5)"),
+      ("gaussian_dropout", "regjax.gaussian_dropout(0.5, rng_impl='jax')", 0.5,
+       "straightforward gaussian_dropout(0.5)"),
+      ("uout", "regjax.uout(0.1, rng_impl='jax')", 0.1, "straightforward uout(0.1)")):
+    fn = getattr(regjax, attr)
+    if has_rng_impl(fn):
+      rows.append((label, (lambda fn, v: lambda x, key: fn(x, v, key=key, rng_impl="jax"))(
+          fn, value), ref))
+  return rows
+
+
+def copy_cases(x: jax.Array, ct: jax.Array) -> list[Case]:
   """The floor: the cheapest elementwise op that reads and writes ``x`` once."""
-  copy = lambda x: x * 2
-  return [Case("floor", "copy x*2", "fwd", copy, lambda i: (x,)),
-          Case("floor", "copy x*2", "fwd+bwd", sum_grad(copy), lambda i: (x,))]
+  copy = lambda x, key: x * 2
+  return [Case("floor", COPY, "fwd", lambda x: x * 2, lambda i: (x,)),
+          Case("floor", COPY, "fwd+bwd", lambda x, ct: vjp_fn(copy)(x, None, ct),
+               lambda i: (x, ct))]
 
 
-def noise_cases(x: jax.Array, keys: list[jax.Array]) -> list[Case]:
-  """Train-mode forward and forward+backward of each noise op; key ``i`` for call ``i``."""
-  flax_dropout = nn.Dropout(0.5)
-  ops = {
-      "regjax.dropout(0.5)": lambda x, key: regjax.dropout(x, 0.5, key=key),
-      "regjax.gaussian_dropout(0.5)": lambda x, key: regjax.gaussian_dropout(x, 0.5, key=key),
-      "regjax.uout(0.1)": lambda x, key: regjax.uout(x, 0.1, key=key),
-      "flax Dropout(0.5)": lambda x, key: flax_dropout.apply(
-          {}, x, deterministic=False, rngs={"dropout": key}),
-  }
+def select(names_refs: list[tuple[str, str | None]], patterns: list[str] | None) -> set[str]:
+  """Names matching any of ``patterns`` (substrings; all when None), plus their references."""
+  keep = {n for n, _ in names_refs if patterns is None or any(p in n for p in patterns)}
+  return keep | {r for n, r in names_refs if n in keep and r is not None}
+
+
+def noise_cases(x: jax.Array, ct: jax.Array, keys: list[jax.Array],
+                patterns: list[str] | None = None) -> list[Case]:
+  """Forward and forward+backward of each noise op; key ``i`` for call ``i``."""
+  x4, ct4 = as_4d(x), as_4d(ct)
+  ops = noise_ops(x4)
+  keep = select([(o[0], o[3]) for o in ops], patterns)
   cases = []
-  for name, f in ops.items():
-    args = lambda i: (x, keys[i])
-    cases.append(Case("noise", name, "fwd", f, args))
-    cases.append(Case("noise", name, "fwd+bwd", sum_grad(f), args))
+  for name, f, on_4d, ref in ops:
+    if name not in keep:
+      continue
+    xi, cti = (x4, ct4) if on_4d else (x, ct)
+    cases.append(Case("noise", name, "fwd", f, lambda i, xi=xi: (xi, keys[i]), ref))
+    cases.append(Case("noise", name, "fwd+bwd", vjp_fn(f),
+                      lambda i, xi=xi, cti=cti: (xi, keys[i], cti), ref))
   return cases
+
+
+# ---------------------------------------------------------------------------- batchnorm
 
 
 def batch_norm_cases(x: jax.Array, cotangent: jax.Array) -> list[Case]:
   """BatchNorm on ``(N, C)``: train forward+backward, train forward, eval forward."""
   makers = {
       "regjax BatchNorm": lambda eval_mode: rnn.BatchNorm(use_running_average=eval_mode),
-      "flax BatchNorm(fast_var=True)": lambda eval_mode: nn.BatchNorm(
-          use_running_average=eval_mode, use_fast_variance=True),
+      FLAX_BN: lambda eval_mode: nn.BatchNorm(use_running_average=eval_mode,
+                                              use_fast_variance=True),
       "flax BatchNorm(fast_var=False)": lambda eval_mode: nn.BatchNorm(
           use_running_average=eval_mode, use_fast_variance=False),
   }
   cases = []
   for name, make in makers.items():
+    ref = None if name == FLAX_BN else FLAX_BN
     train_module, eval_module = make(False), make(True)
     variables = train_module.init(jax.random.key(0), x)
     # Running statistics as after some training, so eval does not divide by 1.
@@ -163,55 +323,264 @@ def batch_norm_cases(x: jax.Array, cotangent: jax.Array) -> list[Case]:
                                                              mutable=["batch_stats"])
     eval_fwd = lambda variables, x, m=eval_module: m.apply(variables, x)
     cases.append(Case("batchnorm", name, "train fwd+bwd", train_fwd_bwd,
-                      lambda i, v=variables: (v, x, cotangent)))
-    cases.append(Case("batchnorm", name, "train fwd", train_fwd, lambda i, v=variables: (v, x)))
-    cases.append(Case("batchnorm", name, "eval fwd", eval_fwd, lambda i, v=variables: (v, x)))
+                      lambda i, v=variables: (v, x, cotangent), ref))
+    cases.append(Case("batchnorm", name, "train fwd", train_fwd, lambda i, v=variables: (v, x),
+                      ref))
+    cases.append(Case("batchnorm", name, "eval fwd", eval_fwd, lambda i, v=variables: (v, x),
+                      ref))
   return cases
+
+
+# ---------------------------------------------------------------------------- trainstep
+
+
+class FlaxCNN(nn.Module):
+  """The example CNN (conv-bn-act-drop-pool blocks, then dense-BN-act-classifier) built
+  from flax.linen.Dropout / BatchNorm; same submodule names and parameter shapes."""
+
+  features: tuple[int, ...]
+  hidden: int = 64
+  num_classes: int = 10
+  kernel_size: int = 3
+  bn_momentum: float = 0.9
+  rate: float = 0.5
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    spatial = x.ndim - 2
+    window = (2,) * spatial
+    for i, features in enumerate(self.features):
+      x = nn.Conv(features, (self.kernel_size,) * spatial, padding="SAME", use_bias=False,
+                  name=f"conv{i}")(x)
+      x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                       name=f"bn{i}")(x)
+      x = nn.relu(x)
+      x = nn.Dropout(self.rate, deterministic=not train, name=f"noise{i}")(x)
+      x = nn.max_pool(x, window, strides=window, padding="SAME")
+    x = x.reshape(x.shape[0], -1)
+    x = nn.Dense(self.hidden, use_bias=False, name="dense")(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                     name="head_bn")(x)
+    x = nn.relu(x)
+    return nn.Dense(self.num_classes, name="classifier")(x)
+
+
+def train_step_rows(opts: argparse.Namespace) -> dict[str, Any]:
+  """Times one jitted training step of the example CNN, regjax layers vs flax layers."""
+  sys.path.insert(0, os.path.join(ROOT, "examples"))
+  import models  # noqa: PLC0415 - examples/ is not a package
+  import training  # noqa: PLC0415
+
+  batch, length, num_classes = 128, 40, 10
+  regjax_model = models.default_cnn("mnist1d", num_classes, block_noise="dropout",
+                                    block_noise_value=0.5)
+  flax_model = FlaxCNN(features=regjax_model.features, hidden=regjax_model.hidden,
+                       num_classes=num_classes, kernel_size=regjax_model.kernel_size,
+                       bn_momentum=regjax_model.bn_momentum, rate=0.5)
+  tx = training.make_optimizer(3e-3, 1, 1000)
+  x = jax.random.normal(jax.random.key(3), (batch, length, 1), jnp.float32)
+  y = jax.random.randint(jax.random.key(4), (batch,), 0, num_classes)
+  n_calls = opts.warmup + opts.repeats
+  keys = list(jax.random.split(jax.random.key(5), n_calls))
+  out: dict[str, Any] = {"batch_shape": [batch, length, 1], "model": "default_cnn('mnist1d'), "
+                         "conv-bn-act-drop-pool x3, dropout 0.5 in the blocks", "rows": []}
+  shapes = {}
+  for name, model in (("regjax layers", regjax_model), ("flax layers", flax_model)):
+    state = training.init_state(model, tx, jax.random.key(0), x)
+    shapes[name] = jax.tree.map(lambda a: tuple(a.shape), state.params)
+    step = jax.jit(training.train_step, static_argnums=(0, 1))
+    fn = lambda state, x, y, key, step=step, model=model: step(model, tx, state, x, y, key)
+    times = time_calls(fn, lambda i, s=state: (s, x, y, keys[i]), opts.warmup, opts.repeats,
+                       opts.min_repeats, opts.row_budget)
+    out["rows"].append({"group": "trainstep", "op": f"CNN train step, {name}",
+                        "mode": "train step", "times_s": times,
+                        "ref": None if name == "flax layers" else "CNN train step, flax layers"})
+  out["same_param_shapes"] = shapes["regjax layers"] == shapes["flax layers"]
+  if not out["same_param_shapes"]:
+    print("  WARNING: the flax twin's parameter shapes differ from the example CNN's",
+          file=sys.stderr)
+  return out
+
+
+# ------------------------------------------------------------------------------- memory
+
+
+def array_nbytes(leaf) -> int:
+  if not hasattr(leaf, "dtype"):
+    return 0
+  if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    return int(jax.random.key_data(leaf).nbytes)
+  return int(leaf.size) * leaf.dtype.itemsize
+
+
+def memory_rows(x: jax.Array, ct: jax.Array, key: jax.Array,
+                patterns: list[str] | None = None) -> list[dict[str, Any]]:
+  """Bytes per element the backward of each noise op keeps (vjp residuals), plus XLA's
+  ``memory_analysis`` of the compiled forward+backward."""
+  ops = [("copy x*2 (floor)", lambda x, key: x * 2)]
+  ops.append(("regjax.dropout(0.5)", lambda x, key: regjax.dropout(x, 0.5, key=key)))
+  for label, f, _ in rng_impl_rows():
+    if "dropout(0.5" in label and "gaussian" not in label:
+      ops.append((label, f))
+  ops.append(("flax Dropout(0.5)", flax_dropout(0.5)))
+  ops.append(("regjax.gaussian_dropout(0.5)",
+              lambda x, key: regjax.gaussian_dropout(x, 0.5, key=key)))
+  ops.append(("straightforward gaussian_dropout(0.5)",
+              lambda x, key: straightforward_gaussian_dropout(x, 0.5, key)))
+  ops.append(("regjax.uout(0.1)", lambda x, key: regjax.uout(x, 0.1, key=key)))
+  ops.append(("straightforward uout(0.1)", lambda x, key: straightforward_uout(x, 0.1, key)))
+  for label, f, _ in rng_impl_rows():
+    if "dropout(0.5" not in label or "gaussian" in label:
+      ops.append((label, f))
+  refs = {"regjax.gaussian_dropout": "straightforward gaussian_dropout(0.5)",
+          "regjax.uout": "straightforward uout(0.1)", "regjax.dropout": "flax Dropout(0.5)"}
+  keep = select([(n, next((r for p, r in refs.items() if n.startswith(p + "(")), None))
+                 for n, _ in ops], patterns) | {"copy x*2 (floor)"}
+  rows = []
+  for name, f in ops:
+    if name not in keep:
+      continue
+    row: dict[str, Any] = {"op": name}
+    try:
+      residuals = jax.jit(lambda x, key, f=f: jax.vjp(lambda x: f(x, key), x)[1])(x, key)
+      leaves = [l for l in jax.tree.leaves(residuals) if hasattr(l, "dtype")]
+      kept = sum(array_nbytes(l) for l in leaves)
+      row["residuals"] = [f"{l.dtype}{list(l.shape)}" for l in leaves]
+      row["residual_bytes"] = kept
+      row["bytes_per_element"] = kept / x.size
+      compiled = jax.jit(vjp_fn(f)).lower(x, key, ct).compile()
+      stats = compiled.memory_analysis()
+      if stats is not None:
+        for field in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+                      "temp_size_in_bytes"):
+          row[field] = getattr(stats, field, None)
+        if row.get("temp_size_in_bytes") is not None:
+          row["temp_bytes_per_element"] = row["temp_size_in_bytes"] / x.size
+    except Exception as e:  # noqa: BLE001
+      row["error"] = f"{type(e).__name__}: {e}"
+      print(f"    FAILED memory {name}: {row['error']}", file=sys.stderr, flush=True)
+    rows.append(row)
+  return rows
 
 
 # -------------------------------------------------------------------------------- report
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-  """Adds ``median_ms`` and the ratios to the copy floor and to flax."""
+  """Adds ``median_ms``, ``min_ms``, ``n`` and the ratios to the copy floor and reference."""
   for r in rows:
-    r["median_ms"] = 1e3 * statistics.median(r["times_s"])
-    r["min_ms"] = 1e3 * min(r["times_s"])
-  index = {(r["size"], r["dtype"], r["op"], r["mode"]): r for r in rows}
-  flax_ref = {"noise": "flax Dropout(0.5)", "batchnorm": "flax BatchNorm(fast_var=True)"}
+    r["n"] = len(r["times_s"])
+    r["median_ms"] = 1e3 * statistics.median(r["times_s"]) if r["times_s"] else None
+    r["min_ms"] = 1e3 * min(r["times_s"]) if r["times_s"] else None
+  index = {(r.get("size"), r.get("dtype"), r["op"], r["mode"]): r for r in rows}
+
+  def ratio(r, other):
+    if other is None or r["median_ms"] is None or not other.get("median_ms"):
+      return None
+    return r["median_ms"] / other["median_ms"]
+
   for r in rows:
-    base = (r["size"], r["dtype"])
-    # The copy floor of the same kind: forward, or forward+backward.
-    copy_mode = "fwd+bwd" if r["mode"].endswith("fwd+bwd") else "fwd"
-    copy = index.get(base + ("copy x*2", copy_mode))
-    ref = index.get(base + (flax_ref.get(r["group"]), r["mode"]))
-    r["vs_copy"] = r["median_ms"] / copy["median_ms"] if copy else None
-    r["vs_flax"] = r["median_ms"] / ref["median_ms"] if ref else None
+    base = (r.get("size"), r.get("dtype"))
+    copy = None
+    if r["group"] in ("floor", "noise", "batchnorm"):
+      copy_mode = "fwd+bwd" if r["mode"].endswith("fwd+bwd") else "fwd"
+      copy = index.get(base + (COPY, copy_mode))
+    ref = index.get(base + (r["ref"], r["mode"])) if r.get("ref") else None
+    r["vs_copy"] = ratio(r, copy)
+    r["vs_ref"] = ratio(r, ref)
+
+
+def fmt(v, width=8, digits=2) -> str:
+  return f"{v:{width}.{digits}f}" if v is not None else f"{'-':>{width}}"
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-  header = (f"{'size':<6} {'shape':<12} {'dtype':<9} {'op':<31} {'mode':<14} "
-            f"{'median ms':>10} {'vs copy':>8} {'vs flax':>8}")
+  header = (f"{'op':<46} {'size':<6} {'dtype':<9} {'mode':<14} {'median ms':>10} "
+            f"{'vs copy':>8} {'vs ref':>8} {'n':>4}")
   lines = [header, "-" * len(header)]
   previous = None
   for r in rows:
-    group = (r["size"], r["dtype"], r["group"])
+    group = (r.get("size"), r.get("dtype"), r["group"])
     if previous is not None and group != previous:
       lines.append("")
     previous = group
-    fmt = lambda v: f"{v:8.2f}" if v is not None else f"{'-':>8}"
-    shape = "x".join(map(str, r["shape"]))
-    lines.append(f"{r['size']:<6} {shape:<12} {r['dtype']:<9} {r['op']:<31} {r['mode']:<14} "
-                 f"{r['median_ms']:10.3f} {fmt(r['vs_copy'])} {fmt(r['vs_flax'])}")
+    median = f"{r['median_ms']:10.3f}" if r["median_ms"] is not None else f"{'FAILED':>10}"
+    lines.append(f"{r['op']:<46} {str(r.get('size', '-')):<6} {str(r.get('dtype', '-')):<9} "
+                 f"{r['mode']:<14} {median} {fmt(r['vs_copy'])} {fmt(r['vs_ref'])} "
+                 f"{r['n']:>4}")
   return "\n".join(lines)
 
 
+def format_memory(memory: list[dict[str, Any]]) -> str:
+  header = (f"{'op':<46} {'size':<6} {'dtype':<9} {'kept B/elem':>11} {'temp B/elem':>11}  "
+            "residuals")
+  lines = [header, "-" * len(header)]
+  for m in memory:
+    res = ", ".join(m.get("residuals", [])) or m.get("error", "")
+    lines.append(f"{m['op']:<46} {m['size']:<6} {m['dtype']:<9} "
+                 f"{fmt(m.get('bytes_per_element'), 11)} {fmt(m.get('temp_bytes_per_element'), 11)}"
+                 f"  {res[:60]}")
+  return "\n".join(lines)
+
+
+def evaluate_targets(rows: list[dict[str, Any]], memory: list[dict[str, Any]],
+                     sizes: list[str], dtypes: list[str]) -> list[dict[str, Any]]:
+  """Issue 5's targets: ``{'target', 'measured', 'limit', 'verdict'}``; SKIP when not run."""
+  index = {(r.get("size"), r.get("dtype"), r["op"], r["mode"]): r for r in rows}
+  targets = []
+
+  def check(name, value, limit, unit="x"):
+    verdict = "SKIP" if value is None else ("PASS" if value <= limit else "FAIL")
+    targets.append({"target": name, "measured": value, "limit": limit, "unit": unit,
+                    "verdict": verdict})
+
+  def get(size, dtype, op, mode, key):
+    r = index.get((size, dtype, op, mode))
+    return None if r is None else r.get(key)
+
+  for dtype in dtypes:
+    for size in ("small", "large"):
+      for mode in ("fwd", "fwd+bwd"):
+        check(f"regjax.dropout(0.5) {mode} <= 2x copy floor [{size} {dtype}]",
+              get(size, dtype, "regjax.dropout(0.5)", mode, "vs_copy"), 2.0)
+    for op in ("regjax.gaussian_dropout(0.5)", "regjax.uout(0.1)"):
+      for mode in ("fwd", "fwd+bwd"):
+        check(f"{op} {mode} <= 0.5x straightforward [large {dtype}]",
+              get("large", dtype, op, mode, "vs_ref"), 0.5)
+    check(f"regjax BatchNorm train fwd+bwd <= 0.5x flax default [large {dtype}]",
+          get("large", dtype, "regjax BatchNorm", "train fwd+bwd", "vs_ref"), 0.5)
+    check(f"regjax BatchNorm train fwd+bwd <= 1x flax default [small {dtype}]",
+          get("small", dtype, "regjax BatchNorm", "train fwd+bwd", "vs_ref"), 1.0)
+    for size in ("small", "large"):
+      check(f"regjax BatchNorm eval fwd <= 1x flax [{size} {dtype}]",
+            get(size, dtype, "regjax BatchNorm", "eval fwd", "vs_ref"), 1.0)
+  check("CNN train step, regjax layers <= 1x flax layers",
+        get(None, None, "CNN train step, regjax layers", "train step", "vs_ref"), 1.0)
+  for m in memory:
+    if m["op"] == "regjax.dropout(0.5)":
+      check(f"regjax.dropout backward keeps <= 1 byte/element [{m['size']} {m['dtype']}]",
+            m.get("bytes_per_element"), 1.0, "B/elem")
+  return targets
+
+
+def format_targets(targets: list[dict[str, Any]]) -> str:
+  lines = ["TARGETS (issue 5)"]
+  for t in targets:
+    value = "not measured" if t["measured"] is None else f"{t['measured']:.2f}{t['unit']}"
+    lines.append(f"  {t['verdict']:<4}  {t['target']:<72} {value}")
+  counts = {v: sum(t["verdict"] == v for t in targets) for v in ("PASS", "FAIL", "SKIP")}
+  lines.append(f"  {counts['PASS']} pass, {counts['FAIL']} fail, {counts['SKIP']} skipped")
+  return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- environment
+
+
 def git_state() -> dict[str, Any]:
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   try:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True, check=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "regjax"], cwd=root,
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "regjax"], cwd=ROOT,
                                 capture_output=True, text=True, check=True).stdout.strip())
     return {"commit": commit, "regjax_dirty": dirty}
   except (OSError, subprocess.CalledProcessError):
@@ -225,84 +594,172 @@ def loadavg() -> list[float] | None:
     return None
 
 
-def parse_list(value: str, allowed) -> list[str]:
+def rng_impl_info() -> dict[str, Any]:
+  """For each mandatory op: whether ``rng_impl`` exists and its default."""
+  info = {}
+  for attr in ("dropout", "gaussian_dropout", "uout"):
+    fn = getattr(regjax, attr)
+    if has_rng_impl(fn):
+      default = inspect.signature(fn).parameters["rng_impl"].default
+      info[attr] = None if default is inspect.Parameter.empty else repr(default)
+    else:
+      info[attr] = "absent"
+  return info
+
+
+def environment(device) -> dict[str, Any]:
+  return {
+      "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+      "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+      "optax": optax.__version__, "regjax": getattr(regjax, "__version__", None),
+      "git": git_state(), "device": str(device), "device_kind": device.device_kind,
+      "platform": device.platform, "cpu_count": os.cpu_count(),
+      "python": platform.python_version(), "machine": platform.machine(),
+      "rng_impl": rng_impl_info(),
+  }
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def parse_size(value: str) -> str:
+  if value in SIZES:
+    return value
+  parts = value.lower().split("x")
+  if len(parts) == 2 and all(p.isdigit() and int(p) > 0 for p in parts):
+    return value.lower()
+  raise argparse.ArgumentTypeError(f"a size is one of {', '.join(SIZES)} or ROWSxCOLS; "
+                                   f"got {value!r}")
+
+
+def size_shape(size: str) -> tuple[int, int]:
+  return SIZES[size] if size in SIZES else tuple(int(p) for p in size.split("x"))
+
+
+def parse_list(value: str, check: Callable[[str], str]) -> list[str]:
   items = [v.strip() for v in value.split(",") if v.strip()]
-  bad = [v for v in items if v not in allowed]
-  if bad or not items:
-    raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)}; got {value!r}")
-  return items
+  if not items:
+    raise argparse.ArgumentTypeError("empty list")
+  return [check(v) for v in items]
+
+
+def choice(allowed):
+  def check(v):
+    if v not in allowed:
+      raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)}; got {v!r}")
+    return v
+  return check
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
-      description="Time regjax's noise ops and BatchNorm against flax and a copy floor.",
+      description="Time regjax's noise ops, BatchNorm and a CNN train step against flax and "
+                  "a copy floor; check issue 5's targets.",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--sizes", type=lambda v: parse_list(v, SIZES), default="small,large",
-                 help="comma-separated, from " + ", ".join(
-                     f"{k}={'x'.join(map(str, v))}" for k, v in SIZES.items()))
-  p.add_argument("--dtypes", type=lambda v: parse_list(v, DTYPES), default="float32,bfloat16",
-                 help=f"comma-separated, from {', '.join(DTYPES)}")
-  p.add_argument("--repeats", type=int, default=30, help="timed calls per row (median taken)")
-  p.add_argument("--warmup", type=int, default=WARMUP, help="untimed calls per row first")
+  p.add_argument("--sizes", type=lambda v: parse_list(v, parse_size), default="small,large",
+                 help="comma-separated: " + ", ".join(
+                     f"{k}={'x'.join(map(str, v))}" for k, v in SIZES.items())
+                 + ", or ROWSxCOLS")
+  p.add_argument("--dtypes", type=lambda v: parse_list(v, choice(DTYPES)),
+                 default="float32,bfloat16", help=f"comma-separated, from {', '.join(DTYPES)}")
+  p.add_argument("--sections", type=lambda v: parse_list(v, choice(SECTIONS)),
+                 default=",".join(SECTIONS), help=f"comma-separated, from {', '.join(SECTIONS)}")
+  p.add_argument("--ops", type=lambda v: parse_list(v, str), default=None, metavar="OPS",
+                 help="comma-separated substrings: time only the noise ops (and memory rows) "
+                      "whose name contains one, plus their references and the copy floor "
+                      "(unset: all ops)")
+  p.add_argument("--repeats", type=int, default=25, help="most timed calls per row (median)")
+  p.add_argument("--min-repeats", type=int, default=7,
+                 help="fewest timed calls per row before --row-budget may stop it")
+  p.add_argument("--row-budget", type=float, default=0.4,
+                 help="seconds of timed calls after which a row stops (0: always --repeats)")
+  p.add_argument("--warmup", type=int, default=2, help="untimed calls per row first")
   p.add_argument("--out", default=os.path.join("runs", "benchmarks", "results.json"),
                  help="JSON results path")
   args = p.parse_args(argv)
-  if args.repeats < 1 or args.warmup < 1:
-    p.error("--repeats and --warmup must be >= 1")
+  if args.repeats < 1 or args.warmup < 1 or args.min_repeats < 1 or args.row_budget < 0:
+    p.error("--repeats, --warmup and --min-repeats must be >= 1, --row-budget >= 0")
+  args.min_repeats = min(args.min_repeats, args.repeats)
   return args
 
 
 def main(argv=None) -> dict[str, Any]:
   args = parse_args(argv)
   device = jax.devices()[0]
-  print(f"jax {jax.__version__}, flax {flax.__version__}, regjax {regjax.__version__}; "
-        f"device {device} ({device.device_kind}); {args.repeats} timed calls per row "
-        f"after {args.warmup} warm-up", flush=True)
-  load_start = loadavg()
+  env = environment(device)
+  print(f"jax {jax.__version__}, flax {flax.__version__}, regjax {env['regjax']}; device "
+        f"{device} ({device.device_kind}), {os.cpu_count()} CPUs; up to {args.repeats} timed "
+        f"calls per row (at least {args.min_repeats}, row budget {args.row_budget} s) after "
+        f"{args.warmup} warm-up; rng_impl: {env['rng_impl']}", flush=True)
+  env["loadavg_start"] = loadavg()
   start = time.perf_counter()
-  n_calls = args.warmup + args.repeats
-  keys = list(jax.random.split(jax.random.key(0), n_calls))
-  rows = []
+  keys = list(jax.random.split(jax.random.key(0), args.warmup + args.repeats))
+  rows: list[dict[str, Any]] = []
+  memory: list[dict[str, Any]] = []
+  train_step = None
   for size in args.sizes:
-    shape = SIZES[size]
+    shape = size_shape(size)
     for dtype_name in args.dtypes:
-      dtype = DTYPES[dtype_name]
-      x = jax.random.normal(jax.random.key(1), shape, jnp.float32).astype(dtype)
-      # BN output is float32 (flax's dtype rule: params are float32).
-      cotangent = jax.random.normal(jax.random.key(2), shape, jnp.float32)
-      cases = copy_cases(x) + noise_cases(x, keys) + batch_norm_cases(x, cotangent)
       t0 = time.perf_counter()
-      new = run_cases(cases, args.warmup, args.repeats)
+      x = jax.random.normal(jax.random.key(1), shape, jnp.float32).astype(DTYPES[dtype_name])
+      ct = jax.random.normal(jax.random.key(2), shape, jnp.float32).astype(DTYPES[dtype_name])
+      cases: list[Case] = []
+      if "noise" in args.sections:
+        cases += copy_cases(x, ct) + noise_cases(x, ct, keys, args.ops)
+      if "batchnorm" in args.sections:
+        if "noise" not in args.sections:
+          cases += copy_cases(x, ct)
+        # BN's output is float32 (flax's dtype rule: float32 params); the vjp casts.
+        cases += batch_norm_cases(x, ct.astype(jnp.float32))
+      new = run_cases(cases, args)
+      if "memory" in args.sections:
+        for m in memory_rows(x, ct, keys[0], args.ops):
+          memory.append(dict(m, size=size, shape=list(shape), dtype=dtype_name))
       for r in new:
         r.update(size=size, shape=list(shape), dtype=dtype_name)
       rows.extend(new)
       print(f"  {size} {shape} {dtype_name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr,
             flush=True)
+  if "trainstep" in args.sections:
+    t0 = time.perf_counter()
+    try:
+      train_step = train_step_rows(args)
+      rows.extend(train_step["rows"])
+    except Exception as e:  # noqa: BLE001 - report it, keep the other sections' results
+      print(f"    FAILED train step: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+      train_step = {"error": f"{type(e).__name__}: {e}", "rows": []}
+    print(f"  train step: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
   add_ratios(rows)
+  targets = evaluate_targets(rows, memory, args.sizes, args.dtypes)
   print(format_table(rows))
+  if memory:
+    print("\nMEMORY: what the backward keeps (vjp residual bytes / x.size) and XLA temp bytes")
+    print(format_memory(memory))
+  print()
+  print(format_targets(targets))
 
+  env["loadavg_end"] = loadavg()
+  total = time.perf_counter() - start
   results = {
-      "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-      "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-      "flax": flax.__version__, "regjax": regjax.__version__,
-      "git": git_state(),
-      "device": str(device), "device_kind": device.device_kind, "platform": device.platform,
-      "cpu_count": os.cpu_count(), "python": platform.python_version(),
-      # 1/5/15-minute load averages at the start and end: timings on a loaded
-      # shared machine are noisy.
-      "loadavg_start": load_start, "loadavg_end": loadavg(),
-      "machine": platform.machine(),
-      "repeats": args.repeats, "warmup": args.warmup,
-      "sizes": {s: list(SIZES[s]) for s in args.sizes}, "dtypes": args.dtypes,
-      "total_seconds": time.perf_counter() - start,
+      **env,
+      "options": {"sizes": {s: list(size_shape(s)) for s in args.sizes}, "dtypes": args.dtypes,
+                  "sections": args.sections, "ops": args.ops, "repeats": args.repeats,
+                  "min_repeats": args.min_repeats, "row_budget_s": args.row_budget,
+                  "warmup": args.warmup},
+      "total_seconds": total,
       "rows": [{k: (v if k != "times_s" else [round(t, 9) for t in v]) for k, v in r.items()}
                for r in rows],
+      "memory": memory,
+      "train_step": None if train_step is None else {
+          k: v for k, v in train_step.items() if k != "rows"},
+      "targets": targets,
   }
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  out_dir = os.path.dirname(os.path.abspath(args.out))
+  os.makedirs(out_dir, exist_ok=True)
   with open(args.out, "w", encoding="utf-8") as f:
     json.dump(results, f, indent=2)
-  print(f"total {results['total_seconds']:.0f} s; load average {load_start} at start, "
-        f"{results['loadavg_end']} at end; results written to {args.out}")
+  print(f"\ntotal {total:.0f} s; load average {env['loadavg_start']} at start, "
+        f"{env['loadavg_end']} at end; results written to {args.out}")
   return results
 
 

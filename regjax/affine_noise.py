@@ -71,7 +71,7 @@ def alpha_dropout(
   Returns:
     An array with ``x``'s shape and dtype. The mask is
     ``jax.random.bernoulli(key, 1 - rate, shape)``, the mask
-    :func:`regjax.dropout` draws from the same key.
+    :func:`regjax.dropout` draws from the same key with ``rng_impl='jax'``.
   """
   op = "regjax.alpha_dropout"
   deterministic, noise_shape = _prepare(x, key, deterministic, broadcast_dims, op)

@@ -40,8 +40,8 @@ def dropconnect_dense(
 
   Train mode: ``y = x @ (W * M) / (1 - rate) + b``, ``M ~ Bernoulli(1 - rate)``
   of the kernel's shape: weights are dropped, not activations, and the bias is
-  never dropped. ``M`` is ``jax.random.bernoulli(key, 1 - rate, W.shape)``,
-  the mask ``regjax.dropout(W, rate, key=key)`` draws. Eval mode:
+  never dropped. ``M`` is the mask ``regjax.dropout(W, rate, key=key)`` draws
+  (its fused hash generator). Eval mode:
   ``y = x @ W + b``, computed exactly as ``flax.linen.Dense`` does.
 
   One mask is drawn per call and shared by the whole batch, the usual

@@ -293,6 +293,77 @@ def test_gradients_match_finite_differences_float64():
                 atol=1e-6, rtol=1e-6)
 
 
+def _autodiff_reference(x, scale, bias, *, stats, axis, mask, momentum=0.9, epsilon=1e-3):
+  """The textbook two-pass batch norm in plain jnp, differentiated by jax itself."""
+  axes = _feature_axes(axis, x.ndim)
+  red = tuple(a for a in range(x.ndim) if a not in axes)
+  keep = tuple(x.shape[a] if a in axes else 1 for a in range(x.ndim))
+  m = jnp.ones(x.shape, x.dtype) if mask is None else jnp.broadcast_to(mask, x.shape).astype(
+      x.dtype)
+  n = jnp.maximum(jnp.sum(m, red, keepdims=True), 1)
+  mean = jnp.sum(m * x, red, keepdims=True) / n
+  var = jnp.sum(m * jnp.square(x - mean), red, keepdims=True) / n
+  y = (x - mean) / jnp.sqrt(var + epsilon)
+  if scale is not None:
+    y = y * scale.reshape(keep)
+  if bias is not None:
+    y = y + bias.reshape(keep)
+  fshape = tuple(x.shape[a] for a in axes)
+  new_mean = momentum * stats["mean"] + (1 - momentum) * mean.reshape(fshape)
+  new_var = momentum * stats["var"] + (1 - momentum) * var.reshape(fshape)
+  return y, new_mean, new_var
+
+
+@pytest.mark.parametrize("shape,axis", [((6, 5), -1), ((5, 6), 0), ((2, 3, 2, 4), -1),
+                                        ((2, 3, 4), (0, 2))])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("affine", [True, False])
+def test_derivatives_match_autodiff_of_textbook_formula(shape, axis, masked, affine):
+  """The explicit JVP (and its transpose, reverse mode) against autodiff of the plain
+  formula, in float64: y, running mean and running var, w.r.t. x, scale and bias,
+  first and second order. Feature-last layouts take the batch-sum-as-dot path,
+  the others plain sums."""
+  with jax.enable_x64(True):
+    x, stats, scale, bias = _problem(shape, axis, seed=7, dtype=np.float64)
+    stats, scale, bias = jax.tree.map(lambda a: a.astype(jnp.float64), (stats, scale, bias))
+    if not affine:
+      scale = bias = None
+    mask = None
+    if masked:  # some positions out (the first sample too), holding large padding
+      mask = jnp.asarray(np.random.default_rng(8).uniform(size=x.shape) < 0.7)
+      mask = mask.at[(0,) * x.ndim].set(False)
+      x = jnp.where(mask, x, 1e3)
+
+    def ours(x, scale, bias):
+      y, new = regjax.batch_norm(x, stats, scale, bias, axis=axis, mask=mask, momentum=0.9,
+                                 epsilon=1e-3)
+      return y, new["mean"], new["var"]
+
+    ref = functools.partial(_autodiff_reference, stats=stats, axis=axis, mask=mask)
+    args = (x, scale, bias)
+    rng = np.random.default_rng(9)
+    tangents = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape)), args)
+    for f_ours, f_ref in [(jax.jit(ours), jax.jit(ref))]:
+      got, want = f_ours(*args), f_ref(*args)
+      chex.assert_trees_all_close(got, want, rtol=1e-10, atol=1e-10)
+      # forward mode
+      _, jvp_got = jax.jvp(f_ours, args, tangents)
+      _, jvp_want = jax.jvp(f_ref, args, tangents)
+      chex.assert_trees_all_close(jvp_got, jvp_want, rtol=1e-9, atol=1e-9)
+      # reverse mode
+      cts = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape)), got)
+      vjp_got = jax.vjp(f_ours, *args)[1](cts)
+      vjp_want = jax.vjp(f_ref, *args)[1](cts)
+      chex.assert_trees_all_close(vjp_got, vjp_want, rtol=1e-9, atol=1e-9)
+      # second order: reverse over reverse
+      loss = lambda f: lambda *a: sum(jnp.vdot(c, o) for c, o in zip(cts, f(*a)))
+      h_got = jax.jvp(jax.grad(loss(f_ours), argnums=(0, 1, 2) if affine else 0),
+                      args, tangents)[1]
+      h_want = jax.jvp(jax.grad(loss(f_ref), argnums=(0, 1, 2) if affine else 0),
+                       args, tangents)[1]
+      chex.assert_trees_all_close(h_got, h_want, rtol=1e-7, atol=1e-8)
+
+
 def test_gradient_large_mean_is_finite_and_accurate():
   x = _large_mean_data()[:512, :8]
   cotangent = jnp.asarray(np.random.default_rng(4).standard_normal(x.shape), jnp.float32)

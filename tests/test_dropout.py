@@ -5,6 +5,7 @@ the estimated quantity for the sample size used (Z = 5, a false-alarm rate
 of about 6e-7 per check).
 """
 
+import functools
 import math
 
 import chex
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 import regjax
+from regjax import _hash
 
 Z = 5.0
 N = 1 << 20  # samples per statistical check
@@ -29,6 +31,13 @@ OPS = {
     "uout": (regjax.uout, 0.4, 0.4**2 / 3),
 }
 OP_CASES = tuple((name, name) for name in OPS)
+IMPLS = ("hash", "jax")  # every contract and statistical test runs on both generators
+OP_IMPL_CASES = tuple((f"{name}_{impl}", name, impl) for name in OPS for impl in IMPLS)
+IMPL_CASES = tuple((impl, impl) for impl in IMPLS)
+
+
+def _op(name, impl):
+  return functools.partial(OPS[name][0], rng_impl=impl)
 HALF_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
@@ -42,9 +51,10 @@ class MomentsTest(chex.TestCase):
   """Each op's noise has mean 1 and its documented variance, with and without jit."""
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.named_parameters(("rate_0.1", 0.1), ("rate_0.5", 0.5), ("rate_0.9", 0.9))
-  def test_dropout_keep_rate_and_moments(self, rate):
-    y = _noise(regjax.dropout, rate, jax.random.key(1), variant=self.variant)
+  @parameterized.named_parameters(
+      ("rate_0.1_hash", 0.1, "hash"), ("rate_0.1_jax", 0.1, "jax"), ("rate_0.5_hash", 0.5, "hash"), ("rate_0.5_jax", 0.5, "jax"), ("rate_0.9_hash", 0.9, "hash"), ("rate_0.9_jax", 0.9, "jax"))
+  def test_dropout_keep_rate_and_moments(self, rate, impl):
+    y = _noise(functools.partial(regjax.dropout, rng_impl=impl), rate, jax.random.key(1), variant=self.variant)
     keep = 1 - rate
     kept = y != 0
     np.testing.assert_allclose(y[kept], 1 / keep, rtol=1e-6)
@@ -54,9 +64,10 @@ class MomentsTest(chex.TestCase):
     assert abs(y.mean() - 1) < Z * math.sqrt(s2 / N)
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.named_parameters(("rate_0.1", 0.1), ("rate_0.5", 0.5), ("rate_0.8", 0.8))
-  def test_gaussian_dropout_moments(self, rate):
-    y = _noise(regjax.gaussian_dropout, rate, jax.random.key(2), variant=self.variant)
+  @parameterized.named_parameters(
+      ("rate_0.1_hash", 0.1, "hash"), ("rate_0.1_jax", 0.1, "jax"), ("rate_0.5_hash", 0.5, "hash"), ("rate_0.5_jax", 0.5, "jax"), ("rate_0.8_hash", 0.8, "hash"), ("rate_0.8_jax", 0.8, "jax"))
+  def test_gaussian_dropout_moments(self, rate, impl):
+    y = _noise(functools.partial(regjax.gaussian_dropout, rng_impl=impl), rate, jax.random.key(2), variant=self.variant)
     s2 = rate / (1 - rate)
     e = (y - 1) / math.sqrt(s2)  # should be N(0, 1)
     assert abs(e.mean()) < Z / math.sqrt(N)
@@ -68,9 +79,10 @@ class MomentsTest(chex.TestCase):
     assert abs((e**4).mean() - 3) < Z * math.sqrt(96 / N)
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.named_parameters(("beta_0.1", 0.1), ("beta_0.5", 0.5), ("beta_1.7", 1.7))
-  def test_uout_moments_and_uniformity(self, beta):
-    r = _noise(regjax.uout, beta, jax.random.key(3), variant=self.variant) - 1
+  @parameterized.named_parameters(
+      ("beta_0.1_hash", 0.1, "hash"), ("beta_0.1_jax", 0.1, "jax"), ("beta_0.5_hash", 0.5, "hash"), ("beta_0.5_jax", 0.5, "jax"), ("beta_1.7_hash", 1.7, "hash"), ("beta_1.7_jax", 1.7, "jax"))
+  def test_uout_moments_and_uniformity(self, beta, impl):
+    r = _noise(functools.partial(regjax.uout, rng_impl=impl), beta, jax.random.key(3), variant=self.variant) - 1
     assert r.min() >= -beta * (1 + 1e-6) and r.max() <= beta * (1 + 1e-6)
     assert abs(r.mean()) < Z * math.sqrt(beta**2 / 3 / N)
     # Var(r**2) = E r^4 - (E r^2)^2 = beta^4/5 - beta^4/9 for U(-beta, beta).
@@ -83,16 +95,18 @@ class MomentsTest(chex.TestCase):
 class IndependenceTest(parameterized.TestCase):
   """Neighbouring elements, split keys and fold_in keys give uncorrelated noise."""
 
-  @parameterized.named_parameters(*OP_CASES)
-  def test_neighbours_uncorrelated(self, name):
-    op, rate, _ = OPS[name]
+  @parameterized.named_parameters(*OP_IMPL_CASES)
+  def test_neighbours_uncorrelated(self, name, impl):
+    _, rate, _ = OPS[name]
+    op = _op(name, impl)
     y = _noise(op, rate, jax.random.key(4))
     corr = np.corrcoef(y[:-1], y[1:])[0, 1]
     assert abs(corr) < Z / math.sqrt(N)
 
-  @parameterized.named_parameters(*OP_CASES)
-  def test_split_and_fold_in_keys_uncorrelated(self, name):
-    op, rate, _ = OPS[name]
+  @parameterized.named_parameters(*OP_IMPL_CASES)
+  def test_split_and_fold_in_keys_uncorrelated(self, name, impl):
+    _, rate, _ = OPS[name]
+    op = _op(name, impl)
     base = jax.random.key(5)
     k1, k2 = jax.random.split(base)
     # With JAX's partitionable threefry, split(base)[i] IS fold_in(base, i), so
@@ -103,9 +117,10 @@ class IndependenceTest(parameterized.TestCase):
       for j in range(i + 1, len(draws)):
         assert abs(np.corrcoef(draws[i], draws[j])[0, 1]) < Z / math.sqrt(N)
 
-  @parameterized.named_parameters(*OP_CASES)
-  def test_same_key_same_draw_with_and_without_jit(self, name):
-    op, rate, _ = OPS[name]
+  @parameterized.named_parameters(*OP_IMPL_CASES)
+  def test_same_key_same_draw_with_and_without_jit(self, name, impl):
+    _, rate, _ = OPS[name]
+    op = _op(name, impl)
     x = jax.random.normal(jax.random.key(6), (32, 17))
     key = jax.random.key(7)
     eager = op(x, rate, key=key)
@@ -117,9 +132,10 @@ class IndependenceTest(parameterized.TestCase):
     other = op(x, rate, key=jax.random.key(8))
     assert not np.allclose(np.asarray(other), np.asarray(eager))
 
-  @parameterized.named_parameters(*OP_CASES)
-  def test_raw_uint32_key_gives_same_draw_as_typed_key(self, name):
-    op, rate, _ = OPS[name]
+  @parameterized.named_parameters(*OP_IMPL_CASES)
+  def test_raw_uint32_key_gives_same_draw_as_typed_key(self, name, impl):
+    _, rate, _ = OPS[name]
+    op = _op(name, impl)
     x = jnp.ones((64,))
     typed = op(x, rate, key=jax.random.key(9))
     raw = op(x, rate, key=jax.random.PRNGKey(9))
@@ -131,10 +147,11 @@ class ContractTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(
-      *[(f"{name}_{jnp.dtype(d).name}", name, d)
-        for name in OPS for d in (jnp.float32, jnp.bfloat16, jnp.float16)])
-  def test_shape_and_dtype_kept(self, name, dtype):
-    op, rate, s2 = OPS[name]
+      *[(f"{name}_{jnp.dtype(d).name}_{impl}", name, d, impl)
+        for name in OPS for d in (jnp.float32, jnp.bfloat16, jnp.float16) for impl in IMPLS])
+  def test_shape_and_dtype_kept(self, name, dtype, impl):
+    _, rate, s2 = OPS[name]
+    op = _op(name, impl)
     x = jnp.ones((4096, 64), dtype)
     y = self.variant(lambda x, k: op(x, rate, key=k))(x, jax.random.key(10))
     chex.assert_shape(y, x.shape)
@@ -145,48 +162,54 @@ class ContractTest(chex.TestCase):
     # Half-precision rounding of 1/keep etc. is a bias of at most ~2**-8.
     assert abs(y.mean() - 1) < Z * math.sqrt(s2 / n) + 2**-8
 
-  @parameterized.named_parameters(*OP_CASES)
-  def test_deterministic_returns_input_without_key(self, name):
-    op, rate, _ = OPS[name]
+  @parameterized.named_parameters(*OP_IMPL_CASES)
+  def test_deterministic_returns_input_without_key(self, name, impl):
+    _, rate, _ = OPS[name]
+    op = _op(name, impl)
     x = jnp.arange(6.0).reshape(2, 3)
     assert op(x, rate, deterministic=True) is x
     assert op(x, 0.0) is x  # zero rate: identity, no key needed
 
-  @parameterized.named_parameters(*OP_CASES)
-  def test_traced_zero_rate_is_identity(self, name):
-    op, _, _ = OPS[name]
+  @parameterized.named_parameters(*OP_IMPL_CASES)
+  def test_traced_zero_rate_is_identity(self, name, impl):
+    op = _op(name, impl)
     x = jax.random.normal(jax.random.key(11), (128,))
     y = jax.jit(lambda x, r, k: op(x, r, key=k))(x, 0.0, jax.random.key(12))
     np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
 
   @chex.variants(with_jit=True, without_jit=True)
-  def test_dropout_rate_one_gives_zeros_and_zero_gradients(self):
+  @parameterized.named_parameters(*IMPL_CASES)
+  def test_dropout_rate_one_gives_zeros_and_zero_gradients(self, impl):
     x = jax.random.normal(jax.random.key(13), (16, 8))
-    loss = lambda x: jnp.sum(regjax.dropout(x, 1.0) ** 2 + regjax.dropout(x, 1.0))
+    drop = functools.partial(regjax.dropout, rng_impl=impl)
+    loss = lambda x: jnp.sum(drop(x, 1.0) ** 2 + drop(x, 1.0))
     value, grad = self.variant(jax.value_and_grad(loss))(x)
     assert value == 0
     np.testing.assert_array_equal(np.asarray(grad), 0)
 
-  def test_traced_dropout_rate_one_gives_zeros_and_finite_gradients(self):
+  @parameterized.named_parameters(*IMPL_CASES)
+  def test_traced_dropout_rate_one_gives_zeros_and_finite_gradients(self, impl):
     x = jax.random.normal(jax.random.key(14), (16, 8))
     key = jax.random.key(15)
-    loss = lambda x, r: jnp.sum(regjax.dropout(x, r, key=key) * 3.0)
+    loss = lambda x, r: jnp.sum(regjax.dropout(x, r, key=key, rng_impl=impl) * 3.0)
     value, grad = jax.jit(jax.value_and_grad(loss))(x, 1.0)
     assert value == 0
     np.testing.assert_array_equal(np.asarray(grad), 0)
 
-  def test_traced_out_of_range_rates_are_clipped_not_nan(self):
+  @parameterized.named_parameters(*IMPL_CASES)
+  def test_traced_out_of_range_rates_are_clipped_not_nan(self, impl):
     x = jax.random.normal(jax.random.key(16), (1000,))
     key = jax.random.key(17)
-    f = jax.jit(lambda op, r: op(x, r, key=key), static_argnums=0)
+    f = jax.jit(lambda op, r: op(x, r, key=key, rng_impl=impl), static_argnums=0)
     np.testing.assert_array_equal(np.asarray(f(regjax.dropout, 1.5)), 0)
     np.testing.assert_array_equal(np.asarray(f(regjax.dropout, -0.5)), np.asarray(x))
     assert np.all(np.isfinite(np.asarray(f(regjax.gaussian_dropout, 1.0))))
     np.testing.assert_array_equal(np.asarray(f(regjax.uout, -0.5)), np.asarray(x))
 
-  @parameterized.named_parameters(*OP_CASES)
-  def test_broadcast_dims_share_one_draw(self, name):
-    op, rate, _ = OPS[name]
+  @parameterized.named_parameters(*OP_IMPL_CASES)
+  def test_broadcast_dims_share_one_draw(self, name, impl):
+    _, rate, _ = OPS[name]
+    op = _op(name, impl)
     x = jnp.ones((8, 16, 32))
     y = np.asarray(op(x, rate, key=jax.random.key(18), broadcast_dims=(1, -1)))
     np.testing.assert_array_equal(y, np.broadcast_to(y[:, :1, :1], y.shape))
@@ -196,7 +219,8 @@ class ContractTest(chex.TestCase):
     import flax.linen as nn  # the comparison target, not a dependency of the op
     x = jax.random.normal(jax.random.key(19), (64, 33))
     key = jax.random.key(20)
-    ours = regjax.dropout(x, 0.25, key=key, broadcast_dims=(0,))
+    # rng_impl='jax' draws with jax.random.bernoulli, exactly as flax does.
+    ours = regjax.dropout(x, 0.25, key=key, broadcast_dims=(0,), rng_impl="jax")
     theirs = nn.Dropout(0.25, broadcast_dims=(0,), deterministic=False).apply(
         {}, x, rng=key)
     np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-6)
@@ -205,9 +229,9 @@ class ContractTest(chex.TestCase):
 class TracedRateTest(parameterized.TestCase):
   """A rate that changes every step is a traced argument: one compilation."""
 
-  @parameterized.named_parameters(*OP_CASES)
-  def test_changing_traced_rate_traces_once(self, name):
-    op, _, _ = OPS[name]
+  @parameterized.named_parameters(*OP_IMPL_CASES)
+  def test_changing_traced_rate_traces_once(self, name, impl):
+    op = _op(name, impl)
     chex.clear_trace_counter()
 
     @jax.jit
@@ -224,18 +248,20 @@ class TracedRateTest(parameterized.TestCase):
 
 class GradientTest(parameterized.TestCase):
 
-  @parameterized.named_parameters(*OP_CASES)
-  def test_check_grads(self, name):
-    op, rate, _ = OPS[name]
+  @parameterized.named_parameters(*OP_IMPL_CASES)
+  def test_check_grads(self, name, impl):
+    _, rate, _ = OPS[name]
+    op = _op(name, impl)
     key = jax.random.key(22)
     x = jax.random.normal(jax.random.key(23), (6, 5))
     check_grads(lambda x: op(x, rate, key=key), (x,), order=2, modes=("fwd", "rev"),
                 atol=1e-2, rtol=1e-2, eps=1e-2)
 
-  @parameterized.named_parameters(*OP_CASES)
-  def test_gradient_is_the_noise(self, name):
+  @parameterized.named_parameters(*OP_IMPL_CASES)
+  def test_gradient_is_the_noise(self, name, impl):
     # The op is linear in x, so d sum(y) / dx is exactly the noise factor.
-    op, rate, _ = OPS[name]
+    _, rate, _ = OPS[name]
+    op = _op(name, impl)
     key = jax.random.key(24)
     x = jax.random.normal(jax.random.key(25), (100,))
     grad = jax.grad(lambda x: jnp.sum(op(x, rate, key=key)))(x)
@@ -246,9 +272,10 @@ class GradientTest(parameterized.TestCase):
 class BadInputTest(parameterized.TestCase):
   """Bad input raises at trace time with a message naming the argument."""
 
-  @parameterized.named_parameters(*OP_CASES)
-  def test_missing_key_in_train_mode(self, name):
-    op, rate, _ = OPS[name]
+  @parameterized.named_parameters(*OP_IMPL_CASES)
+  def test_missing_key_in_train_mode(self, name, impl):
+    _, rate, _ = OPS[name]
+    op = _op(name, impl)
     with pytest.raises(ValueError, match=r"needs a PRNG key.*key="):
       op(jnp.ones(3), rate)
     with pytest.raises(ValueError, match=r"needs a PRNG key"):
@@ -275,9 +302,9 @@ class BadInputTest(parameterized.TestCase):
     with pytest.raises(ValueError, match="`rate`"):
       regjax.dropout(jnp.ones(3), np.float64(-1), key=jax.random.key(0))
 
-  @parameterized.named_parameters(*OP_CASES)
-  def test_rate_must_be_a_real_scalar(self, name):
-    op, _, _ = OPS[name]
+  @parameterized.named_parameters(*OP_IMPL_CASES)
+  def test_rate_must_be_a_real_scalar(self, name, impl):
+    op = _op(name, impl)
     with pytest.raises(ValueError, match="must be a scalar"):
       op(jnp.ones(3), jnp.array([0.1, 0.2]), key=jax.random.key(0))
     with pytest.raises(TypeError, match="must be a real number"):
@@ -285,15 +312,17 @@ class BadInputTest(parameterized.TestCase):
     with pytest.raises(TypeError, match="must be a real number"):
       op(jnp.ones(3), True, key=jax.random.key(0))
 
-  @parameterized.named_parameters(*OP_CASES)
-  def test_non_float_input(self, name):
-    op, rate, _ = OPS[name]
+  @parameterized.named_parameters(*OP_IMPL_CASES)
+  def test_non_float_input(self, name, impl):
+    _, rate, _ = OPS[name]
+    op = _op(name, impl)
     with pytest.raises(TypeError, match="`x` must be a floating-point array.*int32"):
       op(jnp.ones(3, jnp.int32), rate, key=jax.random.key(0))
 
-  @parameterized.named_parameters(*OP_CASES)
-  def test_bad_keys(self, name):
-    op, rate, _ = OPS[name]
+  @parameterized.named_parameters(*OP_IMPL_CASES)
+  def test_bad_keys(self, name, impl):
+    _, rate, _ = OPS[name]
+    op = _op(name, impl)
     with pytest.raises(TypeError, match="`key` must be a PRNG key"):
       op(jnp.ones(3), rate, key=42)
     with pytest.raises(TypeError, match="`key` must be a PRNG key"):
@@ -301,17 +330,19 @@ class BadInputTest(parameterized.TestCase):
     with pytest.raises(ValueError, match="single PRNG key"):
       op(jnp.ones(3), rate, key=jax.random.split(jax.random.key(0), 3))
 
-  @parameterized.named_parameters(*OP_CASES)
-  def test_bad_broadcast_dims(self, name):
-    op, rate, _ = OPS[name]
+  @parameterized.named_parameters(*OP_IMPL_CASES)
+  def test_bad_broadcast_dims(self, name, impl):
+    _, rate, _ = OPS[name]
+    op = _op(name, impl)
     with pytest.raises(ValueError, match=r"`broadcast_dims` entry 2 .*\[-2, 1\]"):
       op(jnp.ones((3, 4)), rate, key=jax.random.key(0), broadcast_dims=(2,))
     with pytest.raises(TypeError, match="`broadcast_dims` must hold ints"):
       op(jnp.ones((3, 4)), rate, key=jax.random.key(0), broadcast_dims=(0.5,))
 
-  @parameterized.named_parameters(*OP_CASES)
-  def test_traced_deterministic(self, name):
-    op, rate, _ = OPS[name]
+  @parameterized.named_parameters(*OP_IMPL_CASES)
+  def test_traced_deterministic(self, name, impl):
+    _, rate, _ = OPS[name]
+    op = _op(name, impl)
     with pytest.raises(TypeError, match="`deterministic` must be a Python bool"):
       jax.jit(lambda x, d: op(x, rate, key=jax.random.key(0), deterministic=d))(
           jnp.ones(3), True)
@@ -326,20 +357,22 @@ class PropertyTest(parameterized.TestCase):
 
   @settings(max_examples=30, deadline=None)
   @given(shape=SHAPES,
-         rate=st.floats(0.01, 0.99), seed=st.integers(0, 2**31 - 1))
-  def test_dropout_outputs_zero_or_scaled_input(self, shape, rate, seed):
+         rate=st.floats(0.01, 0.99), seed=st.integers(0, 2**31 - 1), impl=st.sampled_from(IMPLS))
+  def test_dropout_outputs_zero_or_scaled_input(self, shape, rate, seed, impl):
     x = jax.random.normal(jax.random.key(seed), shape)
-    y = np.asarray(regjax.dropout(x, rate, key=jax.random.key(seed + 1)), np.float64)
+    y = np.asarray(regjax.dropout(x, rate, key=jax.random.key(seed + 1), rng_impl=impl),
+                   np.float64)
     xs = np.asarray(x, np.float64) / (1 - rate)
     ok = (y == 0) | np.isclose(y, xs, rtol=1e-6, atol=0)
     assert ok.all()
 
   @settings(max_examples=30, deadline=None)
   @given(shape=SHAPES,
-         beta=st.floats(0.0, 3.0), seed=st.integers(0, 2**31 - 1))
-  def test_uout_stays_within_its_band(self, shape, beta, seed):
+         beta=st.floats(0.0, 3.0), seed=st.integers(0, 2**31 - 1), impl=st.sampled_from(IMPLS))
+  def test_uout_stays_within_its_band(self, shape, beta, seed, impl):
     x = jax.random.normal(jax.random.key(seed), shape)
-    y = np.asarray(regjax.uout(x, beta, key=jax.random.key(seed + 1)), np.float64)
+    y = np.asarray(regjax.uout(x, beta, key=jax.random.key(seed + 1), rng_impl=impl),
+                   np.float64)
     xa = np.asarray(x, np.float64)
     assert np.all(np.abs(y - xa) <= beta * np.abs(xa) * (1 + 1e-6) + 1e-7)
 
@@ -355,15 +388,199 @@ def test_noise_variance_helpers():
   assert regjax.matched_uout_beta(rate) == pytest.approx(0.1)
 
 
-def test_dropout_and_uout_commute_with_relu():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dropout_and_uout_commute_with_relu(impl):
   # Their factors are >= 0 (uout for beta <= 1) and relu(c * x) = c * relu(x) for c >= 0,
   # so `act-drop` and `drop-act` block orders train identically with ReLU.
   x = jax.random.normal(jax.random.key(30), (64, 32))
   key = jax.random.key(31)
   for op, value in ((regjax.dropout, 0.4), (regjax.uout, 0.9)):
+    op = functools.partial(op, rng_impl=impl)
     np.testing.assert_array_equal(np.asarray(jax.nn.relu(op(x, value, key=key))),
                                   np.asarray(op(jax.nn.relu(x), value, key=key)))
   # Gaussian dropout's factor can be negative, so it does not commute.
-  g = regjax.gaussian_dropout
+  g = functools.partial(regjax.gaussian_dropout, rng_impl=impl)
   assert not np.array_equal(np.asarray(jax.nn.relu(g(x, 0.5, key=key))),
                             np.asarray(g(jax.nn.relu(x), 0.5, key=key)))
+
+
+def _u24(key, shape):
+  """The hash generator's 24-bit uniforms (as float64 in [0, 2**24)) for ``shape``."""
+  return np.asarray(_hash.bits(_hash.seed_words(key), shape) >> 8, np.float64)
+
+
+def _corr(a, b):
+  return np.corrcoef(np.ravel(a), np.ravel(b))[0, 1]
+
+
+class HashGeneratorTest(parameterized.TestCase):
+  """Statistical and contract tests of the fused counter-hash generator (rng_impl='hash')."""
+
+  @parameterized.parameters(0.001, 0.01, 0.3, 0.5, 0.9, 0.99, 0.999, 1 - 2.0**-20)
+  def test_keep_rate(self, rate):
+    y = _noise(regjax.dropout, rate, jax.random.key(40))
+    keep = np.float32(1) - np.float32(rate)
+    realised = round(float(keep) * 2**24) / 2**24
+    se = math.sqrt(realised * (1 - realised) / N)
+    assert abs((y != 0).mean() - realised) < Z * se + 1e-12
+    np.testing.assert_allclose(y[y != 0], 1 / keep, rtol=1e-6)
+
+  @parameterized.parameters(0.3, 0.999, 5.5 * 2.0**-24, 6.5 * 2.0**-24, 2.0**-26,
+                            1 - 2.0**-25, 1 - 3 * 2.0**-24, 0.0, 1.0)
+  def test_keep_threshold_resolution_is_2_pow_minus_24(self, keep):
+    # Every 24-bit uniform once: the kept count IS 2**24 times the realised keep
+    # probability, which must be round(keep * 2**24) / 2**24 exactly.
+    b = jnp.arange(1 << 24, dtype=jnp.uint32) << 8
+    kept = int(jnp.sum(_hash.bernoulli(b | 0xFF, jnp.float32(keep))))
+    assert kept == int(np.round(np.float32(keep) * np.float32(2**24)))
+    kept_low = int(jnp.sum(_hash.bernoulli(b, jnp.float32(keep))))
+    assert kept_low == kept  # the low 8 bits never matter
+
+  def test_dropout_mask_is_the_documented_threshold(self):
+    key = jax.random.key(41)
+    y = regjax.dropout(jnp.ones((64, 48)), 0.3, key=key)
+    bits = _hash.bits(_hash.seed_words(key), (64, 48))
+    np.testing.assert_array_equal(np.asarray(y != 0),
+                                  np.asarray(_hash.bernoulli(bits, jnp.float32(0.7))))
+
+  def test_uniforms_pass_chi_square(self):
+    u = _u24(jax.random.key(42), (N,))
+    for name, values in (("high byte", np.floor(u / 2**16)), ("low byte", u % 256),
+                         ("middle byte", np.floor(u / 2**8) % 256)):
+      counts = np.bincount(values.astype(np.int64), minlength=256)
+      expected = N / 256
+      sd = math.sqrt(expected * (1 - 1 / 256))
+      assert np.all(np.abs(counts - expected) < Z * sd), name
+      chi2 = np.sum((counts - expected) ** 2 / expected)  # 255 dof: mean 255, sd ~22.6
+      assert abs(chi2 - 255) < Z * math.sqrt(2 * 255), (name, chi2)
+
+  @parameterized.parameters(1, 2, 3, 7, 64, 1024, 4096)
+  def test_lag_k_uncorrelated(self, lag):
+    u = _u24(jax.random.key(43), (N,))
+    assert abs(_corr(u[:-lag], u[lag:])) < Z / math.sqrt(N - lag)
+    y = _noise(regjax.dropout, 0.5, jax.random.key(44))
+    assert abs(_corr(y[:-lag], y[lag:])) < Z / math.sqrt(N - lag)
+
+  @parameterized.named_parameters(*OP_CASES)
+  def test_2d_neighbours_uncorrelated_along_rows_and_columns(self, name):
+    op, rate, _ = OPS[name]
+    y = np.asarray(op(jnp.ones((1024, 1024)), rate, key=jax.random.key(45)), np.float64)
+    n = 1023 * 1024
+    assert abs(_corr(y[:, :-1], y[:, 1:])) < Z / math.sqrt(n)  # along the last axis
+    assert abs(_corr(y[:-1], y[1:])) < Z / math.sqrt(n)  # between rows
+
+  def test_consecutive_fold_in_keys_uncorrelated(self):
+    # A training loop typically folds the step number into one base key.
+    base = jax.random.key(46)
+    n = N // 4
+    draws = [_u24(jax.random.fold_in(base, i), (n,)) for i in range(6)]
+    for i in range(len(draws) - 1):
+      assert abs(_corr(draws[i], draws[i + 1])) < Z / math.sqrt(n)
+    # Also same-position agreement of dropout masks: P(equal) = keep**2 + rate**2.
+    masks = [np.asarray(regjax.dropout(jnp.ones(n), 0.5, key=jax.random.fold_in(base, i)) != 0)
+             for i in range(4)]
+    for i in range(3):
+      assert abs((masks[i] == masks[i + 1]).mean() - 0.5) < Z * math.sqrt(0.25 / n)
+
+  def test_split_keys_uncorrelated_raw_bits(self):
+    keys = jax.random.split(jax.random.key(47), 4)
+    draws = [_u24(k, (N // 4,)) for k in keys]
+    for i in range(4):
+      for j in range(i + 1, 4):
+        assert abs(_corr(draws[i], draws[j])) < Z / math.sqrt(N // 4)
+
+  @parameterized.named_parameters(*OP_CASES)
+  def test_draw_uses_the_flat_row_major_index(self, name):
+    # The same elements in any shape get the same noise: no dependence on layout.
+    op, rate, _ = OPS[name]
+    key = jax.random.key(48)
+    flat = np.asarray(op(jnp.ones((4 * 6 * 10,)), rate, key=key))
+    shaped = np.asarray(op(jnp.ones((4, 6, 10)), rate, key=key))
+    np.testing.assert_array_equal(shaped.reshape(-1), flat)
+
+  @parameterized.named_parameters(*OP_CASES)
+  def test_bit_identical_with_and_without_jit(self, name):
+    op, rate, _ = OPS[name]
+    key = jax.random.key(49)
+    ones = jnp.ones((33, 65))
+    eager = np.asarray(op(ones, rate, key=key))
+    jitted = np.asarray(jax.jit(lambda x, k: op(x, rate, key=k))(ones, key))
+    if name == "dropout":
+      np.testing.assert_array_equal(jitted, eager)
+    else:  # the erf_inv / multiply-add may fuse differently: a few ulp
+      np.testing.assert_allclose(jitted, eager, rtol=1e-6, atol=1e-6)
+
+  @parameterized.named_parameters(*OP_CASES)
+  def test_backward_stores_nothing_per_element(self, name):
+    # The vjp closes over its residuals: only the two seed words and a scalar.
+    op, rate, _ = OPS[name]
+    x = jax.random.normal(jax.random.key(50), (256, 512))
+    _, vjp = jax.vjp(lambda x: op(x, rate, key=jax.random.key(51)), x)
+    stored = sum(leaf.size for leaf in jax.tree_util.tree_leaves(vjp))
+    assert stored <= 8, stored
+    # ... and the gradient is still exactly the noise factor.
+    np.testing.assert_array_equal(
+        np.asarray(vjp(jnp.ones_like(x))[0]),
+        np.asarray(op(jnp.ones_like(x), rate, key=jax.random.key(51))))
+
+  def test_gradient_with_traced_rate_is_the_mask(self):
+    x = jax.random.normal(jax.random.key(52), (64, 64))
+    key = jax.random.key(53)
+    grad = jax.jit(jax.grad(lambda x, r: jnp.sum(regjax.dropout(x, r, key=key))))(x, 0.4)
+    np.testing.assert_array_equal(np.asarray(grad),
+                                  np.asarray(regjax.dropout(jnp.ones_like(x), 0.4, key=key)))
+
+  def test_more_than_2_pow_32_elements_raise(self):
+    x = jax.ShapeDtypeStruct((1 << 16, (1 << 16) + 1), jnp.float32)
+    for op, value in ((regjax.dropout, 0.5), (regjax.gaussian_dropout, 0.5),
+                      (regjax.uout, 0.1)):
+      with pytest.raises(ValueError, match=r"at most 2\*\*32 noise elements"):
+        jax.eval_shape(lambda x: op(x, value, key=jax.random.key(0)), x)
+    # broadcast_dims shrink the draw: fine.
+    out = jax.eval_shape(
+        lambda x: regjax.dropout(x, 0.5, key=jax.random.key(0), broadcast_dims=(0,)), x)
+    assert out.shape == x.shape
+    # The jax generator has no such limit at trace time.
+    jax.eval_shape(lambda x: regjax.dropout(x, 0.5, key=jax.random.key(0), rng_impl="jax"), x)
+
+  @parameterized.named_parameters(*OP_CASES)
+  def test_bad_rng_impl(self, name):
+    op, rate, _ = OPS[name]
+    with pytest.raises(ValueError, match=r"`rng_impl` must be one of .*'threefry'"):
+      op(jnp.ones(3), rate, key=jax.random.key(0), rng_impl="threefry")
+
+  def test_bfloat16_uses_the_float32_draw_rounded_once(self):
+    key = jax.random.key(54)
+    x = jax.random.normal(jax.random.key(55), (128, 32))
+    for op, value in ((regjax.dropout, 0.3), (regjax.gaussian_dropout, 0.3), (regjax.uout, 0.2)):
+      y16 = op(x.astype(jnp.bfloat16), value, key=key)
+      y32 = op(x.astype(jnp.bfloat16).astype(jnp.float32), value, key=key)
+      np.testing.assert_array_equal(np.asarray(y16), np.asarray(y32.astype(jnp.bfloat16)))
+
+
+def test_linen_and_nnx_modules_pass_rng_impl_through():
+  import flax.linen as nn
+  from flax import nnx
+  x = jax.random.normal(jax.random.key(60), (16, 40))
+  key = jax.random.key(61)
+  for impl in IMPLS:
+    for cls, fn, value in ((regjax.linen.Dropout, regjax.dropout, 0.4),
+                           (regjax.linen.GaussianDropout, regjax.gaussian_dropout, 0.4),
+                           (regjax.linen.Uout, regjax.uout, 0.3)):
+      y = cls(value, rng_impl=impl).apply({}, x, deterministic=False, rng=key)
+      np.testing.assert_array_equal(np.asarray(y), np.asarray(fn(x, value, key=key,
+                                                                 rng_impl=impl)))
+    for cls, fn, value in ((regjax.nnx.Dropout, regjax.dropout, 0.4),
+                           (regjax.nnx.GaussianDropout, regjax.gaussian_dropout, 0.4),
+                           (regjax.nnx.Uout, regjax.uout, 0.3)):
+      y = cls(value, rng_impl=impl)(x, rngs=key)
+      np.testing.assert_array_equal(np.asarray(y), np.asarray(fn(x, value, key=key,
+                                                                 rng_impl=impl)))
+  theirs = nn.Dropout(0.4, deterministic=False).apply({}, x, rng=key)
+  np.testing.assert_array_equal(
+      np.asarray(regjax.linen.Dropout(0.4, rng_impl="jax").apply(
+          {}, x, deterministic=False, rng=key)), np.asarray(theirs))
+  with pytest.raises(ValueError, match="rng_impl"):
+    regjax.nnx.Dropout(0.4, rng_impl="philox", rngs=nnx.Rngs(dropout=0))
+  with pytest.raises(ValueError, match="rng_impl"):
+    regjax.linen.Dropout(0.4, rng_impl="philox").apply({}, x, deterministic=False, rng=key)

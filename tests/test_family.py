@@ -222,7 +222,9 @@ class AlphaDropoutTest(chex.TestCase):
     x = _normal(12, (4096,))
     key = jax.random.key(13)
     y = np.asarray(regjax.alpha_dropout(x, rate, key=key), np.float64)
-    kept = np.asarray(regjax.dropout(jnp.ones_like(x), rate, key=key)) != 0  # same mask draw
+    # alpha_dropout draws its mask with jax.random.bernoulli: the same draw as
+    # dropout's rng_impl='jax' generator.
+    kept = np.asarray(regjax.dropout(jnp.ones_like(x), rate, key=key, rng_impl="jax")) != 0
     a, b, d = _alpha_constants(rate)
     xr = np.asarray(x, np.float64)
     reference = a * (xr * kept + ALPHA_P * (~kept)) + b
@@ -587,7 +589,8 @@ class DropConnectTest(chex.TestCase):
     x = _normal(70, (16, 32))
     key = jax.random.key(71)
     y = self.variant(lambda x, k: _dropconnect(x, rate, key=k))(x, key)
-    mask = np.asarray(jax.random.bernoulli(key, 1 - rate, _DC_KERNEL.shape))
+    # DropConnect's mask is the one regjax.dropout draws for the kernel's shape.
+    mask = np.asarray(regjax.dropout(jnp.ones(_DC_KERNEL.shape), rate, key=key)) != 0
     reference = (np.asarray(x, np.float64) @ (np.asarray(_DC_KERNEL, np.float64) * mask)
                  / (1 - rate) + np.asarray(_DC_BIAS, np.float64))
     np.testing.assert_allclose(np.asarray(y, np.float64), reference, rtol=1e-5, atol=1e-5)
@@ -618,7 +621,7 @@ class DropConnectTest(chex.TestCase):
     key = jax.random.key(76)
     grad = jax.grad(lambda w: jnp.sum(regjax.dropconnect_dense(x, w, None, 0.5, key=key)))(
         _DC_KERNEL)
-    mask = np.asarray(jax.random.bernoulli(key, 0.5, _DC_KERNEL.shape))
+    mask = np.asarray(regjax.dropout(jnp.ones(_DC_KERNEL.shape), 0.5, key=key)) != 0
     np.testing.assert_array_equal(np.asarray(grad)[~mask], 0)
     np.testing.assert_allclose(
         np.asarray(grad)[mask],

@@ -224,7 +224,8 @@ class DropConnectTest(parameterized.TestCase):
     key = jax.random.key(5)
     module = rnn.DropConnect(7, rate=0.4)
     y = module.apply(variables, x, deterministic=False, rng=key)
-    mask = np.asarray(jax.random.bernoulli(key, 0.6, kernel.shape))
+    # The mask regjax.dropout draws for the kernel's shape (rate 0.4).
+    mask = np.asarray(regjax.dropout(jnp.ones(kernel.shape), 0.4, key=key)) != 0
     expected = np.asarray(x) @ (np.asarray(kernel) * mask) / 0.6 + np.asarray(bias)
     np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-6)
     # From the stream: a different draw per key, reproducible.

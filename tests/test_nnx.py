@@ -116,8 +116,9 @@ def test_noise_module_stream_is_reproducible_and_advances_under_nnx_jit(name):
 
 def test_dropout_matches_flax_nnx_dropout_key_for_key():
   x = _x((16, 40), seed=0)
-  ours, theirs = rx.Dropout(0.4, rngs=nnx.Rngs(dropout=1)), nnx.Dropout(0.4, rngs=nnx.Rngs(
-      dropout=1))
+  # rng_impl='jax' draws with jax.random.bernoulli, as flax does.
+  ours = rx.Dropout(0.4, rng_impl="jax", rngs=nnx.Rngs(dropout=1))
+  theirs = nnx.Dropout(0.4, rngs=nnx.Rngs(dropout=1))
   for _ in range(2):  # the kept stream forks and advances exactly as flax's does
     np.testing.assert_allclose(np.asarray(ours(x)), np.asarray(theirs(x)), rtol=1e-6)
   key = jax.random.key(7)
@@ -126,8 +127,11 @@ def test_dropout_matches_flax_nnx_dropout_key_for_key():
 
 
 def test_noise_constructor_matches_flax_nnx_dropout():
-  ours = inspect.signature(rx.Dropout.__init__).parameters
+  ours = dict(inspect.signature(rx.Dropout.__init__).parameters)
   theirs = inspect.signature(nnx.Dropout.__init__).parameters
+  # Our one addition, the generator choice, is keyword-only with a default.
+  extra = ours.pop("rng_impl")
+  assert extra.kind == inspect.Parameter.KEYWORD_ONLY and extra.default == "hash"
   assert list(ours) == list(theirs)
   assert all(ours[p].default == theirs[p].default and ours[p].kind == theirs[p].kind
              for p in ours)

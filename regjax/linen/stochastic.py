@@ -43,12 +43,16 @@ class Dropout(nn.Module):
     broadcast_dims: axes that share one mask.
     deterministic: eval mode if True; may be given at call instead.
     rng_collection: the PRNG stream the mask is drawn from.
+    rng_impl: ``'hash'`` (fused counter hash, default) or ``'jax'``
+      (``jax.random``, the same mask as ``flax.linen.Dropout``); see
+      :func:`regjax.dropout`.
   """
 
   rate: float
   broadcast_dims: Sequence[int] = ()
   deterministic: bool | None = None
   rng_collection: str = "dropout"
+  rng_impl: str = "hash"
 
   @nn.compact
   def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
@@ -56,7 +60,7 @@ class Dropout(nn.Module):
     deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
     key = noise_key(self, deterministic, rng, _is_concretely(self.rate, 0.0, 1.0))
     return F.dropout(inputs, self.rate, key=key, deterministic=deterministic,
-                     broadcast_dims=self.broadcast_dims)
+                     broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)
 
 
 class GaussianDropout(nn.Module):
@@ -66,6 +70,7 @@ class GaussianDropout(nn.Module):
   broadcast_dims: Sequence[int] = ()
   deterministic: bool | None = None
   rng_collection: str = "dropout"
+  rng_impl: str = "hash"
 
   @nn.compact
   def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
@@ -73,7 +78,7 @@ class GaussianDropout(nn.Module):
     deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
     key = noise_key(self, deterministic, rng, _is_concretely(self.rate, 0.0))
     return F.gaussian_dropout(inputs, self.rate, key=key, deterministic=deterministic,
-                              broadcast_dims=self.broadcast_dims)
+                              broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)
 
 
 class Uout(nn.Module):
@@ -83,6 +88,7 @@ class Uout(nn.Module):
   broadcast_dims: Sequence[int] = ()
   deterministic: bool | None = None
   rng_collection: str = "dropout"
+  rng_impl: str = "hash"
 
   @nn.compact
   def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
@@ -90,4 +96,4 @@ class Uout(nn.Module):
     deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
     key = noise_key(self, deterministic, rng, _is_concretely(self.beta, 0.0))
     return F.uout(inputs, self.beta, key=key, deterministic=deterministic,
-                  broadcast_dims=self.broadcast_dims)
+                  broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)

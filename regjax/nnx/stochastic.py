@@ -33,6 +33,8 @@ class Dropout(NoiseModule):
     deterministic: eval mode if True; switched by ``model.train()`` /
       ``model.eval()`` / ``nnx.view``; a value given at call takes precedence.
     rng_collection: the ``nnx.Rngs`` stream the mask is drawn from.
+    rng_impl: ``'hash'`` (fused counter hash, default) or ``'jax'``
+      (``jax.random``); see :func:`regjax.dropout`.
     rngs: an ``nnx.Rngs`` with a ``rng_collection`` stream (a fork of it is
       kept), an ``nnx.RngStream``, or None (then a key must be given at call
       in train mode).
@@ -40,11 +42,12 @@ class Dropout(NoiseModule):
 
   def __init__(self, rate: float, *, broadcast_dims: Sequence[int] = (),
                deterministic: bool | None = False, rng_collection: str = "dropout",
-               rngs: nnx.Rngs | nnx.RngStream | None = None):
+               rng_impl: str = "hash", rngs: nnx.Rngs | nnx.RngStream | None = None):
     _checks.check_rate(rate, "regjax.nnx.Dropout", "rate", low=0.0, high=1.0,
                        high_inclusive=True)
     self.rate = rate
     self.broadcast_dims = hashable(broadcast_dims)
+    self.rng_impl = F._check_rng_impl(rng_impl, f"regjax.nnx.{type(self).__name__}")
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
@@ -53,7 +56,7 @@ class Dropout(NoiseModule):
     deterministic = self._deterministic(deterministic)
     key = self._key(deterministic, rngs, is_concretely(self.rate, 0.0, 1.0))
     return F.dropout(inputs, self.rate, key=key, deterministic=deterministic,
-                     broadcast_dims=self.broadcast_dims)
+                     broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)
 
 
 class GaussianDropout(NoiseModule):
@@ -64,11 +67,12 @@ class GaussianDropout(NoiseModule):
 
   def __init__(self, rate: float, *, broadcast_dims: Sequence[int] = (),
                deterministic: bool | None = False, rng_collection: str = "dropout",
-               rngs: nnx.Rngs | nnx.RngStream | None = None):
+               rng_impl: str = "hash", rngs: nnx.Rngs | nnx.RngStream | None = None):
     _checks.check_rate(rate, "regjax.nnx.GaussianDropout", "rate", low=0.0, high=1.0,
                        high_inclusive=False)
     self.rate = rate
     self.broadcast_dims = hashable(broadcast_dims)
+    self.rng_impl = F._check_rng_impl(rng_impl, f"regjax.nnx.{type(self).__name__}")
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
@@ -77,7 +81,7 @@ class GaussianDropout(NoiseModule):
     deterministic = self._deterministic(deterministic)
     key = self._key(deterministic, rngs, is_concretely(self.rate, 0.0))
     return F.gaussian_dropout(inputs, self.rate, key=key, deterministic=deterministic,
-                              broadcast_dims=self.broadcast_dims)
+                              broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)
 
 
 class Uout(NoiseModule):
@@ -89,11 +93,12 @@ class Uout(NoiseModule):
 
   def __init__(self, beta: float, *, broadcast_dims: Sequence[int] = (),
                deterministic: bool | None = False, rng_collection: str = "dropout",
-               rngs: nnx.Rngs | nnx.RngStream | None = None):
+               rng_impl: str = "hash", rngs: nnx.Rngs | nnx.RngStream | None = None):
     _checks.check_rate(beta, "regjax.nnx.Uout", "beta", low=0.0, high=float("inf"),
                        high_inclusive=False)
     self.beta = beta
     self.broadcast_dims = hashable(broadcast_dims)
+    self.rng_impl = F._check_rng_impl(rng_impl, f"regjax.nnx.{type(self).__name__}")
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
@@ -102,4 +107,4 @@ class Uout(NoiseModule):
     deterministic = self._deterministic(deterministic)
     key = self._key(deterministic, rngs, is_concretely(self.beta, 0.0))
     return F.uout(inputs, self.beta, key=key, deterministic=deterministic,
-                  broadcast_dims=self.broadcast_dims)
+                  broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)

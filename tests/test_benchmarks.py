@@ -1,0 +1,88 @@
+"""Smoke test of benchmarks/run.py: the harness runs in-process on a tiny size and the JSON
+it writes has the documented structure. Timings themselves are not checked.
+
+The ``trainstep`` section is left out of the run (compiling the two CNN train steps takes
+~15 s on 2 cores); its flax twin is checked against the example CNN's parameter shapes
+instead, without compiling."""
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def bench():
+  spec = importlib.util.spec_from_file_location(
+      "regjax_benchmarks_run", os.path.join(ROOT, "benchmarks", "run.py"))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # flax's dataclass transform looks the module up
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_harness_writes_results(bench, tmp_path, capsys):
+  out = tmp_path / "results.json"
+  results = bench.main(["--sizes", "8x256", "--dtypes", "float32", "--repeats", "2",
+                        "--warmup", "1", "--ops", "regjax.dropout(0.5)",
+                        "--sections", "noise,batchnorm,memory", "--out", str(out)])
+  printed = capsys.readouterr().out
+  assert "TARGETS" in printed and "MEMORY" in printed
+  with open(out, encoding="utf-8") as f:
+    saved = json.load(f)
+  assert saved["rows"] and len(saved["rows"]) == len(results["rows"])
+  for key in ("jax", "flax", "device", "cpu_count", "loadavg_start", "loadavg_end", "git",
+              "options", "total_seconds", "rows", "memory", "train_step", "targets",
+              "rng_impl"):
+    assert key in saved, key
+
+  rows = {(r["op"], r["mode"]): r for r in saved["rows"]}
+  for op in ("copy x*2", "regjax.dropout(0.5)", "flax Dropout(0.5)"):
+    for mode in ("fwd", "fwd+bwd"):
+      r = rows[(op, mode)]
+      assert r["size"] == "8x256" and r["dtype"] == "float32" and r["shape"] == [8, 256]
+      assert len(r["times_s"]) == 2 and r["n"] == 2
+      assert r["median_ms"] > 0 and r["vs_copy"] > 0
+  assert rows[("regjax.dropout(0.5)", "fwd")]["ref"] == "flax Dropout(0.5)"
+  assert rows[("regjax.dropout(0.5)", "fwd+bwd")]["vs_ref"] > 0
+  assert not any(op.startswith("regjax.uout") for op, _ in rows)  # --ops filters
+  for name in ("regjax BatchNorm", "flax BatchNorm(fast_var=True)",
+               "flax BatchNorm(fast_var=False)"):
+    for mode in ("train fwd+bwd", "train fwd", "eval fwd"):
+      assert rows[(name, mode)]["median_ms"] > 0
+  assert rows[("regjax BatchNorm", "train fwd+bwd")]["vs_ref"] > 0
+
+  assert saved["train_step"] is None  # section not run
+
+  memory = {m["op"]: m for m in saved["memory"]}
+  for op in ("copy x*2 (floor)", "regjax.dropout(0.5)", "flax Dropout(0.5)"):
+    assert memory[op]["bytes_per_element"] >= 0 and "error" not in memory[op]
+  assert memory["flax Dropout(0.5)"]["bytes_per_element"] >= 1  # keeps at least a bool mask
+
+  verdicts = {t["target"]: t for t in saved["targets"]}
+  assert all(t["verdict"] in ("PASS", "FAIL", "SKIP") for t in saved["targets"])
+  assert verdicts["CNN train step, regjax layers <= 1x flax layers"]["verdict"] == "SKIP"
+  assert verdicts["regjax.dropout(0.5) fwd <= 2x copy floor [small float32]"]["verdict"] == "SKIP"
+  assert verdicts["regjax.dropout backward keeps <= 1 byte/element [8x256 float32]"][
+      "verdict"] in ("PASS", "FAIL")
+
+
+def test_flax_twin_matches_example_cnn(bench):
+  """The trainstep section's flax-only CNN has the example CNN's parameter tree."""
+  import jax
+  import jax.numpy as jnp
+
+  sys.path.insert(0, os.path.join(ROOT, "examples"))
+  import models
+
+  ours = models.default_cnn("mnist1d", 10, block_noise="dropout", block_noise_value=0.5)
+  twin = bench.FlaxCNN(features=ours.features, hidden=ours.hidden, num_classes=10,
+                       kernel_size=ours.kernel_size, bn_momentum=ours.bn_momentum, rate=0.5)
+  x = jnp.zeros((4, 40, 1))
+  shapes = lambda m: jax.tree.map(
+      lambda a: a.shape, jax.eval_shape(lambda: m.init(jax.random.key(0), x, train=False)))
+  assert shapes(ours) == shapes(twin)

@@ -22,6 +22,33 @@ def is_traced(value) -> bool:
   return isinstance(value, jax.core.Tracer)
 
 
+def is_concretely(value, *targets) -> bool:
+  """Whether a rate is a concrete (untraced) scalar equal to one of ``targets``.
+
+  Modules use it to skip asking for a key when the op needs no draw; anything
+  that is not a concrete real scalar answers False and is reported by the op.
+  """
+  if is_traced(value):
+    return False
+  try:
+    return float(value) in targets
+  except (TypeError, ValueError):
+    return False
+
+
+def resolve_deterministic_alias(deterministic: bool | None,
+                                use_running_average: bool | None,
+                                where: str) -> bool | None:
+  """Merges BatchNorm's ``deterministic`` with its flax alias ``use_running_average``."""
+  if deterministic is None:
+    return use_running_average
+  if use_running_average is not None and bool(use_running_average) != bool(deterministic):
+    raise ValueError(
+        f"BatchNorm: `deterministic={deterministic}` and its alias "
+        f"`use_running_average={use_running_average}` disagree ({where}); pass one.")
+  return deterministic
+
+
 def check_floating(x, op: str, name: str = "x") -> None:
   dtype = getattr(x, "dtype", None)
   if dtype is None or not jnp.issubdtype(dtype, jnp.floating):

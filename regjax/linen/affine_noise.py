@@ -12,7 +12,8 @@ import flax.linen as nn
 import jax
 
 from regjax import affine_noise as F
-from regjax.linen.stochastic import _is_concretely, noise_key
+from regjax._checks import is_concretely
+from regjax.linen.stochastic import noise_key
 
 
 class AlphaDropout(nn.Module):
@@ -34,7 +35,7 @@ class AlphaDropout(nn.Module):
   def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
                rng: jax.Array | None = None) -> jax.Array:
     deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-    key = noise_key(self, deterministic, rng, _is_concretely(self.rate, 0.0, 1.0))
+    key = noise_key(self, deterministic, rng, is_concretely(self.rate, 0.0, 1.0))
     return F.alpha_dropout(inputs, self.rate, key=key, deterministic=deterministic,
                            broadcast_dims=self.broadcast_dims)
 
@@ -58,6 +59,6 @@ class GaussianNoise(nn.Module):
   def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
                rng: jax.Array | None = None) -> jax.Array:
     deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-    key = noise_key(self, deterministic, rng, _is_concretely(self.stddev, 0.0))
+    key = noise_key(self, deterministic, rng, is_concretely(self.stddev, 0.0))
     return F.gaussian_noise(inputs, self.stddev, key=key, deterministic=deterministic,
                             broadcast_dims=self.broadcast_dims)

@@ -17,21 +17,9 @@ from flax.linen import dtypes
 from jax.nn import initializers
 
 from regjax import normalization as F
-from regjax._checks import canonical_axes
+from regjax._checks import canonical_axes, resolve_deterministic_alias
 
 Initializer = Any
-
-
-def resolve_mode(deterministic: bool | None, use_running_average: bool | None,
-                 where: str) -> bool | None:
-  """Merges ``deterministic`` with its flax alias ``use_running_average``."""
-  if deterministic is None:
-    return use_running_average
-  if use_running_average is not None and bool(use_running_average) != bool(deterministic):
-    raise ValueError(
-        f"BatchNorm: `deterministic={deterministic}` and its alias "
-        f"`use_running_average={use_running_average}` disagree ({where}); pass one.")
-  return deterministic
 
 
 class BatchNorm(nn.Module):
@@ -70,8 +58,9 @@ class BatchNorm(nn.Module):
                deterministic: bool | None = None, mask: jax.Array | None = None) -> jax.Array:
     deterministic = nn.merge_param(
         "deterministic",
-        resolve_mode(self.deterministic, self.use_running_average, "module attributes"),
-        resolve_mode(deterministic, use_running_average, "call arguments"))
+        resolve_deterministic_alias(self.deterministic, self.use_running_average,
+                                    "module attributes"),
+        resolve_deterministic_alias(deterministic, use_running_average, "call arguments"))
     feature_axes = canonical_axes(self.axis, x.ndim, "BatchNorm")
     feature_shape = tuple(x.shape[a] for a in feature_axes)
 

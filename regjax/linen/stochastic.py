@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 
 from regjax import stochastic as F
-from regjax._checks import is_traced
+from regjax._checks import is_concretely
 
 
 def noise_key(module: nn.Module, deterministic: bool, rng, trivial: bool):
@@ -29,10 +29,6 @@ def noise_key(module: nn.Module, deterministic: bool, rng, trivial: bool):
         "call, or set deterministic=True. (regjax never falls back to the 'params' "
         "stream, which would reuse initialization randomness as noise.)")
   return module.make_rng(module.rng_collection)
-
-
-def _is_concretely(value, *targets) -> bool:
-  return not is_traced(value) and any(value == t for t in targets)
 
 
 class Dropout(nn.Module):
@@ -58,7 +54,7 @@ class Dropout(nn.Module):
   def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
                rng: jax.Array | None = None) -> jax.Array:
     deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-    key = noise_key(self, deterministic, rng, _is_concretely(self.rate, 0.0, 1.0))
+    key = noise_key(self, deterministic, rng, is_concretely(self.rate, 0.0, 1.0))
     return F.dropout(inputs, self.rate, key=key, deterministic=deterministic,
                      broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)
 
@@ -76,7 +72,7 @@ class GaussianDropout(nn.Module):
   def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
                rng: jax.Array | None = None) -> jax.Array:
     deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-    key = noise_key(self, deterministic, rng, _is_concretely(self.rate, 0.0))
+    key = noise_key(self, deterministic, rng, is_concretely(self.rate, 0.0))
     return F.gaussian_dropout(inputs, self.rate, key=key, deterministic=deterministic,
                               broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)
 
@@ -94,6 +90,6 @@ class Uout(nn.Module):
   def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
                rng: jax.Array | None = None) -> jax.Array:
     deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-    key = noise_key(self, deterministic, rng, _is_concretely(self.beta, 0.0))
+    key = noise_key(self, deterministic, rng, is_concretely(self.beta, 0.0))
     return F.uout(inputs, self.beta, key=key, deterministic=deterministic,
                   broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)

@@ -13,7 +13,8 @@ import flax.linen as nn
 import jax
 
 from regjax import structured as F
-from regjax.linen.stochastic import _is_concretely, noise_key
+from regjax._checks import is_concretely
+from regjax.linen.stochastic import noise_key
 
 
 class ChannelDropout(nn.Module):
@@ -37,7 +38,7 @@ class ChannelDropout(nn.Module):
   def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
                rng: jax.Array | None = None) -> jax.Array:
     deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-    key = noise_key(self, deterministic, rng, _is_concretely(self.rate, 0.0, 1.0))
+    key = noise_key(self, deterministic, rng, is_concretely(self.rate, 0.0, 1.0))
     return F.channel_dropout(inputs, self.rate, key=key, deterministic=deterministic,
                              channel_axis=self.channel_axis)
 
@@ -64,7 +65,7 @@ class DropPath(nn.Module):
   def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
                rng: jax.Array | None = None) -> jax.Array:
     deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-    key = noise_key(self, deterministic, rng, _is_concretely(self.rate, 0.0, 1.0))
+    key = noise_key(self, deterministic, rng, is_concretely(self.rate, 0.0, 1.0))
     return F.drop_path(inputs, self.rate, key=key, deterministic=deterministic, mode=self.mode)
 
 
@@ -91,7 +92,7 @@ class DropBlock(nn.Module):
   def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
                rng: jax.Array | None = None) -> jax.Array:
     deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-    key = noise_key(self, deterministic, rng, _is_concretely(self.rate, 0.0))
+    key = noise_key(self, deterministic, rng, is_concretely(self.rate, 0.0))
     return F.dropblock(inputs, self.rate, key=key, deterministic=deterministic,
                        block_size=self.block_size, share_channels=self.share_channels,
                        data_format=self.data_format)
@@ -116,6 +117,6 @@ class Cutout(nn.Module):
   def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
                rng: jax.Array | None = None) -> jax.Array:
     deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-    key = noise_key(self, deterministic, rng, _is_concretely(self.size, 0))
+    key = noise_key(self, deterministic, rng, is_concretely(self.size, 0))
     return F.cutout(inputs, self.size, key=key, deterministic=deterministic,
                     data_format=self.data_format)

@@ -18,7 +18,8 @@ from flax.linen.dtypes import promote_dtype
 from flax.typing import Dtype, Initializer, PrecisionLike
 
 from regjax import weights as F
-from regjax.linen.stochastic import _is_concretely, noise_key
+from regjax._checks import is_concretely
+from regjax.linen.stochastic import noise_key
 
 
 class DropConnect(nn.Module):
@@ -64,7 +65,7 @@ class DropConnect(nn.Module):
       dot_general = self.dot_general_cls()
     else:
       dot_general = self.dot_general  # None: jax.lax.dot_general
-    key = noise_key(self, deterministic, rng, _is_concretely(self.rate, 0.0, 1.0))
+    key = noise_key(self, deterministic, rng, is_concretely(self.rate, 0.0, 1.0))
     return F.dropconnect_dense(inputs, kernel, bias, self.rate, key=key,
                                deterministic=deterministic, precision=self.precision,
                                dot_general=dot_general)

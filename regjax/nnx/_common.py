@@ -29,16 +29,6 @@ from regjax import _checks
 RngsArg = nnx.Rngs | nnx.RngStream | jax.Array | None
 
 
-def is_concretely(value, *targets) -> bool:
-  """Whether a rate is a concrete (untraced) scalar equal to one of ``targets``."""
-  if _checks.is_traced(value):
-    return False
-  try:
-    return float(value) in targets
-  except (TypeError, ValueError):
-    return False  # the functional core reports the bad value
-
-
 def own_stream(module_name: str, rngs, rng_collection: str):
   """The stream a module keeps: a fork of ``rngs[rng_collection]``, or None."""
   if isinstance(rngs, nnx.Rngs):

@@ -14,7 +14,7 @@ from flax import nnx
 
 from regjax import _checks
 from regjax import affine_noise as F
-from regjax.nnx._common import NoiseModule, RngsArg, hashable, is_concretely
+from regjax.nnx._common import NoiseModule, RngsArg, hashable
 
 
 class AlphaDropout(NoiseModule):
@@ -43,7 +43,7 @@ class AlphaDropout(NoiseModule):
                rngs: RngsArg = None) -> jax.Array:
     """Applies alpha dropout; ``rngs`` (a key, stream or Rngs) overrides the kept stream."""
     deterministic = self._deterministic(deterministic)
-    key = self._key(deterministic, rngs, is_concretely(self.rate, 0.0, 1.0))
+    key = self._key(deterministic, rngs, _checks.is_concretely(self.rate, 0.0, 1.0))
     return F.alpha_dropout(inputs, self.rate, key=key, deterministic=deterministic,
                            broadcast_dims=self.broadcast_dims)
 
@@ -69,6 +69,6 @@ class GaussianNoise(NoiseModule):
                rngs: RngsArg = None) -> jax.Array:
     """Adds the noise; ``rngs`` overrides the kept stream."""
     deterministic = self._deterministic(deterministic)
-    key = self._key(deterministic, rngs, is_concretely(self.stddev, 0.0))
+    key = self._key(deterministic, rngs, _checks.is_concretely(self.stddev, 0.0))
     return F.gaussian_noise(inputs, self.stddev, key=key, deterministic=deterministic,
                             broadcast_dims=self.broadcast_dims)

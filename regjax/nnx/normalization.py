@@ -26,18 +26,6 @@ from regjax import normalization as F
 Initializer = Any
 
 
-def _resolve_mode(deterministic: bool | None, use_running_average: bool | None,
-                  where: str) -> bool | None:
-  """Merges ``deterministic`` with its flax alias ``use_running_average``."""
-  if deterministic is None:
-    return use_running_average
-  if use_running_average is not None and bool(use_running_average) != bool(deterministic):
-    raise ValueError(
-        f"BatchNorm: `deterministic={deterministic}` and its alias "
-        f"`use_running_average={use_running_average}` disagree ({where}); pass one.")
-  return deterministic
-
-
 class BatchNorm(nnx.Module):
   """Batch normalization with running statistics in ``nnx.BatchStat`` variables.
 
@@ -108,7 +96,7 @@ class BatchNorm(nnx.Module):
         or not (epsilon > 0 and np.isfinite(epsilon))):
       raise ValueError(f"{op}: `epsilon` must be a finite Python number > 0; got {epsilon!r}.")
     if deterministic is not None:
-      use_running_average = _resolve_mode(
+      use_running_average = _checks.resolve_deterministic_alias(
           deterministic, True if use_running_average else None, "constructor arguments")
 
     self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
@@ -164,7 +152,7 @@ class BatchNorm(nnx.Module):
       mask: optional boolean array broadcastable to ``x``; only True positions
         enter the statistics.
     """
-    mode = _resolve_mode(deterministic, use_running_average, "call arguments")
+    mode = _checks.resolve_deterministic_alias(deterministic, use_running_average, "call arguments")
     if mode is None:
       mode = self.use_running_average
     if mode is None:

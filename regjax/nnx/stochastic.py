@@ -21,7 +21,7 @@ from flax import nnx
 
 from regjax import _checks
 from regjax import stochastic as F
-from regjax.nnx._common import NoiseModule, RngsArg, hashable, is_concretely
+from regjax.nnx._common import NoiseModule, RngsArg, hashable
 
 
 class Dropout(NoiseModule):
@@ -54,7 +54,7 @@ class Dropout(NoiseModule):
                rngs: RngsArg = None) -> jax.Array:
     """Applies dropout; ``rngs`` (a key, stream or Rngs) overrides the kept stream."""
     deterministic = self._deterministic(deterministic)
-    key = self._key(deterministic, rngs, is_concretely(self.rate, 0.0, 1.0))
+    key = self._key(deterministic, rngs, _checks.is_concretely(self.rate, 0.0, 1.0))
     return F.dropout(inputs, self.rate, key=key, deterministic=deterministic,
                      broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)
 
@@ -79,7 +79,7 @@ class GaussianDropout(NoiseModule):
                rngs: RngsArg = None) -> jax.Array:
     """Applies Gaussian dropout; ``rngs`` overrides the kept stream."""
     deterministic = self._deterministic(deterministic)
-    key = self._key(deterministic, rngs, is_concretely(self.rate, 0.0))
+    key = self._key(deterministic, rngs, _checks.is_concretely(self.rate, 0.0))
     return F.gaussian_dropout(inputs, self.rate, key=key, deterministic=deterministic,
                               broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)
 
@@ -105,6 +105,6 @@ class Uout(NoiseModule):
                rngs: RngsArg = None) -> jax.Array:
     """Applies Uout noise; ``rngs`` overrides the kept stream."""
     deterministic = self._deterministic(deterministic)
-    key = self._key(deterministic, rngs, is_concretely(self.beta, 0.0))
+    key = self._key(deterministic, rngs, _checks.is_concretely(self.beta, 0.0))
     return F.uout(inputs, self.beta, key=key, deterministic=deterministic,
                   broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)

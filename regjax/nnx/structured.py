@@ -12,7 +12,7 @@ from flax import nnx
 
 from regjax import _checks
 from regjax import structured as F
-from regjax.nnx._common import NoiseModule, RngsArg, is_concretely
+from regjax.nnx._common import NoiseModule, RngsArg
 
 
 def _check_rate(rate, name):
@@ -48,7 +48,7 @@ class ChannelDropout(NoiseModule):
                rngs: RngsArg = None) -> jax.Array:
     """Applies channel dropout; ``rngs`` (a key, stream or Rngs) overrides the kept stream."""
     deterministic = self._deterministic(deterministic)
-    key = self._key(deterministic, rngs, is_concretely(self.rate, 0.0, 1.0))
+    key = self._key(deterministic, rngs, _checks.is_concretely(self.rate, 0.0, 1.0))
     return F.channel_dropout(inputs, self.rate, key=key, deterministic=deterministic,
                              channel_axis=self.channel_axis)
 
@@ -77,7 +77,7 @@ class DropPath(NoiseModule):
                rngs: RngsArg = None) -> jax.Array:
     """Drops the branch per sample (or batch); ``rngs`` overrides the kept stream."""
     deterministic = self._deterministic(deterministic)
-    key = self._key(deterministic, rngs, is_concretely(self.rate, 0.0, 1.0))
+    key = self._key(deterministic, rngs, _checks.is_concretely(self.rate, 0.0, 1.0))
     return F.drop_path(inputs, self.rate, key=key, deterministic=deterministic, mode=self.mode)
 
 
@@ -111,7 +111,7 @@ class DropBlock(NoiseModule):
                rngs: RngsArg = None) -> jax.Array:
     """Applies DropBlock; ``rngs`` overrides the kept stream."""
     deterministic = self._deterministic(deterministic)
-    key = self._key(deterministic, rngs, is_concretely(self.rate, 0.0))
+    key = self._key(deterministic, rngs, _checks.is_concretely(self.rate, 0.0))
     return F.dropblock(inputs, self.rate, key=key, deterministic=deterministic,
                        block_size=self.block_size, share_channels=self.share_channels,
                        data_format=self.data_format)
@@ -137,6 +137,6 @@ class Cutout(NoiseModule):
                rngs: RngsArg = None) -> jax.Array:
     """Applies cutout; ``rngs`` overrides the kept stream."""
     deterministic = self._deterministic(deterministic)
-    key = self._key(deterministic, rngs, is_concretely(self.size, 0))
+    key = self._key(deterministic, rngs, _checks.is_concretely(self.size, 0))
     return F.cutout(inputs, self.size, key=key, deterministic=deterministic,
                     data_format=self.data_format)

@@ -23,7 +23,7 @@ from flax.nnx.nn.linear import default_bias_init, default_kernel_init
 
 from regjax import _checks
 from regjax import weights as F
-from regjax.nnx._common import NoiseModule, RngsArg, is_concretely
+from regjax.nnx._common import NoiseModule, RngsArg
 
 
 class DropConnect(NoiseModule):
@@ -108,7 +108,7 @@ class DropConnect(NoiseModule):
     dot_general_kwargs = {"out_sharding": out_sharding}
     if self.preferred_element_type is not None:
       dot_general_kwargs["preferred_element_type"] = self.preferred_element_type
-    key = self._key(deterministic, rngs, is_concretely(self.rate, 0.0, 1.0))
+    key = self._key(deterministic, rngs, _checks.is_concretely(self.rate, 0.0, 1.0))
     return F.dropconnect_dense(
         inputs, kernel, bias, self.rate, key=key, deterministic=deterministic,
         precision=self.precision,

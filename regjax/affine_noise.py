@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from regjax import _checks, _random
-from regjax.stochastic import _compute_dtype, _prepare, _trivial_dropout
+from regjax.stochastic import _compute_dtype, _is_identity, _prepare, _trivial_dropout
 
 __all__ = ["alpha_dropout", "gaussian_noise", "SELU_ALPHA", "SELU_LAMBDA"]
 
@@ -120,7 +120,7 @@ def gaussian_noise(
   deterministic, noise_shape = _prepare(x, key, deterministic, broadcast_dims, op)
   stddev = _checks.check_rate(stddev, op, "stddev", low=0.0, high=math.inf,
                               high_inclusive=False)
-  if deterministic or (not _checks.is_traced(stddev) and stddev == 0.0):
+  if _is_identity(stddev, deterministic):
     return x
   _checks.check_key(key, op)
   compute_dtype = _compute_dtype(x.dtype)

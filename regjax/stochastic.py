@@ -68,10 +68,24 @@ def _fused(noise_fn, x, param, key, noise_shape, compute_dtype):
 
   @jax.checkpoint
   def apply(x, param, seed):
-    factor = noise_fn(_hash.bits(seed, noise_shape), param).astype(compute_dtype)
-    return (x.astype(compute_dtype) * factor).astype(x.dtype)
+    return _scale(x, noise_fn(_hash.bits(seed, noise_shape), param), compute_dtype)
 
   return apply(x, param, seed)
+
+
+def _scale(x, factor, compute_dtype):
+  """``x * factor`` computed in ``compute_dtype`` and rounded to ``x.dtype`` once."""
+  return (x.astype(compute_dtype) * factor.astype(compute_dtype)).astype(x.dtype)
+
+
+def _dropout_factor(mask, keep):
+  """``1 / keep`` where ``mask`` keeps a unit, else 0.
+
+  Multiplying by this factor (rather than dividing x and selecting) keeps the
+  gradient exactly 0 where ``keep == 0``, instead of ``0 * inf = NaN``.
+  """
+  safe_keep = jnp.where(keep > 0, keep, 1.0)
+  return jnp.where(mask, 1.0 / safe_keep, 0.0)
 
 
 def _noise_shape(shape: tuple[int, ...], broadcast_dims: tuple[int, ...]) -> tuple[int, ...]:
@@ -83,15 +97,18 @@ def _compute_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
+def _is_identity(strength, deterministic) -> bool:
+  """Whether a noise op returns ``x`` without a draw: eval mode, or a strength
+  (rate, beta, stddev) that is concretely 0."""
+  return deterministic or (not _checks.is_traced(strength) and strength == 0.0)
+
+
 def _trivial_dropout(x, rate, deterministic):
   """The result of a dropout-type op when no draw is needed (eval, rate 0 or 1), else None."""
-  if deterministic:
+  if _is_identity(rate, deterministic):
     return x
-  if not _checks.is_traced(rate):
-    if rate == 0.0:
-      return x
-    if rate == 1.0:
-      return jnp.zeros_like(x)
+  if not _checks.is_traced(rate) and rate == 1.0:
+    return jnp.zeros_like(x)
   return None
 
 
@@ -152,15 +169,10 @@ def dropout(
   keep = 1.0 - jnp.clip(jnp.asarray(rate, compute_dtype), 0.0, 1.0)
   if rng_impl == "hash":
     def factor_fn(b, keep):
-      safe_keep = jnp.where(keep > 0, keep, 1.0)
-      return jnp.where(_hash.bernoulli(b, keep), 1.0 / safe_keep, 0.0)
+      return _dropout_factor(_hash.bernoulli(b, keep), keep)
     return _fused(factor_fn, x, keep, key, noise_shape, compute_dtype)
   mask = jax.random.bernoulli(key, keep, noise_shape)
-  # Multiplying by a 0-or-1/keep factor (rather than dividing x and selecting)
-  # keeps the gradient exactly 0 where keep == 0, instead of 0 * inf = NaN.
-  safe_keep = jnp.where(keep > 0, keep, 1.0)
-  factor = jnp.where(mask, 1.0 / safe_keep, 0.0).astype(compute_dtype)
-  return (x.astype(compute_dtype) * factor).astype(x.dtype)
+  return _scale(x, _dropout_factor(mask, keep), compute_dtype)
 
 
 def gaussian_dropout(
@@ -192,7 +204,7 @@ def gaussian_dropout(
   rng_impl = _check_rng_impl(rng_impl, op)
   deterministic, noise_shape = _prepare(x, key, deterministic, broadcast_dims, op)
   rate = _checks.check_rate(rate, op, "rate", low=0.0, high=1.0, high_inclusive=False)
-  if deterministic or (not _checks.is_traced(rate) and rate == 0.0):
+  if _is_identity(rate, deterministic):
     return x
   _checks.check_key(key, op)
   compute_dtype = _compute_dtype(x.dtype)
@@ -203,7 +215,7 @@ def gaussian_dropout(
       return 1.0 + stddev * _hash.normal(b, compute_dtype)
     return _fused(factor_fn, x, stddev, key, noise_shape, compute_dtype)
   noise = jax.random.normal(key, noise_shape, compute_dtype)
-  return (x.astype(compute_dtype) * (1.0 + stddev * noise)).astype(x.dtype)
+  return _scale(x, 1.0 + stddev * noise, compute_dtype)
 
 
 def uout(
@@ -239,7 +251,7 @@ def uout(
   rng_impl = _check_rng_impl(rng_impl, op)
   deterministic, noise_shape = _prepare(x, key, deterministic, broadcast_dims, op)
   beta = _checks.check_rate(beta, op, "beta", low=0.0, high=float("inf"), high_inclusive=False)
-  if deterministic or (not _checks.is_traced(beta) and beta == 0.0):
+  if _is_identity(beta, deterministic):
     return x
   _checks.check_key(key, op)
   compute_dtype = _compute_dtype(x.dtype)
@@ -249,7 +261,7 @@ def uout(
       return 1.0 + beta * _hash.symmetric_uniform(b, compute_dtype)
     return _fused(factor_fn, x, beta, key, noise_shape, compute_dtype)
   noise = jax.random.uniform(key, noise_shape, compute_dtype, minval=-1.0, maxval=1.0)
-  return (x.astype(compute_dtype) * (1.0 + beta * noise)).astype(x.dtype)
+  return _scale(x, 1.0 + beta * noise, compute_dtype)
 
 
 def dropout_noise_variance(rate):

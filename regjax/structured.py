@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from regjax import _checks, _random
-from regjax.stochastic import _compute_dtype, _trivial_dropout, dropout
+from regjax.stochastic import _compute_dtype, _is_identity, _scale, _trivial_dropout, dropout
 
 __all__ = [
     "channel_dropout",
@@ -283,7 +283,7 @@ def dropblock(
   if not isinstance(share_channels, (bool, np.bool_)):
     raise TypeError(f"{op}: `share_channels` must be a bool; got {share_channels!r}.")
   rate = _check_dropout_rate(rate, op)
-  if deterministic or (not _checks.is_traced(rate) and rate == 0.0):
+  if _is_identity(rate, deterministic):
     return x
   _checks.check_key(key, op)
   compute_dtype = _compute_dtype(x.dtype)
@@ -300,8 +300,7 @@ def dropblock(
   # An exact integer count; an all-dropped mask zeroes x whatever the scale.
   kept = jnp.sum(keep, dtype=jnp.int32)
   scale = keep.size / jnp.maximum(kept, 1).astype(jnp.float32)
-  factor = jnp.where(keep, scale, 0.0).astype(compute_dtype)
-  return (x.astype(compute_dtype) * factor).astype(x.dtype)
+  return _scale(x, jnp.where(keep, scale, 0.0), compute_dtype)
 
 
 def dropblock_rate_schedule(step, total_steps: int, final_rate: float | jax.Array) -> jax.Array:

@@ -37,7 +37,8 @@ from regjax import diagnostics
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from data import DatasetUnavailableError, batch_indices, load_dataset  # noqa: E402
 from models import ACTIVATIONS, default_cnn, parse_order  # noqa: E402
-from training import evaluate, init_state, make_optimizer, train_step  # noqa: E402
+from training import (  # noqa: E402
+    evaluate, init_key, init_state, make_optimizer, noise_key, train_step)
 
 CUSTOMARY = {"dropout": 0.5, "gaussian": 0.5, "uout": 0.1}
 METHODS = ("dropout", "gaussian", "uout")
@@ -143,11 +144,6 @@ def _model(method: str, order: str, block_value, head_value, data, activation="r
                      head_noise=method, head_noise_value=head_value)
 
 
-def _with_batch_stats(state, batch_stats):
-  return state.replace(batch_stats=batch_stats) if hasattr(state, "replace") else (
-      state._replace(batch_stats=batch_stats))
-
-
 def train_group(method, order, configs, seeds, data, args, progress):
   """Trains every (config, seed) of one group; returns the runs and stacked states.
 
@@ -170,13 +166,12 @@ def train_group(method, order, configs, seeds, data, args, progress):
     return _model(method, order, strength[0], strength[1], data, args.activation)
 
   def init(key_data, strength):
-    init_key = jax.random.fold_in(jax.random.wrap_key_data(key_data), 0)
-    return init_state(model(strength), tx, init_key, x_train[:2])
+    return init_state(model(strength), tx, init_key(jax.random.wrap_key_data(key_data)),
+                      x_train[:2])
 
   def step(state, strength, x, y, idx, key_data, step_index):
-    noise_key = jax.random.fold_in(jax.random.fold_in(
-        jax.random.wrap_key_data(key_data), 1), step_index)
-    return train_step(model(strength), tx, state, x[idx], y[idx], noise_key)
+    key = noise_key(jax.random.wrap_key_data(key_data), step_index)
+    return train_step(model(strength), tx, state, x[idx], y[idx], key)
 
   def train(states, strengths, keys, seeds_of_runs, on_epoch):
     """Trains a stack of runs (one vmap) and returns them with per-epoch losses."""
@@ -224,7 +219,7 @@ def measure(runs, states, eval_model, data, args, shift_batches):
     train = evaluate_jit(state, data["x_train"], data["y_train"])
     shifts = diagnostics.variance_shift(apply_fn, variables, shift_batches)
     recal_stats = diagnostics.recalibrate_batch_stats(apply_fn, variables, shift_batches)
-    recal = evaluate_jit(_with_batch_stats(state, recal_stats), data["x_test"], data["y_test"])
+    recal = evaluate_jit(state.replace(batch_stats=recal_stats), data["x_test"], data["y_test"])
     results.append({
         "config": config.label, "method": config.method, "placement": config.placement,
         "setting": config.setting, "value": config.value, "s2": config.s2,

@@ -6,10 +6,11 @@ noise strengths and ``jax.jit`` the result. ``fit`` is the single-run loop the
 CLI uses: a Python loop over one jitted step, which on XLA:CPU runs several
 times faster than a ``jax.lax.scan`` over the epoch.
 
-Keys in ``fit``: ``root = jax.random.key(seed)``; parameters from
-``fold_in(root, 0)``; step ``t`` draws its noise from
-``fold_in(fold_in(root, 1), t)``; the batch order comes from
-``data.batch_indices(seed, epoch, ...)``.
+Keys: ``root = jax.random.key(seed)``; parameters from :func:`init_key`
+(``fold_in(root, 0)``); step ``t`` draws its noise from :func:`noise_key`
+(``fold_in(fold_in(root, 1), t)``); the batch order comes from
+``data.batch_indices(seed, epoch, ...)``. ``fit`` and compare_dropout.py both
+use this schedule, so their runs from the same seed are comparable.
 """
 
 from __future__ import annotations
@@ -133,9 +134,19 @@ def evaluate(model: nn.Module, state: TrainState, x, y,
   return {"loss": losses.sum() / n, "acc": correct.sum() / n}
 
 
-def _fit_step(model, tx, state, x, y, noise_key):
-  """``train_step`` with the step's key ``fold_in(noise_key, state.step)``."""
-  return train_step(model, tx, state, x, y, jax.random.fold_in(noise_key, state.step))
+def init_key(root: jax.Array) -> jax.Array:
+  """The key a run's parameters are initialized from."""
+  return jax.random.fold_in(root, 0)
+
+
+def noise_key(root: jax.Array, step) -> jax.Array:
+  """The key of the noise drawn at training step ``step`` (may be traced)."""
+  return jax.random.fold_in(jax.random.fold_in(root, 1), step)
+
+
+def _fit_step(model, tx, state, x, y, root):
+  """``train_step`` with the step's key ``noise_key(root, state.step)``."""
+  return train_step(model, tx, state, x, y, noise_key(root, state.step))
 
 
 # Module-level jits with the (hashable) model and optimizer static: two fits of
@@ -197,16 +208,15 @@ def fit(model: nn.Module, data: dict[str, Any], *, epochs: int, batch_size: int 
 
   start = time.perf_counter()
   root = jax.random.key(seed)
-  noise_key = jax.random.fold_in(root, 1)
   tx = _cached_optimizer(lr, epochs, steps_per_epoch, weight_decay)
-  state = _init_jit(model, tx, jax.random.fold_in(root, 0), x[:batch_size])
+  state = _init_jit(model, tx, init_key(root), x[:batch_size])
 
   if mesh is None:
     step_fn = functools.partial(_step_jit, model, tx)
   else:
     replicated, batch_split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     state = jax.device_put(state, replicated)
-    noise_key = jax.device_put(noise_key, replicated)
+    root = jax.device_put(root, replicated)
     # NumPy batches passed to a jit with in_shardings are split on transfer.
     step_fn = jax.jit(functools.partial(_fit_step, model, tx),
                       in_shardings=(replicated, batch_split, batch_split, replicated),
@@ -228,7 +238,7 @@ def fit(model: nn.Module, data: dict[str, Any], *, epochs: int, batch_size: int 
   for epoch in epoch_iter:
     losses, accs = [], []
     for idx in batch_indices(seed, epoch, n, batch_size):
-      state, metrics = step_fn(state, x[idx], y[idx], noise_key)
+      state, metrics = step_fn(state, x[idx], y[idx], root)
       losses.append(metrics["loss"])
       accs.append(metrics["acc"])
     # One device-to-host transfer per epoch, not per step.

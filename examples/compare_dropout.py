@@ -20,6 +20,7 @@ import argparse
 import csv
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -206,11 +207,18 @@ def train_group(method, order, configs, seeds, data, args, progress):
   return runs, states, history.tolist()
 
 
+@functools.lru_cache(maxsize=None)
+def _eval_fns(eval_model):
+  """Eval-mode apply and jitted evaluate of a model, made once per model so the
+  diagnostics' capture and the evaluation compile once for all its runs."""
+  apply_fn = lambda v, x: eval_model.apply(v, x, train=False)  # noqa: E731
+  evaluate_jit = jax.jit(lambda state, x, y: evaluate(eval_model, state, x, y, batch_size=1000))
+  return apply_fn, evaluate_jit
+
+
 def measure(runs, states, eval_model, data, args, shift_batches):
   """Per run: test/train metrics, variance shift per BN, metrics after recalibration."""
-  apply_fn = EVAL_APPLY.setdefault(eval_model, lambda v, x: eval_model.apply(v, x, train=False))
-  evaluate_jit = EVALUATE.setdefault(eval_model, jax.jit(
-      lambda state, x, y: evaluate(eval_model, state, x, y, batch_size=1000)))
+  apply_fn, evaluate_jit = _eval_fns(eval_model)
   results = []
   for r, (config, seed) in enumerate(runs):
     state = jax.tree.map(lambda a: a[r], states)
@@ -232,10 +240,6 @@ def measure(runs, states, eval_model, data, args, shift_batches):
         "mean_shift": float(np.mean([s.mean_shift for s in shifts.values()])),
     })
   return results
-
-
-EVAL_APPLY: dict = {}
-EVALUATE: dict = {}
 
 
 # ---------------------------------------------------------------------------
@@ -549,7 +553,8 @@ def main(argv=None):
       "args": vars(args), "dataset": data["name"],
       "train_size": int(len(data["x_train"])), "test_size": int(len(data["x_test"])),
       "summary": summary, "matched_variance_contrasts": contrasts,
-      "claimed_order_rank_correlation": rank_correlation, "runs": results, "train_loss_per_epoch": histories,
+      "claimed_order_rank_correlation": rank_correlation, "runs": results,
+      "train_loss_per_epoch": histories,
       "elapsed_seconds": elapsed,
       "environment": {"regjax": regjax.__version__, "jax": jax.__version__,
                       "device": str(jax.devices()[0]), "python": platform.python_version(),

@@ -192,7 +192,7 @@ def _make_train_normalize(reduction_axes, axis_name, axis_index_groups, epsilon,
       # Sums of deviations from *different* per-device shifts: add
       # shift-independent quantities, sum x = s1 + c*shift and
       # sum (x - m)**2 = s2 + 2*s1*(shift - m) + c*(shift - m)**2 with m the global mean.
-      local_count = count_local(mask, x)
+      local_count = _count(x, reduction_axes, mask, None, None)
       sx = lax.psum(s1 + local_count * shift, axis_name, axis_index_groups=axis_index_groups)
       mean = sx / n
       delta = shift - mean
@@ -203,11 +203,6 @@ def _make_train_normalize(reduction_axes, axis_name, axis_index_groups, epsilon,
       mean = shift + dm
       var = s2 / n - dm * dm
     return mean, jnp.maximum(var, 0)
-
-  def count_local(mask, x):
-    if mask is None:
-      return jnp.asarray(math.prod(x.shape[a] for a in reduction_axes), x.dtype)
-    return jnp.sum(mask, reduction_axes, keepdims=True, dtype=x.dtype)
 
   def forward(x, shift, scale, bias, mask, count):
     mean, var = stats(x, shift, mask, count)
@@ -294,8 +289,9 @@ def batch_norm(
   Eval mode normalizes with ``batch_stats`` and returns them unchanged.
 
   Statistics are accumulated in at least float32 (so bf16/fp16 inputs are
-  safe) with a two-pass, shifted formula that is accurate when
-  ``|mean| >> std``, where flax's default one-pass variance is not.
+  safe) from one pass of sums of ``x - shift``, with ``shift`` one sample per
+  feature, which stays accurate when ``|mean| >> std``, where flax's default
+  one-pass ``E[x**2] - E[x]**2`` does not.
 
   Args:
     x: floating-point input.

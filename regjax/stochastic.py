@@ -18,9 +18,9 @@ Random generator (``rng_impl``): ``'hash'`` (default) is a counter-based hash
 fused into the elementwise op (see :mod:`regjax._hash`): one tiny threefry call
 draws two seed words from the key, and each element's noise is a hash of its
 flat (row-major) index, so the op costs about a copy of the array. Its
-Bernoulli masks have a rate resolution of ``2**-24`` (the realised keep
-probability is exactly ``round(keep * 2**24) / 2**24``); its uniforms lie on a
-24-bit grid and its normals are ``sqrt(2) * erf_inv`` of those. The backward
+Bernoulli masks compare 16 hashed bits with a threshold, so their rate
+resolution is ``2**-16`` (the realised keep probability is exactly
+``round(keep * 2**16) / 2**16``); its uniforms lie on a 24-bit grid and its normals are ``sqrt(2) * erf_inv`` of those. The backward
 pass recomputes the noise from the seed words (``jax.checkpoint``), so nothing
 per element is stored for it. ``'jax'`` draws with ``jax.random`` exactly as
 before (``dropout``'s mask then equals ``flax.linen.Dropout``'s); it is 40-60x
@@ -146,15 +146,16 @@ def dropout(
     broadcast_dims: axes that share one mask draw (e.g. the spatial axes for
       channel dropout), as in ``flax.linen.Dropout``.
     rng_impl: ``'hash'`` (default): the fused counter-hash generator, whose
-      realised keep probability is ``round((1 - rate) * 2**24) / 2**24``
-      (resolution ``2**-24``) and whose backward recomputes the mask from the
+      realised keep probability is ``round((1 - rate) * 2**16) / 2**16``
+      (resolution ``2**-16``; a rate of ``1 - 2**-17`` or more drops everything)
+      and whose backward recomputes the mask from the
       key; ``'jax'``: ``jax.random.bernoulli(key, 1 - rate, shape)``, the same
       draw as ``flax.linen.Dropout`` makes from the same key.
 
   Returns:
     An array with ``x``'s shape and dtype. Kept units are scaled by exactly
     ``1 / (1 - rate)`` (with ``'hash'`` the mean is therefore off by at most
-    ``2**-25 / (1 - rate)`` relative). A traced ``rate`` gets a gradient only
+    ``2**-17 / (1 - rate)`` relative). A traced ``rate`` gets a gradient only
     through that scale (the mask is piecewise constant in ``rate``).
   """
   op = "regjax.dropout"

@@ -3,8 +3,8 @@
 One command, one process, every timed function ``jax.jit``-compiled:
 
   python benchmarks/run.py                      # default: small+large, float32+bfloat16
-  python benchmarks/run.py --sizes small --dtypes float32 --repeats 10
-  python benchmarks/run.py --sizes 8x256 --sections noise,memory --repeats 2
+  python benchmarks/run.py --sizes small --dtypes float32 --rounds 5
+  python benchmarks/run.py --sizes 8x256 --sections noise,memory --rounds 1 --calls 1
 
 Sections (``--sections``, default all):
 
@@ -30,18 +30,22 @@ Sections (``--sections``, default all):
              (its residuals), divided by ``x.size``; plus XLA's
              ``memory_analysis()`` of the compiled forward+backward.
 
-Timing: ``--warmup`` untimed calls (compilation included), then up to
-``--repeats`` calls, each timed on its own (``perf_counter`` around the call
-and ``jax.block_until_ready``); the figure is the median. A row stops early
-once it has run ``--min-repeats`` calls and spent ``--row-budget`` seconds
-(0 disables the cap), so the default run stays short on a slow machine; the
-number of timed calls is kept per row in the JSON. PRNG keys are made before
+Timing: every case first gets ``--warmup`` untimed calls (compilation
+included). Then ``--rounds`` interleaved rounds: in each, every case runs one
+block of one untimed call and ``--calls`` calls timed one by one
+(``perf_counter`` around the call and ``jax.block_until_ready``). A row's
+``median ms`` is the median of all its timed calls. PRNG keys are made before
 timing and passed in as arguments (a fresh key per call).
 
-Ratios: "vs copy" divides by the copy floor of the same mode ("fwd" or
-"fwd+bwd") and size/dtype; "vs ref" by the row's reference (see ``ref`` in
-the JSON and benchmarks/README.md). The TARGETS section checks issue 5's
-targets and prints PASS/FAIL with the measured value.
+Ratios: "vs copy" compares with the copy floor of the same mode ("fwd" or
+"fwd+bwd") and size/dtype, "vs ref" with the row's reference; each is the
+median over rounds of the ratio of the two rows' per-round medians, so both
+sides are timed seconds apart and the machine's slow drifts cancel. The "ref
+95% CI" column is its distribution-free 95 % interval (order statistics of
+the per-round ratios); the references are listed in benchmarks/README.md
+and under ``ref`` in the JSON. The TARGETS section checks issue 5's
+targets and prints PASS/FAIL with the measured value and its interval,
+marked "~" when the interval straddles the limit (a tie within noise).
 
 Results go to ``--out`` (default ``runs/benchmarks/results.json``): every row's
 per-call times and median, the memory figures, the train-step times, target
@@ -85,6 +89,22 @@ FLAX_BN = "flax BatchNorm(fast_var=True)"
 # ------------------------------------------------------------------------------- timing
 
 
+# glibc settings under which freed buffers stay in the heap: without them arrays above
+# glibc's mmap threshold (32 MiB at most) are mmapped and page-faulted afresh on every
+# call, and heap trimming re-faults smaller ones at random. A 32 MiB copy then measured
+# 13 ms instead of 2.5 ms, and ratios swung with whichever side allocated more.
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 36),
+                 "MALLOC_TOP_PAD_": str(1 << 29)}
+
+
+def steady_malloc_environ() -> dict[str, str] | None:
+  """The environment to re-run this script in, or None when it already has the settings."""
+  if all(os.environ.get(k) == v for k, v in STEADY_MALLOC.items()):
+    return None
+  return {**os.environ, **STEADY_MALLOC}
+
+
+
 class Case:
   """One timed row: a jitted function, the arguments of its ``i``-th call, a reference."""
 
@@ -94,43 +114,77 @@ class Case:
     self.fn, self.args = jax.jit(fn), args
 
 
-def time_calls(fn: Callable, args: Callable[[int], tuple], warmup: int, repeats: int,
-               min_repeats: int, budget_s: float) -> list[float]:
-  """``warmup`` untimed calls, then up to ``repeats`` timed calls (see module docstring)."""
-  for i in range(warmup):
-    jax.block_until_ready(fn(*args(i)))
-  times: list[float] = []
-  spent = 0.0
-  for i in range(warmup, warmup + repeats):
-    a = args(i)
+def time_block(fn: Callable, args: Callable[[int], tuple], first: int, calls: int) -> list[float]:
+  """One untimed call (it re-warms the allocator after other cases ran), then ``calls``
+  calls timed one by one; call ``i`` gets ``args(first + i)``."""
+  jax.block_until_ready(fn(*args(first)))
+  times = []
+  for i in range(1, calls + 1):
+    a = args(first + i)
     start = time.perf_counter()
     jax.block_until_ready(fn(*a))
     times.append(time.perf_counter() - start)
-    spent += times[-1]
-    if budget_s > 0 and len(times) >= min_repeats and spent >= budget_s:
-      break
   return times
 
 
-def run_cases(cases: list[Case], opts: argparse.Namespace) -> list[dict[str, Any]]:
-  """Times every case, one after the other.
+def calls_needed(opts: argparse.Namespace) -> int:
+  """Calls one case makes: warm-up, then per round one untimed and ``--calls`` timed."""
+  return opts.warmup + opts.rounds * (opts.calls + 1)
 
-  A case's calls run back to back, so its output buffers are recycled by the
-  allocator: this is the kernel's steady-state cost. (Interleaving the cases
-  instead makes large outputs land on fresh pages at random, and on XLA:CPU
-  the page faults can cost more than the kernel.)
+
+def run_cases(cases: list[Case], opts: argparse.Namespace) -> list[dict[str, Any]]:
+  """Times the cases in interleaved rounds.
+
+  After ``--warmup`` calls per case (compilation included), each of ``--rounds``
+  rounds runs every case once as a block: one untimed call, then ``--calls``
+  timed calls back to back (so a case's outputs reuse its own freed buffers:
+  the kernel's steady-state cost, not page faults). A row's ratio to another
+  row is the median over rounds of the two rows' per-round medians, so both
+  sides of a ratio are measured within seconds of each other and slow drifts
+  of this shared machine cancel out.
   """
-  rows = []
-  for case in cases:
+  rows = [dict(case.meta, times_s=[], round_medians_s=[]) for case in cases]
+  alive = [True] * len(cases)
+
+  def attempt(i, body):
     try:
-      times = time_calls(case.fn, case.args, opts.warmup, opts.repeats, opts.min_repeats,
-                         opts.row_budget)
-      rows.append(dict(case.meta, times_s=times))
+      body()
     except Exception as e:  # noqa: BLE001 - one broken op must not sink the run
-      print(f"    FAILED {case.meta['op']} {case.meta['mode']}: {type(e).__name__}: {e}",
+      meta = cases[i].meta
+      print(f"    FAILED {meta['op']} {meta['mode']}: {type(e).__name__}: {e}",
             file=sys.stderr, flush=True)
-      rows.append(dict(case.meta, times_s=[], error=f"{type(e).__name__}: {e}"))
+      rows[i].update(times_s=[], round_medians_s=[], error=f"{type(e).__name__}: {e}")
+      alive[i] = False
+
+  for i, case in enumerate(cases):
+    attempt(i, lambda c=case: [jax.block_until_ready(c.fn(*c.args(k)))
+                               for k in range(opts.warmup)])
+  for r in range(opts.rounds):
+    first = opts.warmup + r * (opts.calls + 1)
+    for i, case in enumerate(cases):
+      if not alive[i]:
+        continue
+
+      def block(i=i, case=case):
+        times = time_block(case.fn, case.args, first, opts.calls)
+        rows[i]["times_s"].extend(times)
+        rows[i]["round_medians_s"].append(statistics.median(times))
+
+      attempt(i, block)
   return rows
+
+
+def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
+  """Distribution-free confidence interval of the median: order statistics
+  ``(x_(k), x_(n+1-k))`` with the largest ``k`` whose binomial(n, 1/2) coverage is at
+  least ``level``; None when ``n`` is too small for that level."""
+  xs, n = sorted(values), len(values)
+  best = None
+  for k in range(1, n // 2 + 1):
+    miss = 2 * sum(math.comb(n, j) for j in range(k)) / 2**n  # P(median outside)
+    if 1 - miss >= level:
+      best = k
+  return None if best is None else (xs[best - 1], xs[n - best])
 
 
 # ---------------------------------------------------------------------------- noise ops
@@ -380,21 +434,18 @@ def train_step_rows(opts: argparse.Namespace) -> dict[str, Any]:
   tx = training.make_optimizer(3e-3, 1, 1000)
   x = jax.random.normal(jax.random.key(3), (batch, length, 1), jnp.float32)
   y = jax.random.randint(jax.random.key(4), (batch,), 0, num_classes)
-  n_calls = opts.warmup + opts.repeats
-  keys = list(jax.random.split(jax.random.key(5), n_calls))
+  keys = list(jax.random.split(jax.random.key(5), calls_needed(opts)))
   out: dict[str, Any] = {"batch_shape": [batch, length, 1], "model": "default_cnn('mnist1d'), "
                          "conv-bn-act-drop-pool x3, dropout 0.5 in the blocks", "rows": []}
-  shapes = {}
+  shapes, cases = {}, []
   for name, model in (("regjax layers", regjax_model), ("flax layers", flax_model)):
     state = training.init_state(model, tx, jax.random.key(0), x)
     shapes[name] = jax.tree.map(lambda a: tuple(a.shape), state.params)
-    step = jax.jit(training.train_step, static_argnums=(0, 1))
-    fn = lambda state, x, y, key, step=step, model=model: step(model, tx, state, x, y, key)
-    times = time_calls(fn, lambda i, s=state: (s, x, y, keys[i]), opts.warmup, opts.repeats,
-                       opts.min_repeats, opts.row_budget)
-    out["rows"].append({"group": "trainstep", "op": f"CNN train step, {name}",
-                        "mode": "train step", "times_s": times,
-                        "ref": None if name == "flax layers" else "CNN train step, flax layers"})
+    fn = lambda state, x, y, key, model=model: training.train_step(model, tx, state, x, y, key)
+    cases.append(Case("trainstep", f"CNN train step, {name}", "train step", fn,
+                      lambda i, s=state: (s, x, y, keys[i]),
+                      None if name == "flax layers" else "CNN train step, flax layers"))
+  out["rows"] = run_cases(cases, opts)
   out["same_param_shapes"] = shapes["regjax layers"] == shapes["flax layers"]
   if not out["same_param_shapes"]:
     print("  WARNING: the flax twin's parameter shapes differ from the example CNN's",
@@ -467,7 +518,11 @@ def memory_rows(x: jax.Array, ct: jax.Array, key: jax.Array,
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-  """Adds ``median_ms``, ``min_ms``, ``n`` and the ratios to the copy floor and reference."""
+  """Adds ``median_ms``, ``min_ms``, ``n`` and the ratios to the copy floor and reference.
+
+  A ratio is the median over rounds of the per-round median ratios (see
+  ``run_cases``), with its distribution-free 95 % interval (``*_ci``).
+  """
   for r in rows:
     r["n"] = len(r["times_s"])
     r["median_ms"] = 1e3 * statistics.median(r["times_s"]) if r["times_s"] else None
@@ -475,9 +530,10 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
   index = {(r.get("size"), r.get("dtype"), r["op"], r["mode"]): r for r in rows}
 
   def ratio(r, other):
-    if other is None or r["median_ms"] is None or not other.get("median_ms"):
-      return None
-    return r["median_ms"] / other["median_ms"]
+    if other is None or not r["round_medians_s"] or not other.get("round_medians_s"):
+      return None, None
+    per_round = [a / b for a, b in zip(r["round_medians_s"], other["round_medians_s"])]
+    return statistics.median(per_round), median_ci(per_round)
 
   for r in rows:
     base = (r.get("size"), r.get("dtype"))
@@ -486,17 +542,21 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
       copy_mode = "fwd+bwd" if r["mode"].endswith("fwd+bwd") else "fwd"
       copy = index.get(base + (COPY, copy_mode))
     ref = index.get(base + (r["ref"], r["mode"])) if r.get("ref") else None
-    r["vs_copy"] = ratio(r, copy)
-    r["vs_ref"] = ratio(r, ref)
+    r["vs_copy"], r["vs_copy_ci"] = ratio(r, copy)
+    r["vs_ref"], r["vs_ref_ci"] = ratio(r, ref)
 
 
 def fmt(v, width=8, digits=2) -> str:
   return f"{v:{width}.{digits}f}" if v is not None else f"{'-':>{width}}"
 
 
+def fmt_ci(ci) -> str:
+  return f"{ci[0]:.2f}-{ci[1]:.2f}" if ci else "-"
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
   header = (f"{'op':<46} {'size':<6} {'dtype':<9} {'mode':<14} {'median ms':>10} "
-            f"{'vs copy':>8} {'vs ref':>8} {'n':>4}")
+            f"{'vs copy':>8} {'vs ref':>8} {'ref 95% CI':>11} {'n':>4}")
   lines = [header, "-" * len(header)]
   previous = None
   for r in rows:
@@ -507,7 +567,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     median = f"{r['median_ms']:10.3f}" if r["median_ms"] is not None else f"{'FAILED':>10}"
     lines.append(f"{r['op']:<46} {str(r.get('size', '-')):<6} {str(r.get('dtype', '-')):<9} "
                  f"{r['mode']:<14} {median} {fmt(r['vs_copy'])} {fmt(r['vs_ref'])} "
-                 f"{r['n']:>4}")
+                 f"{fmt_ci(r.get('vs_ref_ci')) if r.get('vs_ref') else '-':>11} {r['n']:>4}")
   return "\n".join(lines)
 
 
@@ -530,13 +590,16 @@ def evaluate_targets(rows: list[dict[str, Any]], memory: list[dict[str, Any]],
   targets = []
 
   def check(name, value, limit, unit="x"):
+    value, ci = value if isinstance(value, tuple) else (value, None)
     verdict = "SKIP" if value is None else ("PASS" if value <= limit else "FAIL")
-    targets.append({"target": name, "measured": value, "limit": limit, "unit": unit,
-                    "verdict": verdict})
+    # Decisive when the whole 95 % interval is on the verdict's side of the limit.
+    decisive = None if ci is None or value is None else (ci[1] <= limit or ci[0] > limit)
+    targets.append({"target": name, "measured": value, "ci95": ci, "limit": limit,
+                    "unit": unit, "verdict": verdict, "decisive": decisive})
 
   def get(size, dtype, op, mode, key):
     r = index.get((size, dtype, op, mode))
-    return None if r is None else r.get(key)
+    return (None, None) if r is None else (r.get(key), r.get(key + "_ci"))
 
   for dtype in dtypes:
     for size in ("small", "large"):
@@ -564,12 +627,18 @@ def evaluate_targets(rows: list[dict[str, Any]], memory: list[dict[str, Any]],
 
 
 def format_targets(targets: list[dict[str, Any]]) -> str:
-  lines = ["TARGETS (issue 5)"]
+  lines = ["TARGETS (issue 5; [95 % interval over rounds]; '~' = the interval straddles the "
+           "limit: within this machine's noise)"]
   for t in targets:
     value = "not measured" if t["measured"] is None else f"{t['measured']:.2f}{t['unit']}"
-    lines.append(f"  {t['verdict']:<4}  {t['target']:<72} {value}")
+    if t.get("ci95"):
+      value += f" [{fmt_ci(t['ci95'])}]"
+    mark = "~" if t.get("decisive") is False else " "
+    lines.append(f"  {t['verdict']:<4}{mark} {t['target']:<72} {value}")
   counts = {v: sum(t["verdict"] == v for t in targets) for v in ("PASS", "FAIL", "SKIP")}
-  lines.append(f"  {counts['PASS']} pass, {counts['FAIL']} fail, {counts['SKIP']} skipped")
+  noisy = sum(t.get("decisive") is False for t in targets)
+  lines.append(f"  {counts['PASS']} pass, {counts['FAIL']} fail, {counts['SKIP']} skipped; "
+               f"{noisy} within noise (~)")
   return "\n".join(lines)
 
 
@@ -616,6 +685,7 @@ def environment(device) -> dict[str, Any]:
       "platform": device.platform, "cpu_count": os.cpu_count(),
       "python": platform.python_version(), "machine": platform.machine(),
       "rng_impl": rng_impl_info(),
+      "malloc_env": {k: os.environ.get(k) for k in STEADY_MALLOC},
   }
 
 
@@ -668,18 +738,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="comma-separated substrings: time only the noise ops (and memory rows) "
                       "whose name contains one, plus their references and the copy floor "
                       "(unset: all ops)")
-  p.add_argument("--repeats", type=int, default=25, help="most timed calls per row (median)")
-  p.add_argument("--min-repeats", type=int, default=7,
-                 help="fewest timed calls per row before --row-budget may stop it")
-  p.add_argument("--row-budget", type=float, default=0.4,
-                 help="seconds of timed calls after which a row stops (0: always --repeats)")
-  p.add_argument("--warmup", type=int, default=2, help="untimed calls per row first")
+  p.add_argument("--rounds", type=int, default=9,
+                 help="interleaved rounds; every case runs one timed block per round")
+  p.add_argument("--calls", type=int, default=3, help="timed calls per case per round")
+  p.add_argument("--warmup", type=int, default=2, help="untimed calls per case first")
+  p.add_argument("--no-steady-malloc", action="store_true",
+                 help="keep glibc's default allocator settings (by default the script re-runs "
+                      "itself with STEADY_MALLOC so that buffers are not page-faulted afresh)")
   p.add_argument("--out", default=os.path.join("runs", "benchmarks", "results.json"),
                  help="JSON results path")
   args = p.parse_args(argv)
-  if args.repeats < 1 or args.warmup < 1 or args.min_repeats < 1 or args.row_budget < 0:
-    p.error("--repeats, --warmup and --min-repeats must be >= 1, --row-budget >= 0")
-  args.min_repeats = min(args.min_repeats, args.repeats)
+  if args.rounds < 1 or args.calls < 1 or args.warmup < 1:
+    p.error("--rounds, --calls and --warmup must be >= 1")
   return args
 
 
@@ -688,12 +758,12 @@ def main(argv=None) -> dict[str, Any]:
   device = jax.devices()[0]
   env = environment(device)
   print(f"jax {jax.__version__}, flax {flax.__version__}, regjax {env['regjax']}; device "
-        f"{device} ({device.device_kind}), {os.cpu_count()} CPUs; up to {args.repeats} timed "
-        f"calls per row (at least {args.min_repeats}, row budget {args.row_budget} s) after "
-        f"{args.warmup} warm-up; rng_impl: {env['rng_impl']}", flush=True)
+        f"{device} ({device.device_kind}), {os.cpu_count()} CPUs; {args.rounds} rounds of "
+        f"{args.calls} timed calls per case after {args.warmup} warm-up; rng_impl: "
+        f"{env['rng_impl']}", flush=True)
   env["loadavg_start"] = loadavg()
   start = time.perf_counter()
-  keys = list(jax.random.split(jax.random.key(0), args.warmup + args.repeats))
+  keys = list(jax.random.split(jax.random.key(0), calls_needed(args)))
   rows: list[dict[str, Any]] = []
   memory: list[dict[str, Any]] = []
   train_step = None
@@ -743,12 +813,11 @@ def main(argv=None) -> dict[str, Any]:
   results = {
       **env,
       "options": {"sizes": {s: list(size_shape(s)) for s in args.sizes}, "dtypes": args.dtypes,
-                  "sections": args.sections, "ops": args.ops, "repeats": args.repeats,
-                  "min_repeats": args.min_repeats, "row_budget_s": args.row_budget,
-                  "warmup": args.warmup},
+                  "sections": args.sections, "ops": args.ops, "rounds": args.rounds,
+                  "calls": args.calls, "warmup": args.warmup},
       "total_seconds": total,
-      "rows": [{k: (v if k != "times_s" else [round(t, 9) for t in v]) for k, v in r.items()}
-               for r in rows],
+      "rows": [{k: ([round(t, 9) for t in v] if k in ("times_s", "round_medians_s") else v)
+                for k, v in r.items()} for r in rows],
       "memory": memory,
       "train_step": None if train_step is None else {
           k: v for k, v in train_step.items() if k != "rows"},
@@ -764,4 +833,7 @@ def main(argv=None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+  env = None if "--no-steady-malloc" in sys.argv else steady_malloc_environ()
+  if env is not None:  # glibc reads these at startup: start again with them
+    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__)] + sys.argv[1:], env)
   main()

@@ -314,15 +314,15 @@ def _autodiff_reference(x, scale, bias, *, stats, axis, mask, momentum=0.9, epsi
   return y, new_mean, new_var
 
 
-@pytest.mark.parametrize("shape,axis", [((6, 5), -1), ((5, 6), 0), ((2, 3, 2, 4), -1),
-                                        ((2, 3, 4), (0, 2))])
+@pytest.mark.parametrize("shape,axis", [((6, 5), -1), ((4, 6), -1), ((5, 6), 0),
+                                        ((2, 3, 2, 4), -1), ((2, 2, 8), -1), ((2, 3, 4), (0, 2))])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("affine", [True, False])
 def test_derivatives_match_autodiff_of_textbook_formula(shape, axis, masked, affine):
   """The explicit JVP (and its transpose, reverse mode) against autodiff of the plain
   formula, in float64: y, running mean and running var, w.r.t. x, scale and bias,
-  first and second order. Feature-last layouts take the batch-sum-as-dot path,
-  the others plain sums."""
+  first and second order. Feature-last layouts with no more batch positions than
+  features ((4, 6), (2, 2, 8)) take the batch-sum-as-dot path, the others fused sums."""
   with jax.enable_x64(True):
     x, stats, scale, bias = _problem(shape, axis, seed=7, dtype=np.float64)
     stats, scale, bias = jax.tree.map(lambda a: a.astype(jnp.float64), (stats, scale, bias))
@@ -364,16 +364,20 @@ def test_derivatives_match_autodiff_of_textbook_formula(shape, axis, masked, aff
       chex.assert_trees_all_close(h_got, h_want, rtol=1e-7, atol=1e-8)
 
 
-def test_gradient_large_mean_is_finite_and_accurate():
-  x = _large_mean_data()[:512, :8]
+@pytest.mark.parametrize("rows,features", [(512, 8), (16, 256)])  # fused sums; dots
+def test_gradient_large_mean_is_finite_and_accurate(rows, features):
+  x = 1e4 + jnp.asarray(np.random.default_rng(5).standard_normal((rows, features)), jnp.float32)
   cotangent = jnp.asarray(np.random.default_rng(4).standard_normal(x.shape), jnp.float32)
-  loss = lambda x: jnp.sum(regjax.batch_norm(x, regjax.init_batch_stats(8))[0] * cotangent)
+  stats = regjax.init_batch_stats(features)
+  loss = lambda x: jnp.sum(regjax.batch_norm(x, stats)[0] * cotangent)
   dx = jax.grad(loss)(x)
   assert np.all(np.isfinite(dx))
   with jax.enable_x64(True):
     x64, c64 = x.astype(jnp.float64), cotangent.astype(jnp.float64)
-    dx64 = jax.grad(lambda x: jnp.sum(regjax.batch_norm(x, regjax.init_batch_stats(8))[0] * c64))(
-        x64)
+    dx64 = jax.grad(lambda x: jnp.sum(regjax.batch_norm(x, stats)[0] * c64))(x64)
+    y64 = regjax.batch_norm(x64, stats)[0]
+  # The forward too: the best possible is ~5e-4, half an ulp of 1e4 in the float32 mean.
+  _close(regjax.batch_norm(x, stats)[0], y64, rtol=0, atol=1e-2)
   # |dx| <~ 4; (x - mean) carries up to ~5e-4 (half an ulp of 1e4 in the float32
   # mean), which the gradient inherits at most at that size (measured: ~6e-5).
   _close(dx, dx64, rtol=0, atol=1e-3)

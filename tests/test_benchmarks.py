@@ -27,7 +27,7 @@ def bench():
 
 def test_harness_writes_results(bench, tmp_path, capsys):
   out = tmp_path / "results.json"
-  results = bench.main(["--sizes", "8x256", "--dtypes", "float32", "--repeats", "2",
+  results = bench.main(["--sizes", "8x256", "--dtypes", "float32", "--rounds", "2", "--calls", "1",
                         "--warmup", "1", "--ops", "regjax.dropout(0.5)",
                         "--sections", "noise,batchnorm,memory", "--out", str(out)])
   printed = capsys.readouterr().out
@@ -45,7 +45,7 @@ def test_harness_writes_results(bench, tmp_path, capsys):
     for mode in ("fwd", "fwd+bwd"):
       r = rows[(op, mode)]
       assert r["size"] == "8x256" and r["dtype"] == "float32" and r["shape"] == [8, 256]
-      assert len(r["times_s"]) == 2 and r["n"] == 2
+      assert len(r["times_s"]) == 2 and r["n"] == 2 and len(r["round_medians_s"]) == 2
       assert r["median_ms"] > 0 and r["vs_copy"] > 0
   assert rows[("regjax.dropout(0.5)", "fwd")]["ref"] == "flax Dropout(0.5)"
   assert rows[("regjax.dropout(0.5)", "fwd+bwd")]["vs_ref"] > 0
@@ -86,3 +86,35 @@ def test_flax_twin_matches_example_cnn(bench):
   shapes = lambda m: jax.tree.map(
       lambda a: a.shape, jax.eval_shape(lambda: m.init(jax.random.key(0), x, train=False)))
   assert shapes(ours) == shapes(twin)
+
+
+def test_median_ci_is_the_binomial_order_statistic_interval(bench):
+  # n = 9: P(median outside (x_(2), x_(8))) = 2 * P(Bin(9, 1/2) <= 1) = 20/512 < 5 %,
+  # while (x_(3), x_(7)) misses with 2 * 46/512 = 18 %.
+  assert bench.median_ci([float(v) for v in range(9, 0, -1)]) == (2.0, 8.0)
+  assert bench.median_ci([1.0, 2.0, 3.0, 4.0, 5.0]) is None  # 2/32 = 6.25 % > 5 %
+  assert bench.median_ci([float(v) for v in range(1, 7)]) == (1.0, 6.0)  # 2/64 = 3.1 %
+
+
+def test_target_verdicts_carry_the_interval(bench):
+  rows = [{"group": "batchnorm", "op": op, "mode": "eval fwd", "ref": ref, "size": "large",
+           "dtype": "float32", "times_s": [m] * 9, "round_medians_s": [m * f for f in fs]}
+          for op, ref, m, fs in (
+              ("regjax BatchNorm", bench.FLAX_BN, 1.0, [1.0, 0.9, 1.1, 0.95, 1.05, 1, 1, 1, 1]),
+              (bench.FLAX_BN, None, 1.0, [1.0] * 9))]
+  bench.add_ratios(rows)
+  targets = {t["target"]: t for t in bench.evaluate_targets(rows, [], ["large"], ["float32"])}
+  t = targets["regjax BatchNorm eval fwd <= 1x flax [large float32]"]
+  assert t["verdict"] == "PASS" and t["measured"] == 1.0
+  assert t["ci95"] == (0.95, 1.05) and t["decisive"] is False  # straddles the limit
+  assert "~" in bench.format_targets(list(targets.values()))
+
+
+def test_steady_malloc_environ(bench, monkeypatch):
+  for k in bench.STEADY_MALLOC:
+    monkeypatch.delenv(k, raising=False)
+  env = bench.steady_malloc_environ()
+  assert env is not None and all(env[k] == v for k, v in bench.STEADY_MALLOC.items())
+  for k, v in bench.STEADY_MALLOC.items():
+    monkeypatch.setenv(k, v)
+  assert bench.steady_malloc_environ() is None  # already set: no re-run

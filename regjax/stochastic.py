@@ -17,14 +17,16 @@ trace time and is clipped into the op's valid range instead.
 Random generator (``rng_impl``): ``'hash'`` (default) is a counter-based hash
 fused into the elementwise op (see :mod:`regjax._hash`): one tiny threefry call
 draws two seed words from the key, and each element's noise is a hash of its
-flat (row-major) index, so the op costs about a copy of the array. Its
-Bernoulli masks compare 16 hashed bits with a threshold, so their rate
-resolution is ``2**-16`` (the realised keep probability is exactly
-``round(keep * 2**16) / 2**16``); its uniforms lie on a 24-bit grid and its normals are ``sqrt(2) * erf_inv`` of those. The backward
-pass recomputes the noise from the seed words (``jax.checkpoint``), so nothing
-per element is stored for it. ``'jax'`` draws with ``jax.random`` exactly as
-before (``dropout``'s mask then equals ``flax.linen.Dropout``'s); it is 40-60x
-slower than a copy on a CPU.
+flat (row-major) index, so dropout and Uout cost about a copy of the array
+(Gaussian dropout several copies: ``erf_inv`` dominates). Its Bernoulli masks
+compare 16 hashed bits with a threshold, so their rate resolution is
+``2**-16`` (the realised keep probability is exactly
+``round(keep * 2**16) / 2**16``); its uniforms lie on a 24-bit grid and its
+normals are ``sqrt(2) * erf_inv`` of those. The backward pass recomputes the
+noise from the seed words (``jax.checkpoint``), so nothing per element is
+stored for it. ``'jax'`` draws with ``jax.random`` exactly as before
+(``dropout``'s mask then equals ``flax.linen.Dropout``'s); it is 20-40x slower
+than a copy on a CPU.
 """
 
 from __future__ import annotations
@@ -58,19 +60,32 @@ def _check_rng_impl(rng_impl, op: str) -> str:
   return rng_impl
 
 
-def _fused(noise_fn, x, param, key, noise_shape, compute_dtype):
-  """``x * noise_fn(bits, param)`` with hashed bits, recomputed (not stored) for the backward.
+def _fused_apply(apply_fn, x, param, key, noise_shape, compute_dtype):
+  """``apply_fn(x, bits, param)`` with hashed bits, recomputed (not stored) for the backward.
 
-  ``jax.checkpoint`` makes the residuals of a differentiated call the seed words
-  and ``param`` only; unlike a ``custom_vjp`` it keeps forward-mode autodiff.
+  ``apply_fn(x_c, bits, param) -> y_c`` gets ``x`` in ``compute_dtype`` and the
+  uint32 hashed bits of ``noise_shape`` (broadcastable to ``x``), and returns the
+  result in ``compute_dtype``; it is rounded to ``x.dtype`` once. ``param`` is a
+  scalar or a pytree of scalars (rate, scale, ...). ``jax.checkpoint`` makes the
+  residuals of a differentiated call the seed words and ``param`` only; unlike a
+  ``custom_vjp`` it keeps forward-mode autodiff.
   """
   seed = _hash.seed_words(key)
 
   @jax.checkpoint
   def apply(x, param, seed):
-    return _scale(x, noise_fn(_hash.bits(seed, noise_shape), param), compute_dtype)
+    return apply_fn(x.astype(compute_dtype), _hash.bits(seed, noise_shape), param).astype(x.dtype)
 
   return apply(x, param, seed)
+
+
+def _fused(noise_fn, x, param, key, noise_shape, compute_dtype):
+  """``x * noise_fn(bits, param)`` with hashed bits: :func:`_fused_apply` of a product."""
+
+  def apply_fn(x_c, b, param):
+    return x_c * noise_fn(b, param).astype(compute_dtype)
+
+  return _fused_apply(apply_fn, x, param, key, noise_shape, compute_dtype)
 
 
 def _scale(x, factor, compute_dtype):

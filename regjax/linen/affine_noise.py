@@ -24,12 +24,15 @@ class AlphaDropout(nn.Module):
     broadcast_dims: axes that share one mask.
     deterministic: eval mode if True; may be given at call instead.
     rng_collection: the PRNG stream the mask is drawn from.
+    rng_impl: ``'hash'`` (fused counter hash, default) or ``'jax'``
+      (``jax.random``); see :func:`regjax.alpha_dropout`.
   """
 
   rate: float
   broadcast_dims: Sequence[int] = ()
   deterministic: bool | None = None
   rng_collection: str = "dropout"
+  rng_impl: str = "hash"
 
   @nn.compact
   def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
@@ -37,7 +40,7 @@ class AlphaDropout(nn.Module):
     deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
     key = noise_key(self, deterministic, rng, is_concretely(self.rate, 0.0, 1.0))
     return F.alpha_dropout(inputs, self.rate, key=key, deterministic=deterministic,
-                           broadcast_dims=self.broadcast_dims)
+                           broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)
 
 
 class GaussianNoise(nn.Module):
@@ -48,12 +51,15 @@ class GaussianNoise(nn.Module):
     broadcast_dims: axes that share one noise draw.
     deterministic: eval mode if True; may be given at call instead.
     rng_collection: the PRNG stream the noise is drawn from.
+    rng_impl: ``'hash'`` (fused counter hash, default) or ``'jax'``
+      (``jax.random``); see :func:`regjax.gaussian_noise`.
   """
 
   stddev: float
   broadcast_dims: Sequence[int] = ()
   deterministic: bool | None = None
   rng_collection: str = "dropout"
+  rng_impl: str = "hash"
 
   @nn.compact
   def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
@@ -61,4 +67,4 @@ class GaussianNoise(nn.Module):
     deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
     key = noise_key(self, deterministic, rng, is_concretely(self.stddev, 0.0))
     return F.gaussian_noise(inputs, self.stddev, key=key, deterministic=deterministic,
-                            broadcast_dims=self.broadcast_dims)
+                            broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)

@@ -15,6 +15,7 @@ from flax import nnx
 from regjax import _checks
 from regjax import affine_noise as F
 from regjax.nnx._common import NoiseModule, RngsArg, hashable
+from regjax.stochastic import _check_rng_impl
 
 
 class AlphaDropout(NoiseModule):
@@ -26,17 +27,20 @@ class AlphaDropout(NoiseModule):
     deterministic: eval mode if True; switched by ``model.train()`` /
       ``model.eval()`` / ``nnx.view``; a value given at call takes precedence.
     rng_collection: the ``nnx.Rngs`` stream the mask is drawn from.
+    rng_impl: ``'hash'`` (fused counter hash, default) or ``'jax'``
+      (``jax.random``); see :func:`regjax.alpha_dropout`.
     rngs: an ``nnx.Rngs`` with a ``rng_collection`` stream, an
       ``nnx.RngStream``, or None (then a key must be given at call).
   """
 
   def __init__(self, rate: float, *, broadcast_dims: Sequence[int] = (),
                deterministic: bool | None = False, rng_collection: str = "dropout",
-               rngs: nnx.Rngs | nnx.RngStream | None = None):
+               rng_impl: str = "hash", rngs: nnx.Rngs | nnx.RngStream | None = None):
     _checks.check_rate(rate, "regjax.nnx.AlphaDropout", "rate", low=0.0, high=1.0,
                        high_inclusive=True)
     self.rate = rate
     self.broadcast_dims = hashable(broadcast_dims)
+    self.rng_impl = _check_rng_impl(rng_impl, f"regjax.nnx.{type(self).__name__}")
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
@@ -45,7 +49,7 @@ class AlphaDropout(NoiseModule):
     deterministic = self._deterministic(deterministic)
     key = self._key(deterministic, rngs, _checks.is_concretely(self.rate, 0.0, 1.0))
     return F.alpha_dropout(inputs, self.rate, key=key, deterministic=deterministic,
-                           broadcast_dims=self.broadcast_dims)
+                           broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)
 
 
 class GaussianNoise(NoiseModule):
@@ -58,11 +62,12 @@ class GaussianNoise(NoiseModule):
 
   def __init__(self, stddev: float, *, broadcast_dims: Sequence[int] = (),
                deterministic: bool | None = False, rng_collection: str = "dropout",
-               rngs: nnx.Rngs | nnx.RngStream | None = None):
+               rng_impl: str = "hash", rngs: nnx.Rngs | nnx.RngStream | None = None):
     _checks.check_rate(stddev, "regjax.nnx.GaussianNoise", "stddev", low=0.0, high=math.inf,
                        high_inclusive=False)
     self.stddev = stddev
     self.broadcast_dims = hashable(broadcast_dims)
+    self.rng_impl = _check_rng_impl(rng_impl, f"regjax.nnx.{type(self).__name__}")
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
@@ -71,4 +76,4 @@ class GaussianNoise(NoiseModule):
     deterministic = self._deterministic(deterministic)
     key = self._key(deterministic, rngs, _checks.is_concretely(self.stddev, 0.0))
     return F.gaussian_noise(inputs, self.stddev, key=key, deterministic=deterministic,
-                            broadcast_dims=self.broadcast_dims)
+                            broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)

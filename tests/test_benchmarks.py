@@ -55,6 +55,10 @@ def test_harness_writes_results(bench, tmp_path, capsys):
     for mode in ("train fwd+bwd", "train fwd", "eval fwd"):
       assert rows[(name, mode)]["median_ms"] > 0
   assert rows[("regjax BatchNorm", "train fwd+bwd")]["vs_ref"] > 0
+  # regjax's eval BatchNorm compiles to flax's very program: the harness detects it.
+  assert rows[("regjax BatchNorm", "eval fwd")]["same_program_as_ref"] is True
+  assert rows[("flax BatchNorm(fast_var=False)", "eval fwd")]["same_program_as_ref"] in (True,
+                                                                                         False)
 
   assert saved["train_step"] is None  # section not run
 
@@ -118,3 +122,23 @@ def test_steady_malloc_environ(bench, monkeypatch):
   for k, v in bench.STEADY_MALLOC.items():
     monkeypatch.setenv(k, v)
   assert bench.steady_malloc_environ() is None  # already set: no re-run
+
+
+def test_identical_program_passes_a_no_slower_target(bench):
+  rows = [{"group": "batchnorm", "op": op, "mode": "eval fwd", "ref": ref, "size": "small",
+           "dtype": "float32", "times_s": [1.0] * 5, "round_medians_s": [m] * 5,
+           "same_program_as_ref": ref is not None}
+          for op, ref, m in (("regjax BatchNorm", bench.FLAX_BN, 1.2), (bench.FLAX_BN, None, 1.0))]
+  bench.add_ratios(rows)
+  targets = {t["target"]: t for t in bench.evaluate_targets(rows, [], ["small"], ["float32"])}
+  t = targets["regjax BatchNorm eval fwd <= 1x flax [small float32]"]
+  assert t["measured"] == pytest.approx(1.2) and t["same_program"] and t["verdict"] == "PASS"
+
+
+def test_program_text_ignores_source_locations(bench):
+  import jax.numpy as jnp
+  f = lambda x: x * 2 + 1
+  g = lambda x: (x * 2) + 1  # another source line, same program
+  x = jnp.ones((4, 8))
+  assert bench.program_text(f, (x,)) == bench.program_text(g, (x,))
+  assert bench.program_text(f, (x,)) != bench.program_text(lambda x: x * 3 + 1, (x,))

@@ -62,8 +62,8 @@ OPS = {
        for impl in IMPLS},
     "channel_dropout": (regjax.channel_dropout, (8, 6, 6, 16), 0.3, "rate", r"\[0, 1\]", -0.1),
     "drop_path": (regjax.drop_path, (64, 4, 4), 0.3, "rate", r"\[0, 1\]", 1.01),
-    "dropblock": (lambda x, r, **kw: regjax.dropblock(x, r, block_size=3, **kw),
-                  (4, 12, 12, 8), 0.3, "rate", r"\[0, 1\]", 2.0),
+    **{f"dropblock_{impl}": (functools.partial(regjax.dropblock, block_size=3, rng_impl=impl),
+                             (4, 12, 12, 8), 0.3, "rate", r"\[0, 1\]", 2.0) for impl in IMPLS},
     "cutout": (regjax.cutout, (4, 12, 12, 3), 5, "size", r"\[0, 12\]", 13),
     "dropconnect_dense": (_dropconnect, (16, 32), 0.3, "rate", r"\[0, 1\]", -1.0),
 }
@@ -489,10 +489,19 @@ def _coverage_counts(size, block_size):
                    for i in range(size)])
 
 
-def _exact_drop_probability(height, width, block_size, rate):
+def _seed_probability(height, width, block_size, rate, impl="jax"):
+  """The seed probability gamma; with the hash generator the one its 16-bit threshold
+  realises, round(gamma * 2**16) / 2**16 of the float32 gamma dropblock computes."""
+  factor = height * width / (block_size**2 * (height - block_size + 1) * (width - block_size + 1))
+  if impl == "jax":
+    return rate * factor
+  gamma32 = np.float32(rate) * np.float32(factor)
+  return float(np.round(gamma32 * np.float32(1 << 16))) / (1 << 16)
+
+
+def _exact_drop_probability(height, width, block_size, rate, impl="jax"):
   """P(position dropped) = 1 - (1 - gamma)**c, c = number of fitting blocks covering it."""
-  gamma = rate * height * width / (
-      block_size**2 * (height - block_size + 1) * (width - block_size + 1))
+  gamma = _seed_probability(height, width, block_size, rate, impl)
   c = np.outer(_coverage_counts(height, block_size), _coverage_counts(width, block_size))
   return 1 - (1 - gamma) ** c, gamma
 
@@ -510,15 +519,19 @@ def _union_of_all_zero_blocks(zero, block_size, axes=(1, 2)):
 class DropBlockTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
-  def test_per_position_drop_probability_and_fraction(self):
+  @parameterized.named_parameters(*IMPL_CASES)
+  def test_per_position_drop_probability_and_fraction(self, impl):
     # 8192 independent 10 x 10 maps: each position's dropped indicator is an
     # independent Bernoulli(p_hw) across maps, so a binomial tolerance is exact.
+    # (With 'hash', gamma is the realised 16-bit one: 3413 / 2**16 here, not 0.0520833;
+    # the difference is far inside the tolerance, but the formula uses the exact value.)
     rate, block_size, (n, h, w, c) = 0.3, 3, (2048, 10, 10, 4)
-    y = self.variant(lambda x, k: regjax.dropblock(x, rate, key=k, block_size=block_size))(
+    y = self.variant(lambda x, k: regjax.dropblock(x, rate, key=k, block_size=block_size,
+                                                   rng_impl=impl))(
         jnp.ones((n, h, w, c)), jax.random.key(50))
     dropped = np.asarray(y) == 0
     maps = n * c
-    p, _ = _exact_drop_probability(h, w, block_size, rate)
+    p, _ = _exact_drop_probability(h, w, block_size, rate, impl)
     freq = dropped.mean(axis=(0, 3))
     np.testing.assert_array_less(np.abs(freq - p), Z * np.sqrt(p * (1 - p) / maps))
     # The mean dropped fraction: per-map fractions are iid in [0, 1] with mean
@@ -530,56 +543,65 @@ class DropBlockTest(chex.TestCase):
     assert abs(fraction - mu) < Z * math.sqrt(mu * (1 - mu) / maps)
     assert rate - mu > 1.5 * Z * math.sqrt(mu * (1 - mu) / maps)
 
-  def test_kept_units_are_rescaled_by_numel_over_sum(self):
+  @parameterized.named_parameters(*IMPL_CASES)
+  def test_kept_units_are_rescaled_by_numel_over_sum(self, impl):
     x = jnp.ones((8, 16, 16, 4))
-    y = np.asarray(regjax.dropblock(x, 0.2, key=jax.random.key(51), block_size=5))
+    y = np.asarray(regjax.dropblock(x, 0.2, key=jax.random.key(51), block_size=5, rng_impl=impl))
     kept = y != 0
     np.testing.assert_allclose(y[kept], y.size / kept.sum(), rtol=1e-6)
     assert abs(y.sum() / y.size - 1) < 1e-5  # the whole tensor's mean is preserved
 
   @parameterized.named_parameters(
-      ("block_1", 1), ("block_2", 2), ("block_3", 3), ("block_4", 4), ("block_9", 9))
-  def test_dropped_regions_are_unions_of_whole_blocks(self, block_size):
+      *[(f"block_{b}_{impl}", b, impl) for b in (1, 2, 3, 4, 9) for impl in IMPLS])
+  def test_dropped_regions_are_unions_of_whole_blocks(self, block_size, impl):
     x = jnp.ones((6, 11, 9, 3))  # non-square, odd and even block sizes
-    y = np.asarray(regjax.dropblock(x, 0.4, key=jax.random.key(52), block_size=block_size))
+    y = np.asarray(regjax.dropblock(x, 0.4, key=jax.random.key(52), block_size=block_size,
+                                    rng_impl=impl))
     zero = y == 0
     assert zero.any() and not zero.all()
     # Every zero lies in some all-zero block that fits, and nothing else is zero.
     np.testing.assert_array_equal(_union_of_all_zero_blocks(zero, block_size), zero)
 
-  def test_nchw_layout(self):
+  @parameterized.named_parameters(*IMPL_CASES)
+  def test_nchw_layout(self, impl):
     x = jnp.ones((6, 3, 11, 9))
     y = np.asarray(regjax.dropblock(x, 0.4, key=jax.random.key(53), block_size=3,
-                                    data_format="NCHW"))
+                                    data_format="NCHW", rng_impl=impl))
     zero = y == 0
     assert zero.any()
     np.testing.assert_array_equal(_union_of_all_zero_blocks(zero, 3, axes=(2, 3)), zero)
     shared = np.asarray(regjax.dropblock(x, 0.4, key=jax.random.key(53), block_size=3,
-                                         data_format="NCHW", share_channels=True))
+                                         data_format="NCHW", share_channels=True,
+                                         rng_impl=impl))
     np.testing.assert_array_equal(shared, np.broadcast_to(shared[:, :1], shared.shape))
 
-  def test_share_channels(self):
+  @parameterized.named_parameters(*IMPL_CASES)
+  def test_share_channels(self, impl):
     x = jnp.ones((8, 12, 12, 5))
     shared = np.asarray(regjax.dropblock(x, 0.3, key=jax.random.key(54), block_size=3,
-                                         share_channels=True))
+                                         share_channels=True, rng_impl=impl))
     np.testing.assert_array_equal(shared, np.broadcast_to(shared[..., :1], shared.shape))
     assert (shared == 0).any()
-    independent = np.asarray(regjax.dropblock(x, 0.3, key=jax.random.key(54), block_size=3))
+    independent = np.asarray(regjax.dropblock(x, 0.3, key=jax.random.key(54), block_size=3,
+                                              rng_impl=impl))
     assert not np.array_equal(independent, np.broadcast_to(independent[..., :1], x.shape))
     # Samples still differ from one another.
     assert not np.array_equal(shared[0], shared[1])
 
-  def test_everything_dropped_gives_zeros_not_nan(self):
+  @parameterized.named_parameters(*IMPL_CASES)
+  def test_everything_dropped_gives_zeros_not_nan(self, impl):
     # block_size == H == W: gamma == rate, so rate 1 drops every map.
     x = _normal(55, (2, 4, 4, 3))
-    loss = lambda x, r: jnp.sum(regjax.dropblock(x, r, key=jax.random.key(56), block_size=4))
-    y = regjax.dropblock(x, 1.0, key=jax.random.key(56), block_size=4)
+    loss = lambda x, r: jnp.sum(regjax.dropblock(x, r, key=jax.random.key(56), block_size=4,
+                                                 rng_impl=impl))
+    y = regjax.dropblock(x, 1.0, key=jax.random.key(56), block_size=4, rng_impl=impl)
     np.testing.assert_array_equal(np.asarray(y), 0)
     value, grad = jax.jit(jax.value_and_grad(loss))(x, 1.0)
     assert value == 0
     np.testing.assert_array_equal(np.asarray(grad), 0)
 
-  def test_linear_ramp_with_traced_step_compiles_once(self):
+  @parameterized.named_parameters(*IMPL_CASES)
+  def test_linear_ramp_with_traced_step_compiles_once(self, impl):
     chex.clear_trace_counter()
     total = 100
 
@@ -587,7 +609,7 @@ class DropBlockTest(chex.TestCase):
     @chex.assert_max_traces(n=1)
     def train_step(x, step, key):
       rate = regjax.dropblock_rate_schedule(step, total, 0.3)
-      return regjax.dropblock(x, rate, key=key, block_size=3), rate
+      return regjax.dropblock(x, rate, key=key, block_size=3, rng_impl=impl), rate
 
     x = jnp.ones((16, 12, 12, 8))
     fractions, rates = [], []
@@ -629,6 +651,117 @@ class DropBlockTest(chex.TestCase):
       regjax.dropblock(jnp.ones((8, 6, 3)), 0.1, key=key, block_size=3)
     with pytest.raises(TypeError, match="`share_channels` must be a bool"):
       regjax.dropblock(x, 0.1, key=key, block_size=3, share_channels=1)
+    for bad in ("threefry", None, "HASH"):
+      with pytest.raises(ValueError, match=r"regjax.dropblock: `rng_impl` must be one of"):
+        regjax.dropblock(x, 0.1, key=key, block_size=3, rng_impl=bad)
+    with pytest.raises(ValueError, match="rng_impl"):  # even where nothing is drawn
+      regjax.dropblock(x, 0.1, deterministic=True, block_size=3, rng_impl="philox")
+    with pytest.raises(ValueError, match="rng_impl"):
+      regjax.dropblock(x, 0.0, block_size=3, rng_impl="philox")
+
+  @staticmethod
+  def _documented_seeds(impl, key, seed_shape, gamma):
+    """The seed draw the docstring gives for each generator."""
+    if impl == "hash":
+      bits = _hash.bits(_hash.seed_words(key), seed_shape)
+      return np.asarray(_hash.bernoulli(bits, jnp.float32(gamma)))
+    return np.asarray(jax.random.bernoulli(key, jnp.float32(gamma), seed_shape))
+
+  @staticmethod
+  def _expected(x, seeds, block_size, axes):
+    """x * M * numel(M) / sum(M) in float64, M zero on the block of every seed."""
+    dropped = seeds
+    for axis in axes:  # a seed at h covers h .. h + block_size - 1
+      pad = [(0, 0)] * dropped.ndim
+      pad[axis] = (block_size - 1, block_size - 1)
+      dropped = sliding_window_view(np.pad(dropped, pad), block_size, axis=axis).any(axis=-1)
+    keep = ~dropped
+    return np.asarray(x, np.float64) * np.where(keep, keep.size / keep.sum(), 0.0), keep
+
+  @parameterized.named_parameters(
+      *[(f"{name}_{impl}", shape, fmt, share, b, rate, impl)
+        for name, shape, fmt, share, b, rate in (
+            ("nhwc", (4, 13, 11, 6), "NHWC", False, 4, 0.3),
+            ("nchw_shared", (5, 3, 9, 12), "NCHW", True, 3, 0.5),
+            ("block_1", (3, 6, 7, 2), "NHWC", False, 1, 0.2))
+        for impl in IMPLS])
+  def test_seed_mask_is_the_documented_draw(self, shape, data_format, share, block_size, rate,
+                                            impl):
+    # 'hash': _hash.bernoulli of the key's hashed bits over the seed array's flat
+    # index; 'jax': jax.random.bernoulli(key, gamma, seed_shape), as before rng_impl.
+    x = _normal(58, shape)
+    key = jax.random.key(59)
+    axes = (1, 2) if data_format == "NHWC" else (2, 3)
+    c_axis = 3 if data_format == "NHWC" else 1
+    h, w = shape[axes[0]], shape[axes[1]]
+    seed_shape = list(shape)
+    seed_shape[axes[0]], seed_shape[axes[1]] = h - block_size + 1, w - block_size + 1
+    if share:
+      seed_shape[c_axis] = 1
+    gamma = np.float32(rate) * np.float32(
+        h * w / (block_size**2 * (h - block_size + 1) * (w - block_size + 1)))
+    seeds = self._documented_seeds(impl, key, tuple(seed_shape), gamma)
+    assert seeds.any() and not seeds.all()
+    expected, keep = self._expected(x, seeds, block_size, axes)
+    run = lambda x, k: regjax.dropblock(x, rate, key=k, block_size=block_size,
+                                        share_channels=share, data_format=data_format,
+                                        rng_impl=impl)
+    for y in (run(x, key), jax.jit(run)(x, key), run(x, jax.random.PRNGKey(59))):
+      y = np.asarray(y)
+      np.testing.assert_array_equal(y != 0, np.broadcast_to(keep, shape))  # the exact mask
+      np.testing.assert_allclose(y, expected, rtol=1e-6, atol=0)
+    if impl == "hash":  # the default
+      np.testing.assert_array_equal(
+          np.asarray(regjax.dropblock(x, rate, key=key, block_size=block_size,
+                                      share_channels=share, data_format=data_format)),
+          np.asarray(run(x, key)))
+
+  def test_hash_same_draw_with_and_without_jit(self):
+    x = _normal(60, (3, 17, 15, 5))
+    key = jax.random.key(61)
+    run = lambda x, r, k: regjax.dropblock(x, r, key=k, block_size=4)
+    eager = np.asarray(run(x, 0.35, key))
+    for jitted in (jax.jit(run)(x, 0.35, key), jax.jit(run, static_argnums=1)(x, 0.35, key)):
+      np.testing.assert_array_equal(np.asarray(jitted) == 0, eager == 0)
+      np.testing.assert_allclose(np.asarray(jitted), eager, rtol=1e-6, atol=0)
+    assert not np.array_equal(np.asarray(run(x, 0.35, jax.random.key(62))) == 0, eager == 0)
+
+  def test_hash_seed_probability_below_2_pow_minus_17_draws_no_seeds(self):
+    # 32 x 32 maps, block 7: gamma = rate * 0.0309, below 2**-17 for rate < ~2.47e-4.
+    x = _normal(63, (64, 32, 32, 16))
+    factor = 32 * 32 / (49 * 26 * 26)
+    rate = 2.0**-17 / factor * 0.9
+    key = jax.random.key(64)
+    np.testing.assert_array_equal(np.asarray(regjax.dropblock(x, rate, key=key)), np.asarray(x))
+    # Just above the cut the realised gamma is 2**-16 (the formula's gamma is 2**-17 * 1.1).
+    assert _seed_probability(32, 32, 7, 2.0**-17 / factor * 1.1, "hash") == 2.0**-16
+    assert (np.asarray(regjax.dropblock(x, 2.0**-17 / factor * 1.1, key=key)) == 0).any()
+    # 'jax' has no such cut.
+    assert (np.asarray(regjax.dropblock(x, rate, key=key, rng_impl="jax")) == 0).any()
+
+  def test_hash_backward_stores_nothing_per_element(self):
+    x = _normal(65, (8, 16, 16, 8))
+    key = jax.random.key(66)
+    _, vjp = jax.vjp(lambda x: regjax.dropblock(x, 0.3, key=key, block_size=3), x)
+    stored = sum(leaf.size for leaf in jax.tree_util.tree_leaves(vjp))
+    assert stored <= 8, stored
+    y = np.asarray(regjax.dropblock(x, 0.3, key=key, block_size=3))
+    grad = np.asarray(vjp(jnp.ones_like(x))[0])
+    kept = y != 0
+    np.testing.assert_allclose(grad, np.where(kept, kept.size / kept.sum(), 0.0), rtol=1e-6)
+    # 'jax' keeps the bool mask, 1 byte per element (not a float32 factor).
+    _, vjp = jax.vjp(lambda x: regjax.dropblock(x, 0.3, key=key, block_size=3, rng_impl="jax"),
+                     x)
+    leaves = jax.tree_util.tree_leaves(vjp)
+    assert sum(leaf.size * leaf.dtype.itemsize for leaf in leaves) <= x.size + 64
+
+  def test_count_in_uint8_partial_sums_is_exact(self):
+    from regjax.structured import _count
+    for h in (255, 256, 300):  # 255 * 1 fits a uint8; 256 and above take the int32 path
+      mask = jnp.ones((2, h, 3, 4), bool)
+      assert int(_count(mask, 1)) == mask.size
+      sparse = np.random.default_rng(h).random((2, h, 3, 4)) < 0.7
+      assert int(_count(jnp.asarray(sparse), 1)) == sparse.sum()
 
 
 # ----------------------------------------------------------------------------

@@ -116,27 +116,29 @@ class NoiseModuleTest(parameterized.TestCase):
       rnn.Cutout(8).apply({}, x, deterministic=False, rngs=rngs)
 
   @parameterized.named_parameters(("AlphaDropout", "AlphaDropout"),
-                                  ("GaussianNoise", "GaussianNoise"))
+                                  ("GaussianNoise", "GaussianNoise"), ("DropBlock", "DropBlock"))
   def test_rng_impl_is_passed_through_and_checked(self, name):
-    cls, fn, field, value, _, _ = MODULES[name]
-    x = jnp.asarray(np.random.default_rng(1).uniform(0.5, 1.5, (8, 30)), jnp.float32)
+    cls, fn, field, value, extra, shape = MODULES[name]
+    x = jnp.asarray(np.random.default_rng(1).uniform(0.5, 1.5, shape), jnp.float32)
     key = jax.random.key(7)
     assert cls(value).rng_impl == "hash"  # the functions' default
     draws = []
     for impl in ("hash", "jax"):
-      y = cls(**{field: value}, rng_impl=impl).apply({}, x, deterministic=False, rng=key)
+      y = cls(**{field: value}, **extra, rng_impl=impl).apply({}, x, deterministic=False,
+                                                              rng=key)
       np.testing.assert_array_equal(np.asarray(y),
-                                    np.asarray(fn(x, value, key=key, rng_impl=impl)))
+                                    np.asarray(fn(x, value, key=key, **extra, rng_impl=impl)))
       draws.append(np.asarray(y))
     assert not np.array_equal(*draws)  # two generators, two draws
     with pytest.raises(ValueError, match="`rng_impl` must be one of"):
-      cls(value, rng_impl="philox").apply({}, x, deterministic=False, rng=key)
+      cls(value, **extra, rng_impl="philox").apply({}, x, deterministic=False, rng=key)
 
-  def test_traced_dropblock_rate_from_a_schedule_compiles_once(self):
+  @parameterized.named_parameters(("hash", "hash"), ("jax", "jax"))
+  def test_traced_dropblock_rate_from_a_schedule_compiles_once(self, impl):
     class Net(nn.Module):
       @nn.compact
       def __call__(self, x, rate, train):
-        return rnn.DropBlock(rate, block_size=3, deterministic=not train)(x)
+        return rnn.DropBlock(rate, block_size=3, deterministic=not train, rng_impl=impl)(x)
 
     chex.clear_trace_counter()
 

@@ -231,20 +231,22 @@ def test_bad_rates_raise_at_construction(cls, arg, bad, match):
       cls(bad, rngs=nnx.Rngs(dropout=0))
 
 
-@pytest.mark.parametrize("name", ("AlphaDropout", "GaussianNoise"))
-def test_affine_noise_modules_pass_rng_impl_through_and_check_it(name):
-  cls, fn, _, value = NOISE[name]
-  x, key = 1.0 + _x((8, 30)), jax.random.key(8)
-  assert cls(value).rng_impl == "hash"
+@pytest.mark.parametrize("name", ("AlphaDropout", "GaussianNoise", "DropBlock"))
+def test_rng_impl_modules_pass_rng_impl_through_and_check_it(name):
+  cls = getattr(rx, name)
+  shape = _any(name)[2]
+  x, key = 1.0 + _x(shape), jax.random.key(8)
+  assert _any(name)[0].rng_impl == "hash"
   draws = []
   for impl in ("hash", "jax"):
-    y = cls(value, rng_impl=impl, rngs=nnx.Rngs(dropout=0))(x, rngs=key)
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(fn(x, value, key=key, rng_impl=impl)))
+    module, fn, _ = _any(name, rng_impl=impl, rngs=nnx.Rngs(dropout=0))
+    y = module(x, rngs=key)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(fn(x, key=key, rng_impl=impl)))
     draws.append(np.asarray(y))
   assert not np.array_equal(*draws)
   # Checked at construction, naming the module.
   with pytest.raises(ValueError, match=rf"regjax.nnx.{name}: `rng_impl` must be one of"):
-    cls(value, rng_impl="philox", rngs=nnx.Rngs(dropout=0))
+    cls(0.3, rng_impl="philox", rngs=nnx.Rngs(dropout=0))
 
 
 @pytest.mark.parametrize("name", NOISE_NAMES)

@@ -79,6 +79,8 @@ class DropBlock(nn.Module):
     data_format: ``'NHWC'`` or ``'NCHW'``.
     deterministic: eval mode if True; may be given at call instead.
     rng_collection: the PRNG stream the mask is drawn from.
+    rng_impl: ``'hash'`` (fused counter hash, default) or ``'jax'``
+      (``jax.random``); see :func:`regjax.dropblock`.
   """
 
   rate: float
@@ -87,6 +89,7 @@ class DropBlock(nn.Module):
   data_format: str = "NHWC"
   deterministic: bool | None = None
   rng_collection: str = "dropout"
+  rng_impl: str = "hash"
 
   @nn.compact
   def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
@@ -95,7 +98,7 @@ class DropBlock(nn.Module):
     key = noise_key(self, deterministic, rng, is_concretely(self.rate, 0.0))
     return F.dropblock(inputs, self.rate, key=key, deterministic=deterministic,
                        block_size=self.block_size, share_channels=self.share_channels,
-                       data_format=self.data_format)
+                       data_format=self.data_format, rng_impl=self.rng_impl)
 
 
 class Cutout(nn.Module):

@@ -2,7 +2,8 @@
 
 Constructor and call follow ``flax.nnx.Dropout`` (see :mod:`regjax.nnx.stochastic`);
 a train-mode module never draws from a stream other than its ``rng_collection``.
-Arguments other than the rate are checked by the function at call.
+Arguments other than the rate (and DropBlock's ``rng_impl``) are checked by the
+function at call.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from flax import nnx
 from regjax import _checks
 from regjax import structured as F
 from regjax.nnx._common import NoiseModule, RngsArg
+from regjax.stochastic import _check_rng_impl
 
 
 def _check_rate(rate, name):
@@ -93,18 +95,22 @@ class DropBlock(NoiseModule):
     block_size: side of the square blocks.
     share_channels: one mask per sample, shared by its channels.
     data_format: ``'NHWC'`` or ``'NCHW'``.
-    deterministic, rng_collection, rngs: as in :class:`ChannelDropout`.
+    deterministic, rng_collection: as in :class:`ChannelDropout`.
+    rng_impl: ``'hash'`` (fused counter hash, default) or ``'jax'``
+      (``jax.random``); see :func:`regjax.dropblock`.
+    rngs: as in :class:`ChannelDropout`.
   """
 
   def __init__(self, rate: float, *, block_size: int = 7, share_channels: bool = False,
                data_format: str = "NHWC", deterministic: bool | None = False,
-               rng_collection: str = "dropout",
+               rng_collection: str = "dropout", rng_impl: str = "hash",
                rngs: nnx.Rngs | nnx.RngStream | None = None):
     _check_rate(rate, "DropBlock")
     self.rate = rate
     self.block_size = block_size
     self.share_channels = share_channels
     self.data_format = data_format
+    self.rng_impl = _check_rng_impl(rng_impl, f"regjax.nnx.{type(self).__name__}")
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
@@ -114,7 +120,7 @@ class DropBlock(NoiseModule):
     key = self._key(deterministic, rngs, _checks.is_concretely(self.rate, 0.0))
     return F.dropblock(inputs, self.rate, key=key, deterministic=deterministic,
                        block_size=self.block_size, share_channels=self.share_channels,
-                       data_format=self.data_format)
+                       data_format=self.data_format, rng_impl=self.rng_impl)
 
 
 class Cutout(NoiseModule):

@@ -295,7 +295,7 @@ def noise_ops(x4: jax.Array) -> list[tuple[str, Callable, bool, str | None]]:
     ops.append((label, make(fn), on_4d, ref_name))
     if ref_name is not None:
       ops.append((ref_name, ref_fn, on_4d, None))
-    if attr in ("alpha_dropout", "gaussian_noise", "dropblock") and has_rng_impl(fn):
+    if has_rng_impl(fn):
       # The extra rng_impl='jax' row, against the same reference.
       jax_fn = (lambda fn: lambda *a, **kw: fn(*a, rng_impl="jax", **kw))(fn)
       head, _, tail = label.rpartition(")")

@@ -20,10 +20,10 @@ scattered points, never in a shifted run as two plain offsets ``s0 + i`` would.
 of inputs -- the price of one hash round instead of two, which made the
 generator 1.5-2x faster; for seed words drawn by threefry a share of 1 % has a
 probability of about ``2**-51`` per pair of keys.) The gamma fix-up is
-SplitMix's guard against steps with few bit transitions. Everything is elementwise, so XLA fuses it into the
-op that uses the noise: no random array is written to memory. The draw depends
-only on the key and the flat index, never on sharding, layout, backend or
-``jit``.
+SplitMix's guard against steps with few bit transitions. Everything is
+elementwise, so XLA fuses it into the op that uses the noise: no random array
+is written to memory. The draw depends only on the key and the flat index,
+never on sharding, layout, backend or ``jit``.
 
 * Bernoulli(keep) uses the top 16 bits, ``u16 = bits >> 16``:
   ``u16 < round(keep * 2**16)``. The realised keep probability is exactly

@@ -122,7 +122,7 @@ def alpha_dropout(
       keep, a, b, dropped_value = param
       return jnp.where(_hash.bernoulli(bits, keep), a * x_c + b, dropped_value)
     return _fused_apply(apply_fn, x, (keep, a, b, dropped_value), key, noise_shape,
-                        compute_dtype)
+                        compute_dtype, op)
   mask = _random.bernoulli(key, keep, noise_shape)
   y = jnp.where(mask, a * x.astype(compute_dtype) + b, dropped_value)
   return y.astype(x.dtype)
@@ -169,6 +169,6 @@ def gaussian_noise(
   if rng_impl == "hash":
     def apply_fn(x_c, bits, stddev):
       return x_c + stddev * _hash.normal(bits, compute_dtype)
-    return _fused_apply(apply_fn, x, stddev, key, noise_shape, compute_dtype)
+    return _fused_apply(apply_fn, x, stddev, key, noise_shape, compute_dtype, op)
   noise = _random.normal(key, noise_shape, compute_dtype)
   return (x.astype(compute_dtype) + stddev * noise).astype(x.dtype)

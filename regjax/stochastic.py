@@ -60,7 +60,7 @@ def _check_rng_impl(rng_impl, op: str) -> str:
   return rng_impl
 
 
-def _fused_apply(apply_fn, x, param, key, noise_shape, compute_dtype):
+def _fused_apply(apply_fn, x, param, key, noise_shape, compute_dtype, op):
   """``apply_fn(x, bits, param)`` with hashed bits, recomputed (not stored) for the backward.
 
   ``apply_fn(x_c, bits, param) -> y_c`` gets ``x`` in ``compute_dtype`` and the
@@ -68,24 +68,26 @@ def _fused_apply(apply_fn, x, param, key, noise_shape, compute_dtype):
   result in ``compute_dtype``; it is rounded to ``x.dtype`` once. ``param`` is a
   scalar or a pytree of scalars (rate, scale, ...). ``jax.checkpoint`` makes the
   residuals of a differentiated call the seed words and ``param`` only; unlike a
-  ``custom_vjp`` it keeps forward-mode autodiff.
+  ``custom_vjp`` it keeps forward-mode autodiff. ``op`` names the caller in the
+  error for a noise shape beyond the counter's ``2**32`` elements.
   """
   seed = _hash.seed_words(key)
 
   @jax.checkpoint
   def apply(x, param, seed):
-    return apply_fn(x.astype(compute_dtype), _hash.bits(seed, noise_shape), param).astype(x.dtype)
+    bits = _hash.bits(seed, noise_shape, op)
+    return apply_fn(x.astype(compute_dtype), bits, param).astype(x.dtype)
 
   return apply(x, param, seed)
 
 
-def _fused(noise_fn, x, param, key, noise_shape, compute_dtype):
+def _fused(noise_fn, x, param, key, noise_shape, compute_dtype, op):
   """``x * noise_fn(bits, param)`` with hashed bits: :func:`_fused_apply` of a product."""
 
   def apply_fn(x_c, b, param):
     return x_c * noise_fn(b, param).astype(compute_dtype)
 
-  return _fused_apply(apply_fn, x, param, key, noise_shape, compute_dtype)
+  return _fused_apply(apply_fn, x, param, key, noise_shape, compute_dtype, op)
 
 
 def _scale(x, factor, compute_dtype):
@@ -186,7 +188,7 @@ def dropout(
   if rng_impl == "hash":
     def factor_fn(b, keep):
       return _dropout_factor(_hash.bernoulli(b, keep), keep)
-    return _fused(factor_fn, x, keep, key, noise_shape, compute_dtype)
+    return _fused(factor_fn, x, keep, key, noise_shape, compute_dtype, op)
   mask = jax.random.bernoulli(key, keep, noise_shape)
   return _scale(x, _dropout_factor(mask, keep), compute_dtype)
 
@@ -229,7 +231,7 @@ def gaussian_dropout(
   if rng_impl == "hash":
     def factor_fn(b, stddev):
       return 1.0 + stddev * _hash.normal(b, compute_dtype)
-    return _fused(factor_fn, x, stddev, key, noise_shape, compute_dtype)
+    return _fused(factor_fn, x, stddev, key, noise_shape, compute_dtype, op)
   noise = jax.random.normal(key, noise_shape, compute_dtype)
   return _scale(x, 1.0 + stddev * noise, compute_dtype)
 
@@ -275,7 +277,7 @@ def uout(
   if rng_impl == "hash":
     def factor_fn(b, beta):
       return 1.0 + beta * _hash.symmetric_uniform(b, compute_dtype)
-    return _fused(factor_fn, x, beta, key, noise_shape, compute_dtype)
+    return _fused(factor_fn, x, beta, key, noise_shape, compute_dtype, op)
   noise = jax.random.uniform(key, noise_shape, compute_dtype, minval=-1.0, maxval=1.0)
   return _scale(x, 1.0 + beta * noise, compute_dtype)
 

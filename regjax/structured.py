@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from regjax import _checks, _hash, _random
-from regjax.stochastic import (_check_rng_impl, _compute_dtype, _is_identity, _scale,
-                               _trivial_dropout, dropout)
+from regjax.stochastic import (_check_rng_impl, _compute_dtype, _fused_apply, _is_identity,
+                               _scale, _trivial_dropout, dropout)
 
 __all__ = [
     "channel_dropout",
@@ -329,16 +329,11 @@ def dropblock(
   seed_shape = tuple(seed_shape)
   axes = (h_axis, w_axis)
   if rng_impl == "hash":
-    seed = _hash.seed_words(key)
-
-    # Recomputed, not stored, for the backward (as in stochastic._fused_apply): the
-    # residuals are the two seed words and gamma, nothing per element.
-    @jax.checkpoint
-    def apply(x, gamma, seed):
-      seeds = _hash.bernoulli(_hash.bits(seed, seed_shape, op), gamma)
-      return _apply_block_mask(x, seeds, block_size, axes, compute_dtype)
-
-    return apply(x, gamma, seed)
+    # The backward recomputes the seeds: its residuals are the seed words and gamma.
+    def apply_fn(x_c, bits, gamma):
+      return _apply_block_mask(x_c, _hash.bernoulli(bits, gamma), block_size, axes,
+                               compute_dtype)
+    return _fused_apply(apply_fn, x, gamma, key, seed_shape, compute_dtype, op)
   seeds = _random.bernoulli(key, gamma, seed_shape)
   return _apply_block_mask(x, seeds, block_size, axes, compute_dtype)
 

@@ -55,7 +55,7 @@ ORDER_TOKENS = ("conv", "bn", "act", "drop", "pool")
 _TOKEN_ALIASES = {"dropout": "drop", "batchnorm": "bn"}
 DEFAULT_ORDER = "conv-bn-act-drop-pool"
 
-# BRIEF section 5: a public experiment (two conv blocks, 32/64 filters, 3x3, ELU,
+# A public experiment (two conv blocks, 32/64 filters, 3x3, ELU,
 # 2x2 max-pool, dense 512, Adam, 20 epochs on MNIST, dropout 0.2-0.3, one run
 # each) reported these MNIST test losses per block order. A claim to re-test.
 PUBLISHED_ORDER_LOSSES: dict[str, float] = {
@@ -80,8 +80,8 @@ def parse_order(spec: str) -> tuple[str, ...]:
 
   Tokens are ``conv``, ``bn``, ``act``, ``drop``, ``pool``, joined by ``-`` in
   any order, each at most once, ``conv`` required. Case and spaces around
-  tokens are ignored, and ``dropout`` is accepted for ``drop``, so the BRIEF's
-  ``'conv - BN - act - dropout - pool'`` parses as written.
+  tokens are ignored, and ``dropout`` is accepted for ``drop``, so the spelling of
+  the published experiment, ``'conv - BN - act - dropout - pool'``, parses as written.
 
   Raises:
     ValueError: an unknown, empty or repeated token, or no ``conv``.

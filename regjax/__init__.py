@@ -7,6 +7,7 @@ on first use, so ``import regjax`` does not import Flax).
 
 import importlib
 
+from regjax import random
 from regjax.stochastic import (
     dropout,
     dropout_noise_variance,
@@ -54,6 +55,7 @@ __all__ = [
     "matched_uout_beta",
     "max_norm",
     "max_norm_projection",
+    "random",
     "uout",
     "uout_noise_variance",
 ]

@@ -14,35 +14,34 @@ dtype (half precision computed in float32 and rounded once), the same key gives
 the same draw with and without ``jit``, and a traced rate is clipped into the
 valid range instead of being checked.
 
-They also take the same ``rng_impl`` as the multiplicative ops. ``'hash'``
-(default) is the counter-based hash fused into the elementwise op
-(:mod:`regjax._hash`): alpha dropout's mask ``m`` is ``_hash.bernoulli`` of the
-hashed bits (16-bit threshold: the realised keep probability is
-``round((1 - rate) * 2**16) / 2**16``), exactly the mask :func:`regjax.dropout`
-draws from the same key with its default generator; Gaussian noise's ``e`` is
-``_hash.normal`` (``sqrt(2) * erf_inv`` of a 24-bit uniform, tails cut at
-~5.4 sigma). No random array is written to memory: alpha dropout then costs
-about a copy of the array, Gaussian noise (dominated by ``erf_inv``) about as
-much as ``gaussian_dropout``; the backward recomputes the noise from the two
-seed words (``jax.checkpoint``), storing nothing per element. ``'jax'`` draws
-with ``jax.random`` exactly as before: ``m = jax.random.bernoulli(key, 1 - rate,
-shape)`` (``regjax.dropout``'s mask with ``rng_impl='jax'``) and ``e =
+They take the same ``rng_impl`` as the multiplicative ops. ``'hash'``
+(default) is the generator of :mod:`regjax.random`, fused into the
+elementwise op: alpha dropout's mask ``m`` is
+:func:`regjax.random.bernoulli_from_bits` of the key's words (16-bit
+threshold: the realised keep probability is ``round((1 - rate) * 2**16) /
+2**16``), exactly the mask :func:`regjax.dropout` draws from the same key;
+Gaussian noise's ``e`` is :func:`regjax.random.normal_from_bits`
+(``sqrt(2) * erf_inv`` of a 24-bit uniform, tails cut at ~5.4 sigma). No
+random array is written to memory: alpha dropout then costs about a copy of
+the array, Gaussian noise (dominated by ``erf_inv``) about as much as
+``gaussian_dropout``; the backward recomputes the noise from the seed words
+(``jax.checkpoint``), storing nothing per element. ``'jax'`` draws with
+``jax.random``: ``m = jax.random.bernoulli(key, 1 - rate, shape)``
+(``regjax.dropout``'s mask with ``rng_impl='jax'``) and ``e =
 jax.random.normal(key, shape)``; threefry makes it several times slower on a
-CPU (about 20-25x a copy at (256, 16384) float32, against about 1x for alpha
-dropout and 6-7x for Gaussian noise with ``'hash'``).
+CPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
-from regjax import _checks, _hash, _random
-from regjax.stochastic import (_check_rng_impl, _compute_dtype, _fused_apply, _is_identity,
-                               _prepare, _trivial_dropout)
+from regjax import _checks, _noise, _random, random
 
 __all__ = ["alpha_dropout", "gaussian_noise", "SELU_ALPHA", "SELU_LAMBDA"]
 
@@ -51,6 +50,48 @@ SELU_ALPHA = 1.6732632423543772
 SELU_LAMBDA = 1.0507009873554805
 # The value a dropped unit takes: SELU's negative saturation, -lambda * alpha.
 _ALPHA_P = -SELU_LAMBDA * SELU_ALPHA
+
+
+@dataclasses.dataclass(frozen=True)
+class _AlphaDropout(_noise.NoiseRule):
+  """``where(m, a * x + b, a * alpha_p + b)``, ``m ~ Bernoulli(1 - rate)``."""
+
+  def param(self, rate):
+    rate = jnp.clip(rate, 0.0, 1.0)
+    keep = 1.0 - rate
+    # No product feeds an addition here, and b is a quotient: XLA may fuse a multiply
+    # and an add into one multiply-add in one program and not in another, and the only
+    # such pair left is a * x + b (see regjax._noise). spread = 1 + rate * alpha_p**2.
+    spread = (rate + 1.0 / _ALPHA_P**2) * _ALPHA_P**2
+    # a is infinite at keep == 0 although no unit is kept; a finite stand-in keeps
+    # the gradient through the (unselected) kept branch 0 instead of 0 * inf.
+    root = jnp.sqrt(jnp.where(keep > 0, keep, 1.0) * spread)
+    a = 1.0 / root
+    b = (-_ALPHA_P * rate) / root  # = -a * alpha_p * rate
+    dropped_value = _ALPHA_P * jnp.sqrt(keep / spread)  # = a * alpha_p + b, finite at keep 0
+    return keep, a, b, dropped_value
+
+  def from_words(self, x, words, param):
+    keep, a, b, dropped_value = param
+    return jnp.where(random.bernoulli_from_bits(words, keep), a * x + b, dropped_value)
+
+  def from_key(self, x, key, noise_shape, param):
+    keep, a, b, dropped_value = param
+    return jnp.where(_random.bernoulli(key, keep, noise_shape), a * x + b, dropped_value)
+
+
+@dataclasses.dataclass(frozen=True)
+class _GaussianNoise(_noise.NoiseRule):
+  """``x + stddev * e``, ``e ~ N(0, 1)``."""
+
+  def param(self, stddev):
+    return jnp.maximum(stddev, 0.0)
+
+  def from_words(self, x, words, stddev):
+    return x + stddev * random.normal_from_bits(words, x.dtype)
+
+  def from_key(self, x, key, noise_shape, stddev):
+    return x + stddev * _random.normal(key, noise_shape, x.dtype)
 
 
 def alpha_dropout(
@@ -95,37 +136,19 @@ def alpha_dropout(
   Returns:
     An array with ``x``'s shape and dtype. The mask is the one
     :func:`regjax.dropout` draws from the same key with the same ``rng_impl``:
-    with ``'hash'``, ``_hash.bernoulli(bits, 1 - rate)`` of the key's hashed
-    bits; with ``'jax'``, ``jax.random.bernoulli(key, 1 - rate, shape)``. ``a``,
+    with ``'hash'``, ``regjax.random.bernoulli(key, 1 - rate, shape)``; with ``'jax'``, ``jax.random.bernoulli(key, 1 - rate, shape)``. ``a``,
     ``b`` and ``alpha_p`` are the exact constants for ``rate`` (with ``'hash'``
     the output moments are therefore off by the ``2**-17`` keep resolution).
   """
   op = "regjax.alpha_dropout"
-  rng_impl = _check_rng_impl(rng_impl, op)
-  deterministic, noise_shape = _prepare(x, key, deterministic, broadcast_dims, op)
+  rng_impl = _noise.check_rng_impl(rng_impl, op)
+  deterministic, dims = _noise.prepare(x, key, deterministic, broadcast_dims, op)
   rate = _checks.check_rate(rate, op, "rate", low=0.0, high=1.0, high_inclusive=True)
-  trivial = _trivial_dropout(x, rate, deterministic)
+  trivial = _noise.trivial_dropout(x, rate, deterministic)
   if trivial is not None:
     return trivial
   _checks.check_key(key, op)
-  compute_dtype = _compute_dtype(x.dtype)
-  rate = jnp.clip(jnp.asarray(rate, compute_dtype), 0.0, 1.0)
-  keep = 1.0 - rate
-  spread = 1.0 + rate * _ALPHA_P**2
-  # a is infinite at keep == 0 although no unit is kept; a finite stand-in keeps
-  # the gradient through the (unselected) kept branch 0 instead of 0 * inf.
-  a = jax.lax.rsqrt(jnp.where(keep > 0, keep, 1.0) * spread)
-  b = -a * _ALPHA_P * rate
-  dropped_value = _ALPHA_P * jnp.sqrt(keep / spread)  # = a * alpha_p + b, finite at keep == 0
-  if rng_impl == "hash":
-    def apply_fn(x_c, bits, param):
-      keep, a, b, dropped_value = param
-      return jnp.where(_hash.bernoulli(bits, keep), a * x_c + b, dropped_value)
-    return _fused_apply(apply_fn, x, (keep, a, b, dropped_value), key, noise_shape,
-                        compute_dtype, op)
-  mask = _random.bernoulli(key, keep, noise_shape)
-  y = jnp.where(mask, a * x.astype(compute_dtype) + b, dropped_value)
-  return y.astype(x.dtype)
+  return _noise.apply(_AlphaDropout(dims), x, rate, key, rng_impl)
 
 
 def gaussian_noise(
@@ -151,24 +174,17 @@ def gaussian_noise(
     deterministic: if True, return ``x`` unchanged.
     broadcast_dims: axes that share one noise draw.
     rng_impl: ``'hash'`` (default): the fused counter-hash generator, ``e =
-      _hash.normal(bits)`` (``sqrt(2) * erf_inv`` of a uniform on the midpoints
-      of a 24-bit grid of ``(-1, 1)``, tails cut at ~5.4 sigma), recomputed
-      from the key in the backward; ``'jax'``: ``e = jax.random.normal(key,
+      regjax.random.normal(key, shape)`` (``sqrt(2) * erf_inv`` of a uniform on
+      the midpoints of a 24-bit grid of ``(-1, 1)``, tails cut at ~5.4 sigma),
+      recomputed from the key in the backward; ``'jax'``: ``e = jax.random.normal(key,
       shape)``.
   """
   op = "regjax.gaussian_noise"
-  rng_impl = _check_rng_impl(rng_impl, op)
-  deterministic, noise_shape = _prepare(x, key, deterministic, broadcast_dims, op)
+  rng_impl = _noise.check_rng_impl(rng_impl, op)
+  deterministic, dims = _noise.prepare(x, key, deterministic, broadcast_dims, op)
   stddev = _checks.check_rate(stddev, op, "stddev", low=0.0, high=math.inf,
                               high_inclusive=False)
-  if _is_identity(stddev, deterministic):
+  if _noise.is_identity(stddev, deterministic):
     return x
   _checks.check_key(key, op)
-  compute_dtype = _compute_dtype(x.dtype)
-  stddev = jnp.maximum(jnp.asarray(stddev, compute_dtype), 0.0)
-  if rng_impl == "hash":
-    def apply_fn(x_c, bits, stddev):
-      return x_c + stddev * _hash.normal(bits, compute_dtype)
-    return _fused_apply(apply_fn, x, stddev, key, noise_shape, compute_dtype, op)
-  noise = _random.normal(key, noise_shape, compute_dtype)
-  return (x.astype(compute_dtype) + stddev * noise).astype(x.dtype)
+  return _noise.apply(_GaussianNoise(dims), x, stddev, key, rng_impl)

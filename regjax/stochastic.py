@@ -1,7 +1,8 @@
 """Multiplicative-noise regularizers: inverted dropout, Gaussian dropout, Uout.
 
 All three multiply each unit by noise of mean 1. What separates them, for a
-BatchNorm that follows, is the noise variance ``s2`` (see ``BRIEF.md`` §2)::
+BatchNorm that follows, is the noise variance ``s2`` (the variance shift: ``Var_eval / Var_train = v / (v + s2 * (c**2 + v))``
+for a unit of mean ``c`` and variance ``v``)::
 
     dropout(rate)           x * m / (1 - rate),  m ~ Bernoulli(1 - rate)   s2 = rate / (1 - rate)
     gaussian_dropout(rate)  x * (1 + sqrt(rate / (1 - rate)) * e), e ~ N(0, 1)   s2 = rate / (1 - rate)
@@ -14,29 +15,38 @@ gives the same draw with and without ``jit``. ``rate``/``beta`` may be traced
 scalars, so a schedule does not recompile; a traced value cannot be checked at
 trace time and is clipped into the op's valid range instead.
 
-Random generator (``rng_impl``): ``'hash'`` (default) is a counter-based hash
-fused into the elementwise op (see :mod:`regjax._hash`): one tiny threefry call
-draws two seed words from the key, and each element's noise is a hash of its
-flat (row-major) index, so dropout and Uout cost about a copy of the array
-(Gaussian dropout several copies: ``erf_inv`` dominates). Its Bernoulli masks
-compare 16 hashed bits with a threshold, so their rate resolution is
-``2**-16`` (the realised keep probability is exactly
-``round(keep * 2**16) / 2**16``); its uniforms lie on a 24-bit grid and its
-normals are ``sqrt(2) * erf_inv`` of those. The backward pass recomputes the
-noise from the seed words (``jax.checkpoint``), so nothing per element is
-stored for it. ``'jax'`` draws with ``jax.random`` exactly as before
-(``dropout``'s mask then equals ``flax.linen.Dropout``'s); it is 20-40x slower
-than a copy on a CPU.
+Random generator (``rng_impl``): ``'hash'`` (default) is the counter-based
+generator of :mod:`regjax.random`, fused into the elementwise op: one tiny
+threefry call turns the key into four seed words, and each element's noise is
+a hash of its flat (row-major) index, so dropout and Uout cost about a copy of
+the array (Gaussian dropout several copies: ``erf_inv`` dominates). Dropout's
+mask is :func:`regjax.random.bernoulli_from_bits` of those words (16 bits per
+element, so the realised keep probability is exactly
+``round(keep * 2**16) / 2**16``), Uout's noise
+:func:`regjax.random.symmetric_uniform_from_bits` (a 24-bit grid) and Gaussian
+dropout's :func:`regjax.random.normal_from_bits`. The backward pass
+recomputes the noise from the seed words (``jax.checkpoint``), so nothing per
+element is stored for it. ``'jax'`` draws with ``jax.random`` (``dropout``'s
+mask then equals ``flax.linen.Dropout``'s); it is 20-40x slower than a copy
+on a CPU.
+
+Each op runs as one compiled computation, so ``op(...)`` and
+``jax.jit(op)(...)`` give bit-identical results. (Inside a larger jitted
+function XLA may fuse neighbouring arithmetic into the op's last multiply or
+add, as it may for any JAX code, which can change the last bit.) A key must
+not be reused for two draws meant to be independent (see
+:mod:`regjax.random`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
-from regjax import _checks, _hash
+from regjax import _checks, _noise, random
 
 __all__ = [
     "dropout",
@@ -51,91 +61,47 @@ __all__ = [
 _MAX_TRACED_GAUSSIAN_RATE = 1.0 - 2.0**-24
 
 
-RNG_IMPLS = ("hash", "jax")
+@dataclasses.dataclass(frozen=True)
+class _Dropout(_noise.NoiseRule):
+  """``x * m / keep``, ``m ~ Bernoulli(keep)``; the strength is the rate."""
+
+  def param(self, rate):
+    return 1.0 - jnp.clip(rate, 0.0, 1.0)
+
+  def from_words(self, x, words, keep):
+    return x * _noise.dropout_factor(random.bernoulli_from_bits(words, keep), keep)
+
+  def from_key(self, x, key, noise_shape, keep):
+    return x * _noise.dropout_factor(jax.random.bernoulli(key, keep, noise_shape), keep)
 
 
-def _check_rng_impl(rng_impl, op: str) -> str:
-  if not isinstance(rng_impl, str) or rng_impl not in RNG_IMPLS:
-    raise ValueError(f"{op}: `rng_impl` must be one of {RNG_IMPLS}, got {rng_impl!r}.")
-  return rng_impl
+@dataclasses.dataclass(frozen=True)
+class _GaussianDropout(_noise.NoiseRule):
+  """``x * (1 + stddev * e)``, ``e ~ N(0, 1)``, ``stddev = sqrt(rate / (1 - rate))``."""
+
+  def param(self, rate):
+    rate = jnp.clip(rate, 0.0, _MAX_TRACED_GAUSSIAN_RATE)
+    return jnp.sqrt(rate / (1.0 - rate))
+
+  def from_words(self, x, words, stddev):
+    return x * (1.0 + stddev * random.normal_from_bits(words, x.dtype))
+
+  def from_key(self, x, key, noise_shape, stddev):
+    return x * (1.0 + stddev * jax.random.normal(key, noise_shape, x.dtype))
 
 
-def _fused_apply(apply_fn, x, param, key, noise_shape, compute_dtype, op):
-  """``apply_fn(x, bits, param)`` with hashed bits, recomputed (not stored) for the backward.
+@dataclasses.dataclass(frozen=True)
+class _Uout(_noise.NoiseRule):
+  """``x * (1 + beta * r)``, ``r ~ U(-1, 1)``."""
 
-  ``apply_fn(x_c, bits, param) -> y_c`` gets ``x`` in ``compute_dtype`` and the
-  uint32 hashed bits of ``noise_shape`` (broadcastable to ``x``), and returns the
-  result in ``compute_dtype``; it is rounded to ``x.dtype`` once. ``param`` is a
-  scalar or a pytree of scalars (rate, scale, ...). ``jax.checkpoint`` makes the
-  residuals of a differentiated call the seed words and ``param`` only; unlike a
-  ``custom_vjp`` it keeps forward-mode autodiff. ``op`` names the caller in the
-  error for a noise shape beyond the counter's ``2**32`` elements.
-  """
-  seed = _hash.seed_words(key)
+  def param(self, beta):
+    return jnp.maximum(beta, 0.0)
 
-  @jax.checkpoint
-  def apply(x, param, seed):
-    bits = _hash.bits(seed, noise_shape, op)
-    return apply_fn(x.astype(compute_dtype), bits, param).astype(x.dtype)
+  def from_words(self, x, words, beta):
+    return x * (1.0 + beta * random.symmetric_uniform_from_bits(words, x.dtype))
 
-  return apply(x, param, seed)
-
-
-def _fused(noise_fn, x, param, key, noise_shape, compute_dtype, op):
-  """``x * noise_fn(bits, param)`` with hashed bits: :func:`_fused_apply` of a product."""
-
-  def apply_fn(x_c, b, param):
-    return x_c * noise_fn(b, param).astype(compute_dtype)
-
-  return _fused_apply(apply_fn, x, param, key, noise_shape, compute_dtype, op)
-
-
-def _scale(x, factor, compute_dtype):
-  """``x * factor`` computed in ``compute_dtype`` and rounded to ``x.dtype`` once."""
-  return (x.astype(compute_dtype) * factor.astype(compute_dtype)).astype(x.dtype)
-
-
-def _dropout_factor(mask, keep):
-  """``1 / keep`` where ``mask`` keeps a unit, else 0.
-
-  Multiplying by this factor (rather than dividing x and selecting) keeps the
-  gradient exactly 0 where ``keep == 0``, instead of ``0 * inf = NaN``.
-  """
-  safe_keep = jnp.where(keep > 0, keep, 1.0)
-  return jnp.where(mask, 1.0 / safe_keep, 0.0)
-
-
-def _noise_shape(shape: tuple[int, ...], broadcast_dims: tuple[int, ...]) -> tuple[int, ...]:
-  return tuple(1 if i in broadcast_dims else d for i, d in enumerate(shape))
-
-
-def _compute_dtype(dtype) -> jnp.dtype:
-  # float16/bfloat16 are computed in float32 so the result is rounded only once.
-  return jnp.promote_types(dtype, jnp.float32)
-
-
-def _is_identity(strength, deterministic) -> bool:
-  """Whether a noise op returns ``x`` without a draw: eval mode, or a strength
-  (rate, beta, stddev) that is concretely 0."""
-  return deterministic or (not _checks.is_traced(strength) and strength == 0.0)
-
-
-def _trivial_dropout(x, rate, deterministic):
-  """The result of a dropout-type op when no draw is needed (eval, rate 0 or 1), else None."""
-  if _is_identity(rate, deterministic):
-    return x
-  if not _checks.is_traced(rate) and rate == 1.0:
-    return jnp.zeros_like(x)
-  return None
-
-
-def _prepare(x, key, deterministic, broadcast_dims, op):
-  _checks.check_floating(x, op)
-  deterministic = _checks.check_deterministic(deterministic, op)
-  if key is not None:
-    _checks.check_key(key, op)
-  dims = _checks.check_broadcast_dims(broadcast_dims, x.ndim, op)
-  return deterministic, _noise_shape(x.shape, dims)
+  def from_key(self, x, key, noise_shape, beta):
+    return x * (1.0 + beta * jax.random.uniform(key, noise_shape, x.dtype, -1.0, 1.0))
 
 
 def dropout(
@@ -176,21 +142,14 @@ def dropout(
     through that scale (the mask is piecewise constant in ``rate``).
   """
   op = "regjax.dropout"
-  rng_impl = _check_rng_impl(rng_impl, op)
-  deterministic, noise_shape = _prepare(x, key, deterministic, broadcast_dims, op)
+  rng_impl = _noise.check_rng_impl(rng_impl, op)
+  deterministic, dims = _noise.prepare(x, key, deterministic, broadcast_dims, op)
   rate = _checks.check_rate(rate, op, "rate", low=0.0, high=1.0, high_inclusive=True)
-  trivial = _trivial_dropout(x, rate, deterministic)
+  trivial = _noise.trivial_dropout(x, rate, deterministic)
   if trivial is not None:
     return trivial
   _checks.check_key(key, op)
-  compute_dtype = _compute_dtype(x.dtype)
-  keep = 1.0 - jnp.clip(jnp.asarray(rate, compute_dtype), 0.0, 1.0)
-  if rng_impl == "hash":
-    def factor_fn(b, keep):
-      return _dropout_factor(_hash.bernoulli(b, keep), keep)
-    return _fused(factor_fn, x, keep, key, noise_shape, compute_dtype, op)
-  mask = jax.random.bernoulli(key, keep, noise_shape)
-  return _scale(x, _dropout_factor(mask, keep), compute_dtype)
+  return _noise.apply(_Dropout(dims), x, rate, key, rng_impl)
 
 
 def gaussian_dropout(
@@ -219,21 +178,13 @@ def gaussian_dropout(
       ``'jax'``: ``jax.random.normal(key, shape)``.
   """
   op = "regjax.gaussian_dropout"
-  rng_impl = _check_rng_impl(rng_impl, op)
-  deterministic, noise_shape = _prepare(x, key, deterministic, broadcast_dims, op)
+  rng_impl = _noise.check_rng_impl(rng_impl, op)
+  deterministic, dims = _noise.prepare(x, key, deterministic, broadcast_dims, op)
   rate = _checks.check_rate(rate, op, "rate", low=0.0, high=1.0, high_inclusive=False)
-  if _is_identity(rate, deterministic):
+  if _noise.is_identity(rate, deterministic):
     return x
   _checks.check_key(key, op)
-  compute_dtype = _compute_dtype(x.dtype)
-  rate = jnp.clip(jnp.asarray(rate, compute_dtype), 0.0, _MAX_TRACED_GAUSSIAN_RATE)
-  stddev = jnp.sqrt(rate / (1.0 - rate))
-  if rng_impl == "hash":
-    def factor_fn(b, stddev):
-      return 1.0 + stddev * _hash.normal(b, compute_dtype)
-    return _fused(factor_fn, x, stddev, key, noise_shape, compute_dtype, op)
-  noise = jax.random.normal(key, noise_shape, compute_dtype)
-  return _scale(x, 1.0 + stddev * noise, compute_dtype)
+  return _noise.apply(_GaussianDropout(dims), x, rate, key, rng_impl)
 
 
 def uout(
@@ -266,20 +217,13 @@ def uout(
       ``(-1, 1)``); ``'jax'``: ``jax.random.uniform(key, shape, minval=-1, maxval=1)``.
   """
   op = "regjax.uout"
-  rng_impl = _check_rng_impl(rng_impl, op)
-  deterministic, noise_shape = _prepare(x, key, deterministic, broadcast_dims, op)
+  rng_impl = _noise.check_rng_impl(rng_impl, op)
+  deterministic, dims = _noise.prepare(x, key, deterministic, broadcast_dims, op)
   beta = _checks.check_rate(beta, op, "beta", low=0.0, high=float("inf"), high_inclusive=False)
-  if _is_identity(beta, deterministic):
+  if _noise.is_identity(beta, deterministic):
     return x
   _checks.check_key(key, op)
-  compute_dtype = _compute_dtype(x.dtype)
-  beta = jnp.maximum(jnp.asarray(beta, compute_dtype), 0.0)
-  if rng_impl == "hash":
-    def factor_fn(b, beta):
-      return 1.0 + beta * _hash.symmetric_uniform(b, compute_dtype)
-    return _fused(factor_fn, x, beta, key, noise_shape, compute_dtype, op)
-  noise = jax.random.uniform(key, noise_shape, compute_dtype, minval=-1.0, maxval=1.0)
-  return _scale(x, 1.0 + beta * noise, compute_dtype)
+  return _noise.apply(_Uout(dims), x, beta, key, rng_impl)
 
 
 def dropout_noise_variance(rate):

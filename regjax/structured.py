@@ -10,8 +10,9 @@
 
 The first two are inverted dropout with a broadcast mask and share
 :func:`regjax.dropout`'s mask draw. DropBlock draws its block seeds with the
-same choice of generator (``rng_impl``, by default the fused counter hash of
-:mod:`regjax._hash`); cutout draws its few square centres with ``jax.random``.
+same choice of generator (``rng_impl``, by default the fused counter-based
+generator of :mod:`regjax.random`); cutout draws its few square centres with
+``jax.random``.
 All follow the common contract of :mod:`regjax.stochastic` (explicit key;
 ``deterministic=True`` or a concretely zero rate returns ``x`` itself and needs
 no key; output in ``x``'s shape and dtype; same key, same draw with and without
@@ -20,6 +21,7 @@ no key; output in ``x``'s shape and dtype; same key, same draw with and without
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import numbers
 
@@ -27,9 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from regjax import _checks, _hash, _random
-from regjax.stochastic import (_check_rng_impl, _compute_dtype, _fused_apply, _is_identity,
-                               _scale, _trivial_dropout, dropout)
+from regjax import _checks, _noise, _random, random
+from regjax.stochastic import dropout
 
 __all__ = [
     "channel_dropout",
@@ -85,6 +86,7 @@ def channel_dropout(
     key: jax.Array | None = None,
     deterministic: bool = False,
     channel_axis: int = -1,
+    rng_impl: str = "hash",
 ) -> jax.Array:
   """Channel ("spatial") dropout (Tompson et al. 2015, CVPR).
 
@@ -108,8 +110,10 @@ def channel_dropout(
     key: PRNG key; required in train mode unless ``rate`` is concretely 0 or 1.
     deterministic: if True, return ``x`` unchanged.
     channel_axis: the channel axis (not 0, the batch axis).
+    rng_impl: ``'hash'`` (default) or ``'jax'``, as in :func:`regjax.dropout`.
   """
   op = "regjax.channel_dropout"
+  rng_impl = _noise.check_rng_impl(rng_impl, op)
   deterministic = _check_common(x, key, deterministic, op)
   if x.ndim < 3:
     raise ValueError(
@@ -121,12 +125,12 @@ def channel_dropout(
   if axis == 0:
     raise ValueError(f"{op}: `channel_axis` must not be 0, the batch axis; got {channel_axis}.")
   rate = _check_dropout_rate(rate, op)
-  trivial = _trivial_dropout(x, rate, deterministic)
+  trivial = _noise.trivial_dropout(x, rate, deterministic)
   if trivial is not None:
     return trivial
   _checks.check_key(key, op)
   spatial = tuple(a for a in range(1, x.ndim) if a != axis)
-  return dropout(x, rate, key=key, broadcast_dims=spatial)
+  return dropout(x, rate, key=key, broadcast_dims=spatial, rng_impl=rng_impl)
 
 
 def drop_path(
@@ -136,6 +140,7 @@ def drop_path(
     key: jax.Array | None = None,
     deterministic: bool = False,
     mode: str = "row",
+    rng_impl: str = "hash",
 ) -> jax.Array:
   """Drop path / stochastic depth on a residual branch (Huang et al. 2016, ECCV).
 
@@ -157,20 +162,23 @@ def drop_path(
     deterministic: if True, return ``x`` unchanged.
     mode: ``'row'`` (one draw per sample) or ``'batch'`` (one for the batch),
       torchvision's names.
+    rng_impl: ``'hash'`` (default) or ``'jax'``, as in :func:`regjax.dropout`.
   """
   op = "regjax.drop_path"
+  rng_impl = _noise.check_rng_impl(rng_impl, op)
   deterministic = _check_common(x, key, deterministic, op)
   if mode not in _DROP_PATH_MODES:
     raise ValueError(f"{op}: `mode` must be one of {_DROP_PATH_MODES}; got {mode!r}.")
   if x.ndim < 1:
     raise ValueError(f"{op}: `x` must have a batch axis (rank >= 1); got shape {x.shape}.")
   rate = _check_dropout_rate(rate, op)
-  trivial = _trivial_dropout(x, rate, deterministic)
+  trivial = _noise.trivial_dropout(x, rate, deterministic)
   if trivial is not None:
     return trivial
   _checks.check_key(key, op)
   first = 1 if mode == "row" else 0
-  return dropout(x, rate, key=key, broadcast_dims=tuple(range(first, x.ndim)))
+  return dropout(x, rate, key=key, broadcast_dims=tuple(range(first, x.ndim)),
+                 rng_impl=rng_impl)
 
 
 def drop_path_rates(num_blocks: int, max_rate: float, *,
@@ -273,8 +281,8 @@ def dropblock(
   clipped to ``[0, 1]``.
 
   Generator (``rng_impl``): with ``'hash'`` (default) the seeds are
-  ``_hash.bernoulli(_hash.bits(_hash.seed_words(key), seed_shape), gamma)``,
-  the counter hash of :mod:`regjax._hash` over the flat index of the seed
+  ``regjax.random.bernoulli(key, gamma, seed_shape)``, the counter-based
+  generator of :mod:`regjax.random` over the flat index of the seed
   array (shape ``x.shape`` with ``H, W`` replaced by the fitting positions and
   ``C`` by 1 with ``share_channels``). Its 16-bit threshold realises ``gamma``
   as exactly ``round(gamma * 2**16) / 2**16`` (resolution ``2**-16``), and the
@@ -305,7 +313,7 @@ def dropblock(
       key; ``'jax'``: ``jax.random.bernoulli(key, gamma, seed_shape)``.
   """
   op = "regjax.dropblock"
-  rng_impl = _check_rng_impl(rng_impl, op)
+  rng_impl = _noise.check_rng_impl(rng_impl, op)
   deterministic = _check_common(x, key, deterministic, op)
   h_axis, w_axis, c_axis = _spatial_axes(x, data_format, op)
   height, width = x.shape[h_axis], x.shape[w_axis]
@@ -314,28 +322,49 @@ def dropblock(
   if not isinstance(share_channels, (bool, np.bool_)):
     raise TypeError(f"{op}: `share_channels` must be a bool; got {share_channels!r}.")
   rate = _check_dropout_rate(rate, op)
-  if _is_identity(rate, deterministic):
+  if _noise.is_identity(rate, deterministic):
     return x
   _checks.check_key(key, op)
-  compute_dtype = _compute_dtype(x.dtype)
   valid_h, valid_w = height - block_size + 1, width - block_size + 1
   # gamma <= rate for every block_size (b * (n - b + 1) >= n on [1, n]), so it is a probability.
-  gamma = jnp.clip(jnp.asarray(rate, jnp.float32), 0.0, 1.0) * (
-      height * width / (block_size**2 * valid_h * valid_w))
-  seed_shape = list(x.shape)
-  seed_shape[h_axis], seed_shape[w_axis] = valid_h, valid_w
-  if share_channels:
-    seed_shape[c_axis] = 1
-  seed_shape = tuple(seed_shape)
-  axes = (h_axis, w_axis)
-  if rng_impl == "hash":
-    # The backward recomputes the seeds: its residuals are the seed words and gamma.
-    def apply_fn(x_c, bits, gamma):
-      return _apply_block_mask(x_c, _hash.bernoulli(bits, gamma), block_size, axes,
-                               compute_dtype)
-    return _fused_apply(apply_fn, x, gamma, key, seed_shape, compute_dtype, op)
-  seeds = _random.bernoulli(key, gamma, seed_shape)
-  return _apply_block_mask(x, seeds, block_size, axes, compute_dtype)
+  seed_rate_per_rate = height * width / (block_size**2 * valid_h * valid_w)
+  rule = _DropBlock(block_size=block_size, axes=(h_axis, w_axis),
+                    shared_axis=c_axis if share_channels else None,
+                    seed_rate_per_rate=seed_rate_per_rate)
+  return _noise.apply(rule, x, rate, key, rng_impl)
+
+
+@dataclasses.dataclass(frozen=True)
+class _DropBlock(_noise.NoiseRule):
+  """Block seeds ``~ Bernoulli(gamma)`` where a block fits, then ``x * M * numel(M) / sum(M)``."""
+
+  block_size: int = 1
+  axes: tuple[int, int] = (1, 2)
+  shared_axis: int | None = None
+  seed_rate_per_rate: float = 1.0
+
+  def noise_shape(self, shape):
+    """The seed array: ``shape`` with ``H, W`` the fitting positions (``C`` 1 if shared)."""
+    seed_shape = list(shape)
+    for axis in self.axes:
+      seed_shape[axis] = shape[axis] - self.block_size + 1
+    if self.shared_axis is not None:
+      seed_shape[self.shared_axis] = 1
+    return tuple(seed_shape)
+
+  def param(self, rate):
+    return jnp.clip(rate.astype(jnp.float32), 0.0, 1.0) * self.seed_rate_per_rate
+
+  def from_words(self, x, words, gamma):
+    return self._apply_seeds(x, random.bernoulli_from_bits(words, gamma))
+
+  def from_key(self, x, key, noise_shape, gamma):
+    return self._apply_seeds(x, _random.bernoulli(key, gamma, noise_shape))
+
+  def _apply_seeds(self, x, seeds):
+    """``x * M * numel(M) / sum(M)``, ``M`` zero on the block of every seed."""
+    keep = ~_box_any(seeds, self.block_size, self.axes)
+    return _scale_by_mask(x, keep, self.axes[0])
 
 
 def _count(mask: jax.Array, axis: int) -> jax.Array:
@@ -350,13 +379,8 @@ def _count(mask: jax.Array, axis: int) -> jax.Array:
   return jnp.sum(mask, dtype=jnp.int32)
 
 
-def _apply_block_mask(x, seeds, block_size, axes, compute_dtype):
-  """``x * M * numel(M) / sum(M)``, ``M`` zero on the block of every seed."""
-  return _scale_by_mask(x, ~_box_any(seeds, block_size, axes), axes[0], compute_dtype)
-
-
-@functools.partial(jax.checkpoint, static_argnums=(2, 3))
-def _scale_by_mask(x, keep, count_axis, compute_dtype):
+@functools.partial(jax.checkpoint, static_argnums=(2,))
+def _scale_by_mask(x, keep, count_axis):
   """``x * where(keep, numel / sum(keep), 0)``.
 
   Checkpointed, so a backward keeps the bool mask (1 byte per element) and
@@ -365,7 +389,7 @@ def _scale_by_mask(x, keep, count_axis, compute_dtype):
   # An exact integer count; an all-dropped mask zeroes x whatever the scale.
   kept = _count(keep, count_axis)
   scale = keep.size / jnp.maximum(kept, 1).astype(jnp.float32)
-  return _scale(x, jnp.where(keep, scale, 0.0), compute_dtype)
+  return _noise.scale(x, jnp.where(keep, scale, 0.0), x.dtype)
 
 
 def dropblock_rate_schedule(step, total_steps: int, final_rate: float | jax.Array) -> jax.Array:

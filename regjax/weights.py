@@ -19,8 +19,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from regjax import _checks
-from regjax.stochastic import _compute_dtype, dropout
+from regjax import _checks, _noise
+from regjax.stochastic import dropout
 
 __all__ = ["dropconnect_dense", "max_norm", "max_norm_projection", "default_max_norm_filter"]
 
@@ -35,13 +35,14 @@ def dropconnect_dense(
     deterministic: bool = False,
     precision: Any = None,
     dot_general: Callable[..., jax.Array] | None = None,
+    rng_impl: str = "hash",
 ) -> jax.Array:
   """A dense layer with DropConnect on its kernel (Wan et al. 2013, ICML).
 
   Train mode: ``y = x @ (W * M) / (1 - rate) + b``, ``M ~ Bernoulli(1 - rate)``
   of the kernel's shape: weights are dropped, not activations, and the bias is
-  never dropped. ``M`` is the mask ``regjax.dropout(W, rate, key=key)`` draws
-  (its fused hash generator). Eval mode:
+  never dropped. ``M`` is the mask ``regjax.dropout(W, rate, key=key,
+  rng_impl=rng_impl)`` draws. Eval mode:
   ``y = x @ W + b``, computed exactly as ``flax.linen.Dense`` does.
 
   One mask is drawn per call and shared by the whole batch, the usual
@@ -60,11 +61,13 @@ def dropconnect_dense(
     deterministic: if True, no weight is dropped.
     precision: passed to ``dot_general``, as in ``flax.linen.Dense``.
     dot_general: the contraction (default ``jax.lax.dot_general``).
+    rng_impl: ``'hash'`` (default) or ``'jax'``, as in :func:`regjax.dropout`.
 
   Returns:
     ``(..., out)``, in the dtype ``x @ kernel + bias`` has.
   """
   op = "regjax.dropconnect_dense"
+  rng_impl = _noise.check_rng_impl(rng_impl, op)
   _checks.check_floating(x, op)
   _checks.check_floating(kernel, op, "kernel")
   deterministic = _checks.check_deterministic(deterministic, op)
@@ -84,7 +87,7 @@ def dropconnect_dense(
     _checks.check_key(key, op)
   # dropout() returns the kernel itself in eval or at rate 0 (and zeros at 1),
   # so eval is bit-for-bit flax.linen.Dense.
-  kernel = dropout(kernel, rate, key=key, deterministic=deterministic)
+  kernel = dropout(kernel, rate, key=key, deterministic=deterministic, rng_impl=rng_impl)
   dot_general = jax.lax.dot_general if dot_general is None else dot_general
   y = dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
   if bias is not None:
@@ -146,7 +149,7 @@ def _project(w, max_value, axis, op, name):
     raise ValueError(
         f"{op}: params leaf {name} of shape {w.shape} has no axis to take norms over; "
         "a scalar or vector has no per-unit weight vectors.")
-  compute_dtype = _compute_dtype(w.dtype)
+  compute_dtype = _noise.compute_dtype(w.dtype)
   wc = w.astype(compute_dtype)
   norm = jnp.sqrt(jnp.sum(wc * wc, axis=axes, keepdims=True))
   c = jnp.maximum(jnp.asarray(max_value, compute_dtype), 0.0)

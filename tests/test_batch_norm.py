@@ -1,7 +1,7 @@
 """Tests for `regjax.batch_norm` and `regjax.linen.BatchNorm`.
 
 The functional op is checked against a float64 NumPy reference written below
-(BRIEF section 3: biased batch variance, Flax momentum convention, optional
+(biased batch variance, Flax momentum convention, optional
 unbiased running variance, eval with the running statistics); the linen module
 is checked against `flax.linen.BatchNorm` itself.
 """

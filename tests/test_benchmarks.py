@@ -70,9 +70,10 @@ def test_harness_writes_results(bench, tmp_path, capsys):
   verdicts = {t["target"]: t for t in saved["targets"]}
   assert all(t["verdict"] in ("PASS", "FAIL", "SKIP") for t in saved["targets"])
   assert verdicts["CNN train step, regjax layers <= 1x flax layers"]["verdict"] == "SKIP"
-  assert verdicts["regjax.dropout(0.5) fwd <= 2x copy floor [small float32]"]["verdict"] == "SKIP"
-  assert verdicts["regjax.dropout backward keeps <= 1 byte/element [8x256 float32]"][
-      "verdict"] in ("PASS", "FAIL")
+  assert verdicts["regjax.dropout(0.5) fwd <= 1.5x copy floor [small float32]"][
+      "verdict"] == "SKIP"
+  assert verdicts["regjax.dropout backward keeps <= 64 bytes in all [8x256 float32]"][
+      "verdict"] == "PASS"
 
 
 def test_flax_twin_matches_example_cnn(bench):

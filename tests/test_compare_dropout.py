@@ -78,7 +78,7 @@ def test_quick_order_sweep_on_mock_mnist(tmp_path, capsys):
     record = cd.main(["--dataset", "mnist", "--quick", "--batch-size", "32", "--no-progress",
                       "--orders", "conv-drop-bn-act-pool", "--out-dir", str(tmp_path)])
   out = capsys.readouterr().out
-  assert "claimed loss" in out and "0.0324" in out  # BRIEF.md §5's number for this order
+  assert "claimed loss" in out and "0.0324" in out  # the published number for this order
   record = _check_run_folder(tmp_path, 2)
   assert record["study"] == "orders" and record["dataset"] == "mnist"
   assert record["runs"][0]["order"] == "conv-drop-bn-act-pool"

@@ -1,4 +1,4 @@
-"""Tests of regjax.diagnostics on Flax NNX models (BRIEF.md §2, §4).
+"""Tests of regjax.diagnostics on Flax NNX models.
 
 Input N(c, v) -> multiplicative noise (mean 1, variance s2) -> BatchNorm:
 Var_train = v + s2 * (c**2 + v), Var_eval = v, so delta = v / (v + s2 * (c**2 + v)).

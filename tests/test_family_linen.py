@@ -210,10 +210,10 @@ def test_model_trains_under_jit_and_eval_is_deterministic():
 
 class DropConnectTest(parameterized.TestCase):
 
-  def test_fields_are_dense_fields_plus_three(self):
+  def test_fields_are_dense_fields_plus_four(self):
     dense = {f.name: f.default for f in dataclasses.fields(nn.Dense)}
     ours = {f.name: f.default for f in dataclasses.fields(rnn.DropConnect)}
-    assert set(ours) - set(dense) == {"rate", "deterministic", "rng_collection"}
+    assert set(ours) - set(dense) == {"rate", "deterministic", "rng_collection", "rng_impl"}
     assert set(dense) <= set(ours)
     for name in dense:
       if name in ("kernel_init", "bias_init"):

@@ -325,7 +325,7 @@ def test_drop_connect_is_an_nnx_linear_drop_in():
   assert ours.kernel.shape == (5, 4) and ours.bias.shape == (4,)
   params_ours = inspect.signature(rx.DropConnect.__init__).parameters
   params_linear = inspect.signature(nnx.Linear.__init__).parameters
-  assert set(params_ours) - set(params_linear) == {"rate", "deterministic", "rng_collection"}
+  assert set(params_ours) - set(params_linear) == {"rate", "deterministic", "rng_collection", "rng_impl"}
   for p in params_linear:
     assert params_ours[p].default == params_linear[p].default, p
   x = _x((3, 5))

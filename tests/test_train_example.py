@@ -172,7 +172,7 @@ def test_cli_usage_errors(capsys):
 
 # ------------------------------------------------------------------------- models
 
-BRIEF_SECTION5_ORDERS = (  # as printed in BRIEF.md section 5
+PUBLISHED_ORDERS = (  # as the public order experiment prints them
     "conv - act - dropout - BN - pool", "conv - act - dropout - pool - BN",
     "conv - act - BN - pool - dropout", "conv - act - BN - dropout - pool",
     "conv - BN - act - dropout - pool", "conv - BN - act - pool - dropout",
@@ -181,7 +181,7 @@ BRIEF_SECTION5_ORDERS = (  # as printed in BRIEF.md section 5
 
 
 def test_brief_orders_parse():
-  parsed = [models.parse_order(o) for o in BRIEF_SECTION5_ORDERS]
+  parsed = [models.parse_order(o) for o in PUBLISHED_ORDERS]
   assert ["-".join(p) for p in parsed] == list(models.PUBLISHED_ORDER_LOSSES)
   assert models.parse_order("conv-bn-act-drop-pool") == ("conv", "bn", "act", "drop", "pool")
   assert models.parse_order("conv") == ("conv",)

@@ -27,12 +27,15 @@ class ChannelDropout(nn.Module):
     channel_axis: the channel axis (-1, channels-last, by default; 1 for channels-first).
     deterministic: eval mode if True; may be given at call instead.
     rng_collection: the PRNG stream the mask is drawn from.
+    rng_impl: ``'hash'`` (fused counter hash, default) or ``'jax'``
+      (``jax.random``); see :func:`regjax.dropout`.
   """
 
   rate: float
   channel_axis: int = -1
   deterministic: bool | None = None
   rng_collection: str = "dropout"
+  rng_impl: str = "hash"
 
   @nn.compact
   def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
@@ -40,7 +43,7 @@ class ChannelDropout(nn.Module):
     deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
     key = noise_key(self, deterministic, rng, is_concretely(self.rate, 0.0, 1.0))
     return F.channel_dropout(inputs, self.rate, key=key, deterministic=deterministic,
-                             channel_axis=self.channel_axis)
+                             channel_axis=self.channel_axis, rng_impl=self.rng_impl)
 
 
 class DropPath(nn.Module):
@@ -54,19 +57,23 @@ class DropPath(nn.Module):
     mode: ``'row'`` (one draw per sample) or ``'batch'`` (one for the batch).
     deterministic: eval mode if True; may be given at call instead.
     rng_collection: the PRNG stream the mask is drawn from.
+    rng_impl: ``'hash'`` (fused counter hash, default) or ``'jax'``
+      (``jax.random``); see :func:`regjax.dropout`.
   """
 
   rate: float
   mode: str = "row"
   deterministic: bool | None = None
   rng_collection: str = "dropout"
+  rng_impl: str = "hash"
 
   @nn.compact
   def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
                rng: jax.Array | None = None) -> jax.Array:
     deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
     key = noise_key(self, deterministic, rng, is_concretely(self.rate, 0.0, 1.0))
-    return F.drop_path(inputs, self.rate, key=key, deterministic=deterministic, mode=self.mode)
+    return F.drop_path(inputs, self.rate, key=key, deterministic=deterministic, mode=self.mode,
+                       rng_impl=self.rng_impl)
 
 
 class DropBlock(nn.Module):

@@ -2,8 +2,8 @@
 
 ``DropConnect`` has ``Dense``'s fields, parameters (``kernel`` of shape
 ``(in, features)``, ``bias``) and eval-mode arithmetic, so a ``Dense``
-checkpoint loads into it unchanged; it adds ``rate``, ``deterministic`` and
-``rng_collection``. A train-mode call with no ``rng_collection`` stream raises
+checkpoint loads into it unchanged; it adds ``rate``, ``deterministic``,
+``rng_collection`` and ``rng_impl``. A train-mode call with no ``rng_collection`` stream raises
 instead of drawing from ``'params'``.
 """
 
@@ -36,6 +36,8 @@ class DropConnect(nn.Module):
       setting; a default is needed because it follows Dense's fields).
     deterministic: eval mode if True; may be given at call instead.
     rng_collection: the PRNG stream the mask is drawn from.
+    rng_impl: ``'hash'`` (fused counter hash, default) or ``'jax'``
+      (``jax.random``); see :func:`regjax.dropout`.
   """
 
   features: int
@@ -51,6 +53,7 @@ class DropConnect(nn.Module):
   rate: float = 0.5
   deterministic: bool | None = None
   rng_collection: str = "dropout"
+  rng_impl: str = "hash"
 
   @nn.compact
   def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
@@ -68,4 +71,4 @@ class DropConnect(nn.Module):
     key = noise_key(self, deterministic, rng, is_concretely(self.rate, 0.0, 1.0))
     return F.dropconnect_dense(inputs, kernel, bias, self.rate, key=key,
                                deterministic=deterministic, precision=self.precision,
-                               dot_general=dot_general)
+                               dot_general=dot_general, rng_impl=self.rng_impl)

@@ -15,7 +15,7 @@ from flax import nnx
 from regjax import _checks
 from regjax import affine_noise as F
 from regjax.nnx._common import NoiseModule, RngsArg, hashable
-from regjax.stochastic import _check_rng_impl
+from regjax._noise import check_rng_impl
 
 
 class AlphaDropout(NoiseModule):
@@ -40,7 +40,7 @@ class AlphaDropout(NoiseModule):
                        high_inclusive=True)
     self.rate = rate
     self.broadcast_dims = hashable(broadcast_dims)
-    self.rng_impl = _check_rng_impl(rng_impl, f"regjax.nnx.{type(self).__name__}")
+    self.rng_impl = check_rng_impl(rng_impl, f"regjax.nnx.{type(self).__name__}")
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
@@ -67,7 +67,7 @@ class GaussianNoise(NoiseModule):
                        high_inclusive=False)
     self.stddev = stddev
     self.broadcast_dims = hashable(broadcast_dims)
-    self.rng_impl = _check_rng_impl(rng_impl, f"regjax.nnx.{type(self).__name__}")
+    self.rng_impl = check_rng_impl(rng_impl, f"regjax.nnx.{type(self).__name__}")
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,

@@ -21,6 +21,7 @@ from flax import nnx
 
 from regjax import _checks
 from regjax import stochastic as F
+from regjax._noise import check_rng_impl
 from regjax.nnx._common import NoiseModule, RngsArg, hashable
 
 
@@ -47,7 +48,7 @@ class Dropout(NoiseModule):
                        high_inclusive=True)
     self.rate = rate
     self.broadcast_dims = hashable(broadcast_dims)
-    self.rng_impl = F._check_rng_impl(rng_impl, f"regjax.nnx.{type(self).__name__}")
+    self.rng_impl = check_rng_impl(rng_impl, f"regjax.nnx.{type(self).__name__}")
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
@@ -72,7 +73,7 @@ class GaussianDropout(NoiseModule):
                        high_inclusive=False)
     self.rate = rate
     self.broadcast_dims = hashable(broadcast_dims)
-    self.rng_impl = F._check_rng_impl(rng_impl, f"regjax.nnx.{type(self).__name__}")
+    self.rng_impl = check_rng_impl(rng_impl, f"regjax.nnx.{type(self).__name__}")
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
@@ -98,7 +99,7 @@ class Uout(NoiseModule):
                        high_inclusive=False)
     self.beta = beta
     self.broadcast_dims = hashable(broadcast_dims)
-    self.rng_impl = F._check_rng_impl(rng_impl, f"regjax.nnx.{type(self).__name__}")
+    self.rng_impl = check_rng_impl(rng_impl, f"regjax.nnx.{type(self).__name__}")
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,

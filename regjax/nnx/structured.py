@@ -2,8 +2,8 @@
 
 Constructor and call follow ``flax.nnx.Dropout`` (see :mod:`regjax.nnx.stochastic`);
 a train-mode module never draws from a stream other than its ``rng_collection``.
-Arguments other than the rate (and DropBlock's ``rng_impl``) are checked by the
-function at call.
+Arguments other than the rate and ``rng_impl`` are checked by the function at
+call.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from flax import nnx
 
 from regjax import _checks
 from regjax import structured as F
+from regjax._noise import check_rng_impl
 from regjax.nnx._common import NoiseModule, RngsArg
-from regjax.stochastic import _check_rng_impl
 
 
 def _check_rate(rate, name):
@@ -34,16 +34,19 @@ class ChannelDropout(NoiseModule):
     deterministic: eval mode if True; switched by ``model.train()`` /
       ``model.eval()`` / ``nnx.view``; a value given at call takes precedence.
     rng_collection: the ``nnx.Rngs`` stream the mask is drawn from.
+    rng_impl: ``'hash'`` (fused counter hash, default) or ``'jax'``
+      (``jax.random``); see :func:`regjax.dropout`.
     rngs: an ``nnx.Rngs`` with a ``rng_collection`` stream, an
       ``nnx.RngStream``, or None (then a key must be given at call).
   """
 
   def __init__(self, rate: float, *, channel_axis: int = -1,
                deterministic: bool | None = False, rng_collection: str = "dropout",
-               rngs: nnx.Rngs | nnx.RngStream | None = None):
+               rng_impl: str = "hash", rngs: nnx.Rngs | nnx.RngStream | None = None):
     _check_rate(rate, "ChannelDropout")
     self.rate = rate
     self.channel_axis = channel_axis
+    self.rng_impl = check_rng_impl(rng_impl, f"regjax.nnx.{type(self).__name__}")
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
@@ -52,7 +55,7 @@ class ChannelDropout(NoiseModule):
     deterministic = self._deterministic(deterministic)
     key = self._key(deterministic, rngs, _checks.is_concretely(self.rate, 0.0, 1.0))
     return F.channel_dropout(inputs, self.rate, key=key, deterministic=deterministic,
-                             channel_axis=self.channel_axis)
+                             channel_axis=self.channel_axis, rng_impl=self.rng_impl)
 
 
 class DropPath(NoiseModule):
@@ -64,15 +67,16 @@ class DropPath(NoiseModule):
   Args:
     rate: probability of dropping the branch, in ``[0, 1]``.
     mode: ``'row'`` (one draw per sample) or ``'batch'`` (one for the batch).
-    deterministic, rng_collection, rngs: as in :class:`ChannelDropout`.
+    deterministic, rng_collection, rng_impl, rngs: as in :class:`ChannelDropout`.
   """
 
   def __init__(self, rate: float, *, mode: str = "row", deterministic: bool | None = False,
-               rng_collection: str = "dropout",
+               rng_collection: str = "dropout", rng_impl: str = "hash",
                rngs: nnx.Rngs | nnx.RngStream | None = None):
     _check_rate(rate, "DropPath")
     self.rate = rate
     self.mode = mode
+    self.rng_impl = check_rng_impl(rng_impl, f"regjax.nnx.{type(self).__name__}")
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
@@ -80,7 +84,8 @@ class DropPath(NoiseModule):
     """Drops the branch per sample (or batch); ``rngs`` overrides the kept stream."""
     deterministic = self._deterministic(deterministic)
     key = self._key(deterministic, rngs, _checks.is_concretely(self.rate, 0.0, 1.0))
-    return F.drop_path(inputs, self.rate, key=key, deterministic=deterministic, mode=self.mode)
+    return F.drop_path(inputs, self.rate, key=key, deterministic=deterministic, mode=self.mode,
+                       rng_impl=self.rng_impl)
 
 
 class DropBlock(NoiseModule):
@@ -110,7 +115,7 @@ class DropBlock(NoiseModule):
     self.block_size = block_size
     self.share_channels = share_channels
     self.data_format = data_format
-    self.rng_impl = _check_rng_impl(rng_impl, f"regjax.nnx.{type(self).__name__}")
+    self.rng_impl = check_rng_impl(rng_impl, f"regjax.nnx.{type(self).__name__}")
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,

@@ -4,7 +4,7 @@
 parameters from the same ``rngs.params()`` draws (``kernel`` of shape
 ``(in_features, out_features)``, ``bias``), so an ``nnx.Linear`` state loads
 into it unchanged and eval mode computes exactly ``nnx.Linear``'s output. It
-adds ``rate``, ``deterministic`` and ``rng_collection``, with the
+adds ``rate``, ``deterministic``, ``rng_collection`` and ``rng_impl``, with the
 ``flax.nnx.Dropout`` conventions of :mod:`regjax.nnx.stochastic`.
 """
 
@@ -23,6 +23,7 @@ from flax.nnx.nn.linear import default_bias_init, default_kernel_init
 
 from regjax import _checks
 from regjax import weights as F
+from regjax._noise import check_rng_impl
 from regjax.nnx._common import NoiseModule, RngsArg
 
 
@@ -44,6 +45,8 @@ class DropConnect(NoiseModule):
     deterministic: eval mode if True; switched by ``model.train()`` /
       ``model.eval()`` / ``nnx.view``; a value given at call takes precedence.
     rng_collection: the ``nnx.Rngs`` stream the mask is drawn from.
+    rng_impl: ``'hash'`` (fused counter hash, default) or ``'jax'``
+      (``jax.random``); see :func:`regjax.dropout`.
   """
 
   def __init__(
@@ -66,6 +69,7 @@ class DropConnect(NoiseModule):
       rate: float = 0.5,
       deterministic: bool | None = False,
       rng_collection: str = "dropout",
+      rng_impl: str = "hash",
   ):
     _checks.check_rate(rate, "regjax.nnx.DropConnect", "rate", low=0.0, high=1.0,
                        high_inclusive=True)
@@ -89,6 +93,7 @@ class DropConnect(NoiseModule):
     self.promote_dtype = promote_dtype
     self.preferred_element_type = preferred_element_type
     self.rate = rate
+    self.rng_impl = check_rng_impl(rng_impl, f"regjax.nnx.{type(self).__name__}")
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(self, inputs: jax.Array, out_sharding=None, *,
@@ -111,5 +116,5 @@ class DropConnect(NoiseModule):
     key = self._key(deterministic, rngs, _checks.is_concretely(self.rate, 0.0, 1.0))
     return F.dropconnect_dense(
         inputs, kernel, bias, self.rate, key=key, deterministic=deterministic,
-        precision=self.precision,
+        precision=self.precision, rng_impl=self.rng_impl,
         dot_general=functools.partial(self.dot_general, **dot_general_kwargs))

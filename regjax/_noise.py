@@ -1,0 +1,146 @@
+"""What every random op shares: the generator choice, the trivial cases, one compiled kernel.
+
+An op is described by a :class:`NoiseRule` (a small frozen dataclass: static,
+hashable) that says what its noise array looks like, which constants its
+strength gives, and how the noise meets ``x`` -- once from hashed words
+(``rng_impl='hash'``, :mod:`regjax.random`) and once from a ``jax.random``
+draw (``rng_impl='jax'``). :func:`apply` runs the rule as one ``jax.jit``
+computation, so an eager call and a call under ``jit`` compile the same
+program and round every value identically (XLA contracts ``a * b + c`` into
+one fused multiply-add inside a compiled program, which op-by-op execution
+would not). A rule computes its strength's constants (keep, stddev, ...) with
+correctly rounded operations only (``+ - * / sqrt``), and none of its
+products feeds an addition of the elementwise formula except through the
+formula's own multiply-add: so whether XLA folds the constants at compile
+time (a constant strength) or computes them inside the loop (a traced one),
+the same roundings happen. With
+``'hash'``, the backward pass recomputes the noise from the seed words
+(``jax.checkpoint``) and keeps nothing per element.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from regjax import _checks, random
+
+RNG_IMPLS = ("hash", "jax")
+
+
+def check_rng_impl(rng_impl, op: str) -> str:
+  if not isinstance(rng_impl, str) or rng_impl not in RNG_IMPLS:
+    raise ValueError(f"{op}: `rng_impl` must be one of {RNG_IMPLS}, got {rng_impl!r}.")
+  return rng_impl
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+  """float16/bfloat16 are computed in float32, so the result is rounded only once."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def scale(x, factor, dtype):
+  """``x * factor`` computed in ``dtype`` and rounded to ``x.dtype`` once."""
+  return (x.astype(dtype) * factor.astype(dtype)).astype(x.dtype)
+
+
+def dropout_factor(mask, keep):
+  """``1 / keep`` where ``mask`` keeps a unit, else 0.
+
+  Multiplying by this factor (rather than dividing x and selecting) keeps the
+  gradient exactly 0 where ``keep == 0``, instead of ``0 * inf = NaN``.
+  """
+  safe_keep = jnp.where(keep > 0, keep, 1.0)
+  return jnp.where(mask, 1.0 / safe_keep, 0.0)
+
+
+def broadcast_noise_shape(shape: tuple, broadcast_dims: tuple[int, ...]) -> tuple:
+  """``shape`` with the ``broadcast_dims`` set to 1: the axes that share one draw."""
+  return tuple(1 if i in broadcast_dims else d for i, d in enumerate(shape))
+
+
+def is_identity(strength, deterministic) -> bool:
+  """Whether a noise op returns ``x`` without a draw: eval mode, or a strength
+  (rate, beta, stddev) that is concretely 0."""
+  return deterministic or (not _checks.is_traced(strength) and strength == 0.0)
+
+
+def trivial_dropout(x, rate, deterministic):
+  """The result of a dropout-type op when no draw is needed (eval, rate 0 or 1), else None."""
+  if is_identity(rate, deterministic):
+    return x
+  if not _checks.is_traced(rate) and rate == 1.0:
+    return jnp.zeros_like(x)
+  return None
+
+
+def prepare(x, key, deterministic, broadcast_dims: Sequence[int], op: str):
+  """The checks every elementwise noise op makes; returns ``(deterministic, broadcast_dims)``."""
+  _checks.check_floating(x, op)
+  deterministic = _checks.check_deterministic(deterministic, op)
+  if key is not None:
+    _checks.check_key(key, op)
+  return deterministic, _checks.check_broadcast_dims(broadcast_dims, x.ndim, op)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseRule:
+  """One op's noise, static and hashable (so that :func:`apply` compiles once per op).
+
+  Subclasses define :meth:`param` (the constants of the strength, in the
+  compute dtype), :meth:`from_words` and :meth:`from_key`; the noise has
+  ``x``'s shape with ``broadcast_dims`` set to 1 unless :meth:`noise_shape`
+  says otherwise.
+  """
+
+  broadcast_dims: tuple[int, ...] = ()
+
+  def noise_shape(self, shape: tuple) -> tuple:
+    return broadcast_noise_shape(shape, self.broadcast_dims)
+
+  def param(self, strength: jax.Array):
+    raise NotImplementedError
+
+  def from_words(self, x: jax.Array, words: jax.Array, param) -> jax.Array:
+    """The output (in the compute dtype) from ``x`` and the uint32 words of the noise shape."""
+    raise NotImplementedError
+
+  def from_key(self, x: jax.Array, key: jax.Array, noise_shape: tuple, param) -> jax.Array:
+    """The output (in the compute dtype) with the noise drawn by ``jax.random``."""
+    raise NotImplementedError
+
+
+def apply(rule: NoiseRule, x: jax.Array, strength, key: jax.Array, rng_impl: str) -> jax.Array:
+  """``rule`` applied to ``x`` in train mode, as one compiled computation (see the module).
+
+  A concrete strength is part of the compiled program (a constant, as it is for a
+  Python float inside the caller's ``jit``); a traced one is an argument.
+  """
+  if _checks.is_traced(strength):
+    return _apply_traced(rule, x, strength, key, rng_impl)
+  return _apply_constant(rule, x, key, rng_impl, float(strength))
+
+
+def _apply(rule: NoiseRule, x: jax.Array, strength, key: jax.Array, rng_impl: str) -> jax.Array:
+  dtype = compute_dtype(x.dtype)
+  param = rule.param(jnp.asarray(strength, dtype))
+  noise_shape = rule.noise_shape(x.shape)
+  if rng_impl == "jax":
+    return rule.from_key(x.astype(dtype), key, noise_shape, param).astype(x.dtype)
+
+  @jax.checkpoint  # the backward recomputes the words: its residuals are seed and param
+  def fused(x, param, seed):
+    words = random.counter_bits(seed, noise_shape)
+    return rule.from_words(x.astype(dtype), words, param).astype(x.dtype)
+
+  return fused(x, param, random.seed_words(key))
+
+
+_apply_traced = jax.jit(_apply, static_argnums=(0, 4))
+_apply_constant = jax.jit(
+    lambda rule, x, key, rng_impl, strength: _apply(rule, x, strength, key, rng_impl),
+    static_argnums=(0, 3, 4))

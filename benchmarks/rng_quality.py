@@ -37,6 +37,8 @@ Streams (``--list`` prints them); "one key" is ``jax.random.key(--seed)``:
                  sequence, with (s0, s1) = jax.random.bits(key, (2,)) and gamma = s1 | 1
                  (fixed up like regjax.random.weyl_step); top 16 bits, as bernoulli16.
                  8 GB (it fails long before).
+  alt/...        design alternatives to the formula regjax uses, top 16 bits as
+                 bernoulli16 (run only when named in --streams; --list shows them).
 
 Results: the table on stdout and, under ``--out`` (default ``runs/rng_quality``),
 ``results.json`` plus each stream's PractRand log.
@@ -115,10 +117,15 @@ def _threefry_words(key_data, start):
   return a ^ b  # jax.random.bits(key, (n,))[lo] with the partitionable threefry
 
 
-def _lowbias32(h):
-  h = h ^ (h >> 16)
-  h = h * jnp.uint32(0x7FEB352D)
+def _mix(x, y=None, *, at="before", op="xor"):
+  """lowbias32 of ``x`` with ``y`` combined in by ``op`` before or after the middle xorshift."""
+  h = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
+  join = (lambda h: h ^ y) if op == "xor" else (lambda h: h + y)
+  if y is not None and at == "before":
+    h = join(h)
   h = h ^ (h >> 15)
+  if y is not None and at == "after":
+    h = join(h)
   h = h * jnp.uint32(0x846CA68B)
   return h ^ (h >> 16)
 
@@ -126,8 +133,34 @@ def _lowbias32(h):
 @jax.jit
 def _old_top16_pairs(seed2, start):
   lo = start + jnp.arange(CHUNK, dtype=jnp.uint32)
-  w = _lowbias32(seed2[0] + lo * rrandom.weyl_step(seed2[1])) >> 16
+  w = _mix(seed2[0] + lo * rrandom.weyl_step(seed2[1])) >> 16  # lowbias32
   return w[0::2] | (w[1::2] << 16)
+
+
+def _alternative(combine):
+  """A design alternative: the top 16 bits of ``combine(x, y, i)``, two per word."""
+
+  @jax.jit
+  def top16_pairs(seed, start):
+    i = start + jnp.arange(CHUNK, dtype=jnp.uint32)
+    x0, g0, y0, g1 = rrandom.weyl_parameters(seed)
+    w = combine(x0 + i * g0, y0 + i * g1, i, y0) >> 16
+    return w[0::2] | (w[1::2] << 16)
+  return top16_pairs
+
+
+# Design alternatives (not run by default): the same harness on the formulas that were
+# weighed against the one regjax uses ("regjax": XOR before the middle xorshift).
+ALTERNATIVES = {
+    "alt/plus-weyl": ("lowbias32(x) + y: a bijection plus a Weyl sequence",
+                      lambda x, y, i, y0: _mix(x) + y),
+    "alt/add-middle": ("y added, not XORed, before the middle xorshift",
+                       lambda x, y, i, y0: _mix(x, y, op="add")),
+    "alt/xor-counter": ("the raw counter i + y0 XORed in, no second sequence",
+                        lambda x, y, i, y0: _mix(x, i + y0)),
+    "alt/xor-after": ("y XORed in after the middle xorshift",
+                      lambda x, y, i, y0: _mix(x, y, at="after")),
+}
 
 
 def _word_of_keys(index):
@@ -197,6 +230,11 @@ def _streams() -> dict[str, Stream]:
                                        1 << 32, CHUNK),
              "before: regjax's previous generator, top 16 bits"),
   ]
+  streams += [Stream(name, 4, 8 * GB,
+                     lambda k, fn=_alternative(combine): _counter_blocks(fn, seed(k), 1 << 32,
+                                                                         CHUNK),
+                     f"alternative design: {about}; top 16 bits")
+              for name, (about, combine) in ALTERNATIVES.items()]
   return {s.name: s for s in streams}
 
 
@@ -214,6 +252,10 @@ def self_check(key) -> None:
   top = ops_words >> 16
   assert np.array_equal(np.asarray(_top16_pairs(seed, jnp.uint32(0)))[:n // 2],
                         top[0::2] | (top[1::2] << 16))
+  # The alternatives' building block, with y XORed in before the xorshift, is regjax's formula.
+  i = jnp.arange(n, dtype=jnp.uint32)
+  x0, g0, y0, g1 = rrandom.weyl_parameters(seed)
+  assert np.array_equal(np.asarray(_mix(x0 + i * g0, y0 + i * g1)), ops_words)
 
 
 # ------------------------------------------------------------------------------- running
@@ -250,30 +292,43 @@ def write_stream(stream: Stream, key, out, limit: int, progress=None) -> int:
   return written
 
 
+def _human(power: str) -> str:
+  """``'2^33'`` as ``'8 GB'``."""
+  nbytes = 1 << int(power.split("^")[1])
+  for unit, shift in (("TB", 40), ("GB", 30), ("MB", 20), ("KB", 10)):
+    if nbytes >= 1 << shift:
+      return f"{nbytes >> shift} {unit}"
+  return f"{nbytes} B"
+
+
 def verdict(log: str) -> dict:
   """The last length PractRand reported and the worst result it flagged."""
-  lengths = re.findall(r"length= ([^,]+?) \((2\^\d+) bytes\)", log)
-  worst, first_fail = None, None
-  flagged = []
-  for line in log.splitlines():
-    for level in reversed(SEVERITY):
-      if re.search(rf"\b{re.escape(level)}\b", line) and "p =" in line:
-        flagged.append(line.strip())
-        if worst is None or SEVERITY.index(level) > SEVERITY.index(worst):
-          worst = level
-        break
-  for i, block in enumerate(re.split(r"(?=length= )", log)):
-    if "FAIL" in block and first_fail is None:
-      m = re.match(r"length= ([^,]+?) \((2\^\d+) bytes\)", block)
-      first_fail = m.group(2) if m else "?"
-  reached = lengths[-1][1] if lengths else "-"
+  reports = re.split(r"(?=length= )", log)
+  reached, worst, first_fail, flagged = "-", None, None, []
+  for report in reports:
+    m = re.match(r"length= [^,]+? \((2\^\d+) bytes\)", report)
+    if not m:
+      continue
+    reached = m.group(1)
+    for line in report.splitlines():
+      level = next((lv for lv in reversed(SEVERITY)
+                    if re.search(rf"\b{re.escape(lv)}\b", line)), None)
+      if level is None or "p =" not in line:
+        continue
+      flagged.append(f"{_human(reached)}: {' '.join(line.split())}")
+      if worst is None or SEVERITY.index(level) > SEVERITY.index(worst):
+        worst = level
+      if level == "FAIL" and first_fail is None:
+        p = re.search(r"p\s*=\s*(\S+)", line)
+        first_fail = (reached, f"{line.split()[0]}, p = {p.group(1) if p else '?'}")
   if first_fail:
-    text = f"FAIL at {first_fail} bytes"
+    text = f"FAIL at {_human(first_fail[0])} ({first_fail[1]})"
   elif worst:
     text = f"no failure; worst: {worst}"
   else:
     text = "no anomalies"
-  return {"reached": reached, "verdict": text, "worst": worst, "flagged": flagged}
+  return {"reached": reached, "reached_human": _human(reached) if reached != "-" else "-",
+          "verdict": text, "worst": worst, "flagged": flagged}
 
 
 def run_practrand(stream: Stream, key, practrand: str, limit: int, log_path: str) -> dict:
@@ -309,20 +364,24 @@ def _progress(total: int, name: str):
     from tqdm import tqdm
   except ImportError:
     return None
-  return tqdm(total=total, unit="B", unit_scale=True, desc=name, file=sys.stderr,
-              mininterval=2.0)
+  return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
+              file=sys.stderr, mininterval=2.0)
 
 
 def environment(opts) -> dict:
+  here = os.path.dirname(os.path.abspath(__file__))
   try:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+                            cwd=here).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "../regjax"],
+                                capture_output=True, text=True, cwd=here).stdout.strip())
   except OSError:
-    commit = None
+    commit = dirty = None
   return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
           "jax": jax.__version__, "regjax": regjax.__version__, "python": platform.python_version(),
           "machine": platform.machine(), "processor": _cpu_name(), "cpus": os.cpu_count(),
-          "git_commit": commit, "seed": opts.seed}
+          "git_commit": commit, "regjax_dirty": dirty, "seed": opts.seed,
+          "first_words": [int(w) for w in regjax.random.bits(jax.random.key(opts.seed), (4,))]}
 
 
 def _cpu_name() -> str:
@@ -346,8 +405,9 @@ def main(argv=None) -> int:
                       help="write this stream's raw bytes to stdout (no PractRand)")
   parser.add_argument("--practrand", metavar="PATH",
                       help="PractRand's RNG_test binary: run the streams through it")
-  parser.add_argument("--streams", default=",".join(streams),
-                      help="comma-separated streams to run with --practrand (default: all)")
+  parser.add_argument("--streams", default=",".join(n for n in streams if n not in ALTERNATIVES),
+                      help="comma-separated streams to run with --practrand (default: all but "
+                           "the design alternatives alt/*)")
   parser.add_argument("--max-length", type=parse_size, metavar="SIZE",
                       help="cap every stream's length (e.g. 1GB); default: each stream's own")
   parser.add_argument("--seed", type=int, default=0, help="the key is jax.random.key(SEED)")
@@ -381,15 +441,16 @@ def main(argv=None) -> int:
     log_path = os.path.join(opts.out, name.replace("/", "_") + ".log")
     result = run_practrand(stream, key, opts.practrand, limit, log_path)
     results.append(result)
-    print(f"{name:14s} reached {result['reached']:>5s} of {result['limit']:>5s}: "
+    print(f"{name:14s} reached {result['reached_human']:>6s} of {result['limit']:>5s}: "
           f"{result['verdict']}  ({result['seconds']} s)", flush=True)
     with open(os.path.join(opts.out, "results.json"), "w") as f:
       json.dump({"environment": environment(opts), "results": results}, f, indent=1)
   print()
-  print(f"{'stream':14s} | {'length reached (bytes)':22s} | verdict")
-  print(f"{'-' * 14} | {'-' * 22} | {'-' * 30}")
+  print(f"| {'stream':14s} | {'length reached':16s} | verdict |")
+  print(f"| {'-' * 14} | {'-' * 16} | --- |")
   for r in results:
-    print(f"{r['stream']:14s} | {r['reached']:22s} | {r['verdict']}")
+    reached = f"{r['reached_human']} ({r['reached']})"
+    print(f"| {r['stream']:14s} | {reached:16s} | {r['verdict']} |")
   return 0
 
 

@@ -465,7 +465,8 @@ def parse_args(argv=None):
   p.add_argument("--lr", type=float, default=3e-3)
   p.add_argument("--weight-decay", type=float, default=1e-4)
   p.add_argument("--orders", default=None,
-                 help="sweep block orders instead: 'all' (the public experiment's ten) or a comma list "
+                 help="sweep block orders instead: 'all' (the published experiment's ten) or a "
+                      "comma list "
                       "such as conv-bn-act-drop-pool,conv-drop-bn-act-pool")
   p.add_argument("--order-noise", default="dropout", choices=METHODS,
                  help="noise op used in the order sweep")

@@ -5,23 +5,23 @@ hashable) that says what its noise array looks like, which constants its
 strength gives, and how the noise meets ``x`` -- once from hashed words
 (``rng_impl='hash'``, :mod:`regjax.random`) and once from a ``jax.random``
 draw (``rng_impl='jax'``). :func:`apply` runs the rule as one ``jax.jit``
-computation, so an eager call and a call under ``jit`` compile the same
-program and round every value identically (XLA contracts ``a * b + c`` into
-one fused multiply-add inside a compiled program, which op-by-op execution
-would not). A rule computes its strength's constants (keep, stddev, ...) with
-correctly rounded operations only (``+ - * / sqrt``), and none of its
-products feeds an addition of the elementwise formula except through the
-formula's own multiply-add: so whether XLA folds the constants at compile
-time (a constant strength) or computes them inside the loop (a traced one),
-the same roundings happen. With
-``'hash'``, the backward pass recomputes the noise from the seed words
-(``jax.checkpoint``) and keeps nothing per element.
+computation, so an eager call compiles the very program a call under ``jit``
+does, and every value is rounded alike: XLA may contract ``a * b + c`` into
+one fused multiply-add, or reassociate products of constants, inside a
+compiled program, which op-by-op execution would not do. A concrete strength
+is compiled in as a constant (as a Python float is inside the caller's
+``jit``); a traced one is an argument. A rule computes the constants of its
+strength (keep, stddev, ...) with correctly rounded operations (``+ - * /
+sqrt``) and without a product that feeds an addition, so constants folded
+at compile time equal those computed at run time, and a traced strength gives
+the same result as a constant one (tested for every op). With ``'hash'``, the
+backward pass recomputes the noise from the seed words (``jax.checkpoint``)
+and keeps nothing per element.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 
 import jax

@@ -136,7 +136,8 @@ def alpha_dropout(
   Returns:
     An array with ``x``'s shape and dtype. The mask is the one
     :func:`regjax.dropout` draws from the same key with the same ``rng_impl``:
-    with ``'hash'``, ``regjax.random.bernoulli(key, 1 - rate, shape)``; with ``'jax'``, ``jax.random.bernoulli(key, 1 - rate, shape)``. ``a``,
+    with ``'hash'``, ``regjax.random.bernoulli(key, 1 - rate, shape)``; with
+    ``'jax'``, ``jax.random.bernoulli(key, 1 - rate, shape)``. ``a``,
     ``b`` and ``alpha_p`` are the exact constants for ``rate`` (with ``'hash'``
     the output moments are therefore off by the ``2**-17`` keep resolution).
   """
@@ -176,8 +177,8 @@ def gaussian_noise(
     rng_impl: ``'hash'`` (default): the fused counter-hash generator, ``e =
       regjax.random.normal(key, shape)`` (``sqrt(2) * erf_inv`` of a uniform on
       the midpoints of a 24-bit grid of ``(-1, 1)``, tails cut at ~5.4 sigma),
-      recomputed from the key in the backward; ``'jax'``: ``e = jax.random.normal(key,
-      shape)``.
+      recomputed from the key in the backward; ``'jax'``:
+      ``e = jax.random.normal(key, shape)``.
   """
   op = "regjax.gaussian_noise"
   rng_impl = _noise.check_rng_impl(rng_impl, op)

@@ -1,8 +1,10 @@
 """Multiplicative-noise regularizers: inverted dropout, Gaussian dropout, Uout.
 
 All three multiply each unit by noise of mean 1. What separates them, for a
-BatchNorm that follows, is the noise variance ``s2`` (the variance shift: ``Var_eval / Var_train = v / (v + s2 * (c**2 + v))``
-for a unit of mean ``c`` and variance ``v``)::
+BatchNorm that follows, is the noise variance ``s2``: a unit of mean ``c`` and
+variance ``v`` has variance ``v + s2 * (c**2 + v)`` in training and ``v`` in
+eval, so the BatchNorm's running variance overestimates the eval variance by
+that factor (the *variance shift*, Li et al. 2019)::
 
     dropout(rate)           x * m / (1 - rate),  m ~ Bernoulli(1 - rate)   s2 = rate / (1 - rate)
     gaussian_dropout(rate)  x * (1 + sqrt(rate / (1 - rate)) * e), e ~ N(0, 1)   s2 = rate / (1 - rate)

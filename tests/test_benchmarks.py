@@ -143,3 +143,68 @@ def test_program_text_ignores_source_locations(bench):
   x = jnp.ones((4, 8))
   assert bench.program_text(f, (x,)) == bench.program_text(g, (x,))
   assert bench.program_text(f, (x,)) != bench.program_text(lambda x: x * 3 + 1, (x,))
+
+
+@pytest.fixture(scope="module")
+def rng_quality():
+  spec = importlib.util.spec_from_file_location(
+      "regjax_benchmarks_rng_quality", os.path.join(ROOT, "benchmarks", "rng_quality.py"))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_rng_quality_streams_are_the_ops_words(rng_quality):
+  """The PractRand harness feeds exactly regjax.random's words (and threefry's, for the
+  control); checked on the first bytes of each stream, without PractRand."""
+  import io
+
+  import jax
+  import numpy as np
+
+  import regjax
+
+  key = jax.random.key(0)
+  rng_quality.self_check(key)
+  streams = rng_quality._streams()
+  n = 4096
+  words = np.asarray(regjax.random.bits(key, (n,)))
+
+  def first(name, nbytes):
+    out = io.BytesIO()
+    rng_quality.write_stream(streams[name], key, out, nbytes)
+    return np.frombuffer(out.getvalue(), np.uint8)
+
+  np.testing.assert_array_equal(first("words", 4 * n).view(np.uint32), words)
+  top = words >> 16
+  np.testing.assert_array_equal(first("bernoulli16", 2 * n).view(np.uint32),
+                                top[0::2] | (top[1::2] << 16))
+  u24 = (words >> 8)[: n // 2]
+  b = first("uniform24", 3 * (n // 2)).reshape(-1, 3).astype(np.uint32)
+  np.testing.assert_array_equal(b[:, 0] | b[:, 1] << 8 | b[:, 2] << 16, u24)
+  np.testing.assert_array_equal(first("threefry", 4 * n).view(np.uint32),
+                                np.asarray(jax.random.bits(key, (n,), jax.numpy.uint32)))
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jax.numpy.arange(8))
+  np.testing.assert_array_equal(first("fold_in/12345", 32).view(np.uint32),
+                                [int(regjax.random.bits(k, (12346,))[12345]) for k in keys])
+
+
+def test_rng_quality_reads_practrand_verdicts(rng_quality):
+  log = """rng=RNG_stdin32, seed=unknown
+length= 128 megabytes (2^27 bytes), time= 1.2 seconds
+  no anomalies in 151 test result(s)
+
+length= 256 megabytes (2^28 bytes), time= 2.4 seconds
+  Test Name                         Raw       Processed     Evaluation
+  Gap-16:A                          R= +74.1  p =  9.1e-59    FAIL !!!!
+  FPF-14+6/16:all                   R=  -5.3  p =1-1.0e-4   unusual
+  ...and 162 test result(s) without anomalies
+"""
+  result = rng_quality.verdict(log)
+  assert result["reached"] == "2^28" and result["worst"] == "FAIL"
+  assert result["verdict"] == "FAIL at 256 MB (Gap-16:A, p = 9.1e-59)"
+  clean = rng_quality.verdict(log.split("length= 256")[0])
+  assert clean["verdict"] == "no anomalies" and clean["reached_human"] == "128 MB"
+  unusual = rng_quality.verdict(log.replace("FAIL !!!!", "unusual"))
+  assert unusual["verdict"] == "no failure; worst: unusual"

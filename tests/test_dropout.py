@@ -626,3 +626,19 @@ def test_linen_and_nnx_modules_pass_rng_impl_through():
     regjax.nnx.Dropout(0.4, rng_impl="philox", rngs=nnx.Rngs(dropout=0))
   with pytest.raises(ValueError, match="rng_impl"):
     regjax.linen.Dropout(0.4, rng_impl="philox").apply({}, x, deterministic=False, rng=key)
+
+
+def test_jax_generator_masks_are_flax_dropout_masks_for_broadcast_ops():
+  # With rng_impl='jax', channel dropout and drop path draw the mask flax.linen.Dropout
+  # draws with the same key and broadcast_dims (the values differ only by x / keep
+  # versus x * (1 / keep)).
+  import flax.linen as nn
+  x = jax.random.normal(jax.random.key(62), (8, 5, 5, 6))
+  key = jax.random.key(63)
+  cases = ((regjax.channel_dropout, (1, 2)), (regjax.drop_path, (1, 2, 3)))
+  for op, dims in cases:
+    ours = np.asarray(op(x, 0.4, key=key, rng_impl="jax"))
+    theirs = np.asarray(nn.Dropout(0.4, broadcast_dims=dims, deterministic=False).apply(
+        {}, x, rng=key))
+    np.testing.assert_array_equal(ours != 0, theirs != 0)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6)

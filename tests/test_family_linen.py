@@ -115,8 +115,8 @@ class NoiseModuleTest(parameterized.TestCase):
     with pytest.raises(ValueError, match=r"`size` must be in \[0, 6\]"):
       rnn.Cutout(8).apply({}, x, deterministic=False, rngs=rngs)
 
-  @parameterized.named_parameters(("AlphaDropout", "AlphaDropout"),
-                                  ("GaussianNoise", "GaussianNoise"), ("DropBlock", "DropBlock"))
+  @parameterized.named_parameters(*[(n, n) for n in ("AlphaDropout", "GaussianNoise",
+                                                     "ChannelDropout", "DropPath", "DropBlock")])
   def test_rng_impl_is_passed_through_and_checked(self, name):
     cls, fn, field, value, extra, shape = MODULES[name]
     x = jnp.asarray(np.random.default_rng(1).uniform(0.5, 1.5, shape), jnp.float32)
@@ -209,6 +209,17 @@ def test_model_trains_under_jit_and_eval_is_deterministic():
 
 
 class DropConnectTest(parameterized.TestCase):
+
+  def test_rng_impl_is_passed_through(self):
+    x = jax.random.normal(jax.random.key(3), (4, 6))
+    key = jax.random.key(4)
+    for impl in ("hash", "jax"):
+      module = rnn.DropConnect(5, rate=0.4, rng_impl=impl)
+      variables = module.init(jax.random.key(0), x, deterministic=True)
+      y = module.apply(variables, x, deterministic=False, rng=key)
+      p = variables["params"]
+      np.testing.assert_array_equal(np.asarray(y), np.asarray(regjax.dropconnect_dense(
+          x, p["kernel"], p["bias"], 0.4, key=key, rng_impl=impl)))
 
   def test_fields_are_dense_fields_plus_four(self):
     dense = {f.name: f.default for f in dataclasses.fields(nn.Dense)}

@@ -231,7 +231,8 @@ def test_bad_rates_raise_at_construction(cls, arg, bad, match):
       cls(bad, rngs=nnx.Rngs(dropout=0))
 
 
-@pytest.mark.parametrize("name", ("AlphaDropout", "GaussianNoise", "DropBlock"))
+@pytest.mark.parametrize("name", ("AlphaDropout", "GaussianNoise", "ChannelDropout", "DropPath",
+                                  "DropBlock"))
 def test_rng_impl_modules_pass_rng_impl_through_and_check_it(name):
   cls = getattr(rx, name)
   shape = _any(name)[2]
@@ -313,6 +314,17 @@ def test_a_jax_scalar_rate_is_traced_so_a_schedule_compiles_once():
 # ---------------------------------------------------------------- DropConnect
 
 
+def test_drop_connect_passes_rng_impl_through():
+  x, key = _x((4, 5)), jax.random.key(5)
+  for impl in ("hash", "jax"):
+    ours = rx.DropConnect(5, 4, rate=0.4, rng_impl=impl, rngs=nnx.Rngs(0, dropout=1))
+    y = ours(x, rngs=key)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(regjax.dropconnect_dense(
+        x, ours.kernel[...], ours.bias[...], 0.4, key=key, rng_impl=impl)))
+  with pytest.raises(ValueError, match="regjax.nnx.DropConnect: `rng_impl` must be one of"):
+    rx.DropConnect(5, 4, rng_impl="philox", rngs=nnx.Rngs(0))
+
+
 def test_drop_connect_is_an_nnx_linear_drop_in():
   ours = rx.DropConnect(5, 4, rate=0.4, rngs=nnx.Rngs(0, dropout=1))
   linear = nnx.Linear(5, 4, rngs=nnx.Rngs(0))
@@ -325,7 +337,8 @@ def test_drop_connect_is_an_nnx_linear_drop_in():
   assert ours.kernel.shape == (5, 4) and ours.bias.shape == (4,)
   params_ours = inspect.signature(rx.DropConnect.__init__).parameters
   params_linear = inspect.signature(nnx.Linear.__init__).parameters
-  assert set(params_ours) - set(params_linear) == {"rate", "deterministic", "rng_collection", "rng_impl"}
+  assert set(params_ours) - set(params_linear) == {"rate", "deterministic", "rng_collection",
+                                                   "rng_impl"}
   for p in params_linear:
     assert params_ours[p].default == params_linear[p].default, p
   x = _x((3, 5))

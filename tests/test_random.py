@@ -99,8 +99,8 @@ class StreamDefinitionTest(parameterized.TestCase):
   def test_same_words_with_and_without_jit_and_under_vmap(self):
     key = jax.random.key(8)
     eager = np.asarray(rrandom.bits(key, (33, 65)))
-    np.testing.assert_array_equal(np.asarray(jax.jit(rrandom.bits, static_argnums=1)(key, (33, 65))),
-                                  eager)
+    jitted = jax.jit(rrandom.bits, static_argnums=1)(key, (33, 65))
+    np.testing.assert_array_equal(np.asarray(jitted), eager)
     keys = jax.random.split(key, 3)
     batched = jax.vmap(lambda k: rrandom.bits(k, (33, 65)))(keys)
     for k, words in zip(keys, batched):
@@ -159,6 +159,10 @@ class WideCounterTest(parameterized.TestCase):
       out = jax.eval_shape(lambda x: op(x, value, key=jax.random.key(0)), x)
       assert out.shape == x.shape
     assert jax.eval_shape(lambda: rrandom.bits(jax.random.key(0), x.shape)).shape == x.shape
+    with pytest.raises(ValueError, match="no single dimension of 2\\*\\*32 or more"):
+      jax.eval_shape(lambda: rrandom.bits(jax.random.key(0), (2, 1 << 32)))
+    with pytest.raises(ValueError, match="no single dimension"):
+      jax.eval_shape(lambda: rrandom.bits(jax.random.key(0), ((1 << 32) + 1,)))
 
 
 OPS = {
@@ -315,7 +319,10 @@ class OpsUseTheWordsTest(parameterized.TestCase):
     shape = (32, 6, 6, 4)
     x = jnp.ones(shape)
     words = rrandom.bits(key, shape)
-    keep = lambda rate: np.asarray(rrandom.bernoulli_from_bits(words, 1 - rate))
+
+    def keep(rate):
+      return np.asarray(rrandom.bernoulli_from_bits(words, 1 - rate))
+
     np.testing.assert_array_equal(np.asarray(regjax.dropout(x, 0.3, key=key) != 0), keep(0.3))
     alpha = np.asarray(regjax.alpha_dropout(x, 0.3, key=key))
     np.testing.assert_array_equal(alpha != alpha.min(), keep(0.3))

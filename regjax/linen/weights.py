@@ -3,8 +3,8 @@
 ``DropConnect`` has ``Dense``'s fields, parameters (``kernel`` of shape
 ``(in, features)``, ``bias``) and eval-mode arithmetic, so a ``Dense``
 checkpoint loads into it unchanged; it adds ``rate``, ``deterministic``,
-``rng_collection`` and ``rng_impl``. A train-mode call with no ``rng_collection`` stream raises
-instead of drawing from ``'params'``.
+``rng_collection`` and ``rng_impl``. A train-mode call with no
+``rng_collection`` stream raises instead of drawing from ``'params'``.
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@
 #      words, for a few keys and shapes (one of more than 2**32 elements' worth of
 #      counter: the high word);
 #   4. the benchmark table: noise ops (dropout vs flax with threefry, rbg and unsafe_rbg
-#      keys, vs the copy floor) and BatchNorm vs flax, float32 and bfloat16.
+#      keys, vs the copy floor) and BatchNorm vs flax, float32 and bfloat16, at the two
+#      CPU sizes and at (8192, 16384), large enough to measure an accelerator's bandwidth.
+# On this 2-core CPU (as a dry run) it took 7 minutes.
 # Every step has its own time limit, so one that hangs cannot take the others with it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,9 +29,9 @@ step() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
   $py -c "import jax, jaxlib, flax; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__); print(jax.devices())"
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 
-  step "tests on the accelerator (noise ops, generator, BatchNorm)"
-  timeout 240 $py -m pytest -q -x -p no:cacheprovider tests/test_random.py tests/test_dropout.py \
-    tests/test_batch_norm.py 2>&1 | tail -15
+  step "tests on the accelerator (generator, noise-op moments and hash checks, BatchNorm)"
+  timeout 240 $py -m pytest -q -p no:cacheprovider tests/test_random.py tests/test_batch_norm.py \
+    "tests/test_dropout.py::MomentsTest" "tests/test_dropout.py::HashGeneratorTest" 2>&1 | tail -15
 
   step "regjax.random.bits: accelerator vs CPU, and the pinned words"
   timeout 90 $py - <<'EOF'
@@ -71,8 +73,8 @@ print("ALL IDENTICAL" if ok else "MISMATCH")
 EOF
 
   step "benchmarks: noise ops and BatchNorm"
-  timeout 300 $py benchmarks/run.py --sizes small,large --dtypes float32,bfloat16 \
-    --sections noise,batchnorm,memory --rounds 5 --calls 5 --no-steady-malloc \
+  timeout 300 $py benchmarks/run.py --sizes small,large,8192x16384 --dtypes float32,bfloat16 \
+    --sections noise,batchnorm,memory --rounds 7 --calls 5 --no-steady-malloc \
     --out "$out/benchmarks.json" 2>&1 | grep -v "^ *$"
   step "done"
 } 2>&1 | tee "$log"

@@ -118,9 +118,8 @@ UNIFORM_BITS = 24
 _WORD = 1 << 32
 _M1 = 0x7FEB352D
 _M2 = 0x846CA68B
-# Odd multipliers of the counter's high word (golden ratio; murmur3's fmix constant).
-_HI_X = 0x9E3779B9
-_HI_Y = 0x85EBCA6B
+_GOLDEN = 0x9E3779B9  # 2**32 / golden ratio: spaces the seed words; multiplies hi into x
+_HI_Y = 0x85EBCA6B  # murmur3's fmix constant: multiplies hi into y
 _MIN_STEP_TRANSITIONS = 12
 _TWO16 = float(1 << BERNOULLI_BITS)
 _TWO24 = float(1 << UNIFORM_BITS)
@@ -167,7 +166,7 @@ def weyl_parameters(seed: jax.Array) -> tuple[jax.Array, ...]:
   sequences: ``x0 = w_0``, ``g0 = weyl_step(w_1)``, ``y0 = w_2``,
   ``g1 = weyl_step(w_3)``. Scalars: computed once per draw.
   """
-  w = [_lowbias32(seed[k] + jnp.uint32((k * _HI_X) & 0xFFFFFFFF)) for k in range(SEED_WORDS)]
+  w = [_lowbias32(seed[k] + jnp.uint32((k * _GOLDEN) & 0xFFFFFFFF)) for k in range(SEED_WORDS)]
   return w[0], weyl_step(w[1]), w[2], weyl_step(w[3])
 
 
@@ -180,7 +179,7 @@ def hash_counter(seed: jax.Array, lo: jax.Array, hi: jax.Array | None = None) ->
   x = x0 + lo * g0
   y = y0 + lo * g1
   if hi is not None:
-    x = x + hi * jnp.uint32(_HI_X)
+    x = x + hi * jnp.uint32(_GOLDEN)
     y = y + hi * jnp.uint32(_HI_Y)
   h = x ^ (x >> 16)
   h = h * jnp.uint32(_M1)
@@ -367,11 +366,13 @@ def bernoulli(key: jax.Array, p=0.5, shape=None) -> jax.Array:
   p = jnp.asarray(p)
   shape = p.shape if shape is None else _shape(shape)
   try:
-    jnp.broadcast_shapes(p.shape, shape)
+    fits = jnp.broadcast_shapes(p.shape, shape) == tuple(shape)
   except ValueError:
+    fits = False
+  if not fits:
     raise ValueError(
         f"regjax.random.bernoulli: `p` of shape {p.shape} does not broadcast to `shape` "
-        f"{shape}.") from None
+        f"{shape}.")
   return bernoulli_from_bits(bits(key, shape), p)
 
 

@@ -117,6 +117,8 @@ class StreamDefinitionTest(parameterized.TestCase):
       rrandom.normal(jax.random.key(0), (3,), jnp.int32)
     with pytest.raises(ValueError, match="does not broadcast"):
       rrandom.bernoulli(jax.random.key(0), jnp.full((2,), 0.5), (3,))
+    with pytest.raises(ValueError, match="does not broadcast"):
+      rrandom.bernoulli(jax.random.key(0), jnp.full((3, 1), 0.5), (4,))
 
 
 class WideCounterTest(parameterized.TestCase):

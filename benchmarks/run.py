@@ -251,6 +251,7 @@ def flax_dropout(rate: float, broadcast_dims=()) -> Callable:
 # The PRNG implementations flax's Dropout is timed with: its mask comes from
 # jax.random.bernoulli of a key of that implementation.
 FLAX_KEY_IMPLS = ("rbg", "unsafe_rbg")
+DEFAULT_KEY_IMPL = "threefry2x32"  # every other row's keys
 
 
 def noise_ops(x4: jax.Array) -> list[tuple[str, Callable, bool, str | None]]:
@@ -346,7 +347,7 @@ def select(names_refs: list[tuple[str, str | None]], patterns: list[str] | None)
 def key_impl(name: str) -> str:
   """The PRNG implementation a row's keys have (see ``noise_ops``)."""
   return next((impl for impl in FLAX_KEY_IMPLS if name.endswith(f"[{impl} key]")),
-              "threefry2x32")
+              DEFAULT_KEY_IMPL)
 
 
 def noise_cases(x: jax.Array, ct: jax.Array, keys: dict[str, list[jax.Array]],
@@ -833,7 +834,7 @@ def main(argv=None) -> dict[str, Any]:
   env["loadavg_start"] = loadavg()
   start = time.perf_counter()
   keys = {impl: list(jax.random.split(jax.random.key(0, impl=impl), calls_needed(args)))
-          for impl in ("threefry2x32",) + FLAX_KEY_IMPLS}
+          for impl in (DEFAULT_KEY_IMPL,) + FLAX_KEY_IMPLS}
   rows: list[dict[str, Any]] = []
   memory: list[dict[str, Any]] = []
   train_step = None
@@ -853,7 +854,7 @@ def main(argv=None) -> dict[str, Any]:
         cases += batch_norm_cases(x, ct.astype(jnp.float32))
       new = run_cases(cases, args)
       if "memory" in args.sections:
-        for m in memory_rows(x, ct, keys["threefry2x32"][0], args.ops):
+        for m in memory_rows(x, ct, keys[DEFAULT_KEY_IMPL][0], args.ops):
           memory.append(dict(m, size=size, shape=list(shape), dtype=dtype_name))
       for r in new:
         r.update(size=size, shape=list(shape), dtype=dtype_name)

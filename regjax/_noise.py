@@ -43,11 +43,6 @@ def compute_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def scale(x, factor, dtype):
-  """``x * factor`` computed in ``dtype`` and rounded to ``x.dtype`` once."""
-  return (x.astype(dtype) * factor.astype(dtype)).astype(x.dtype)
-
-
 def dropout_factor(mask, keep):
   """``1 / keep`` where ``mask`` keeps a unit, else 0.
 
@@ -56,11 +51,6 @@ def dropout_factor(mask, keep):
   """
   safe_keep = jnp.where(keep > 0, keep, 1.0)
   return jnp.where(mask, 1.0 / safe_keep, 0.0)
-
-
-def broadcast_noise_shape(shape: tuple, broadcast_dims: tuple[int, ...]) -> tuple:
-  """``shape`` with the ``broadcast_dims`` set to 1: the axes that share one draw."""
-  return tuple(1 if i in broadcast_dims else d for i, d in enumerate(shape))
 
 
 def is_identity(strength, deterministic) -> bool:
@@ -78,12 +68,18 @@ def trivial_dropout(x, rate, deterministic):
   return None
 
 
-def prepare(x, key, deterministic, broadcast_dims: Sequence[int], op: str):
-  """The checks every elementwise noise op makes; returns ``(deterministic, broadcast_dims)``."""
+def check_common(x, key, deterministic, op: str) -> bool:
+  """The checks every random op makes (``x``, ``deterministic``, a given ``key``)."""
   _checks.check_floating(x, op)
   deterministic = _checks.check_deterministic(deterministic, op)
   if key is not None:
     _checks.check_key(key, op)
+  return deterministic
+
+
+def prepare(x, key, deterministic, broadcast_dims: Sequence[int], op: str):
+  """:func:`check_common` and the broadcast dims; returns ``(deterministic, broadcast_dims)``."""
+  deterministic = check_common(x, key, deterministic, op)
   return deterministic, _checks.check_broadcast_dims(broadcast_dims, x.ndim, op)
 
 
@@ -100,7 +96,8 @@ class NoiseRule:
   broadcast_dims: tuple[int, ...] = ()
 
   def noise_shape(self, shape: tuple) -> tuple:
-    return broadcast_noise_shape(shape, self.broadcast_dims)
+    """``shape`` with the ``broadcast_dims`` set to 1: the axes that share one draw."""
+    return tuple(1 if i in self.broadcast_dims else d for i, d in enumerate(shape))
 
   def param(self, strength: jax.Array):
     raise NotImplementedError

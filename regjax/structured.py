@@ -46,14 +46,6 @@ _DROP_PATH_MODES = ("row", "batch")
 _DROP_PATH_CONVENTIONS = ("huang", "linspace")
 
 
-def _check_common(x, key, deterministic, op):
-  _checks.check_floating(x, op)
-  deterministic = _checks.check_deterministic(deterministic, op)
-  if key is not None:
-    _checks.check_key(key, op)
-  return deterministic
-
-
 def _check_dropout_rate(rate, op):
   return _checks.check_rate(rate, op, "rate", low=0.0, high=1.0, high_inclusive=True)
 
@@ -114,7 +106,7 @@ def channel_dropout(
   """
   op = "regjax.channel_dropout"
   rng_impl = _noise.check_rng_impl(rng_impl, op)
-  deterministic = _check_common(x, key, deterministic, op)
+  deterministic = _noise.check_common(x, key, deterministic, op)
   if x.ndim < 3:
     raise ValueError(
         f"{op}: `x` must have rank >= 3 (batch, spatial..., channels); got shape {x.shape}. "
@@ -166,7 +158,7 @@ def drop_path(
   """
   op = "regjax.drop_path"
   rng_impl = _noise.check_rng_impl(rng_impl, op)
-  deterministic = _check_common(x, key, deterministic, op)
+  deterministic = _noise.check_common(x, key, deterministic, op)
   if mode not in _DROP_PATH_MODES:
     raise ValueError(f"{op}: `mode` must be one of {_DROP_PATH_MODES}; got {mode!r}.")
   if x.ndim < 1:
@@ -314,7 +306,7 @@ def dropblock(
   """
   op = "regjax.dropblock"
   rng_impl = _noise.check_rng_impl(rng_impl, op)
-  deterministic = _check_common(x, key, deterministic, op)
+  deterministic = _noise.check_common(x, key, deterministic, op)
   h_axis, w_axis, c_axis = _spatial_axes(x, data_format, op)
   height, width = x.shape[h_axis], x.shape[w_axis]
   block_size = _check_int(block_size, op, "block_size", low=1, high=min(height, width),
@@ -381,7 +373,7 @@ def _count(mask: jax.Array, axis: int) -> jax.Array:
 
 @functools.partial(jax.checkpoint, static_argnums=(2,))
 def _scale_by_mask(x, keep, count_axis):
-  """``x * where(keep, numel / sum(keep), 0)``.
+  """``x * where(keep, numel / sum(keep), 0)``, ``x`` in the compute dtype (one rounding).
 
   Checkpointed, so a backward keeps the bool mask (1 byte per element) and
   recounts it, instead of the float32 factor.
@@ -389,7 +381,7 @@ def _scale_by_mask(x, keep, count_axis):
   # An exact integer count; an all-dropped mask zeroes x whatever the scale.
   kept = _count(keep, count_axis)
   scale = keep.size / jnp.maximum(kept, 1).astype(jnp.float32)
-  return _noise.scale(x, jnp.where(keep, scale, 0.0), x.dtype)
+  return x * jnp.where(keep, scale, 0.0).astype(x.dtype)
 
 
 def dropblock_rate_schedule(step, total_steps: int, final_rate: float | jax.Array) -> jax.Array:
@@ -448,7 +440,7 @@ def cutout(
     data_format: ``'NHWC'`` or ``'NCHW'``.
   """
   op = "regjax.cutout"
-  deterministic = _check_common(x, key, deterministic, op)
+  deterministic = _noise.check_common(x, key, deterministic, op)
   h_axis, w_axis, _ = _spatial_axes(x, data_format, op)
   height, width = x.shape[h_axis], x.shape[w_axis]
   if _checks.is_traced(size):

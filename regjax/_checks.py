@@ -3,12 +3,14 @@
 Every check runs at trace time: it looks only at Python values, shapes and
 dtypes, never at the contents of a traced array, so it costs nothing inside
 ``jit``. A rate that is itself traced cannot be range-checked here; the ops
-clip such a rate into their valid range (documented on each op) so that an
-out-of-range schedule can never produce NaN.
+clip a finite one into their valid range (documented on each op) and return
+``x`` for a NaN or infinite one (see :mod:`regjax._noise`), so a schedule can
+never produce NaN.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -59,19 +61,40 @@ def check_floating(x, op: str, name: str = "x") -> None:
 
 
 def check_deterministic(deterministic, op: str) -> bool:
-  """Returns ``deterministic`` as a Python bool; it selects code at trace time."""
+  """Returns ``deterministic`` as a Python bool; it selects code at trace time.
+
+  The one check of ``deterministic`` for the pure ops and the linen and NNX
+  modules: a traced value (a jitted argument) cannot choose between the noise
+  path and the identity while the function is being traced.
+  """
   if is_traced(deterministic):
     raise TypeError(
-        f"{op}: `deterministic` must be a Python bool, not a traced value; "
-        "mark it static (e.g. jax.jit(..., static_argnames='deterministic'))."
+        f"{op}: `deterministic` must be a Python bool (concrete), not a traced value "
+        f"({type(deterministic).__name__}): it selects the code path (noise or "
+        "identity) at trace time, so it cannot be an argument of a jitted function. "
+        "Mark it static (jax.jit(f, static_argnums=...) / static_argnames="
+        "'deterministic', or nn.jit / nnx.jit with static_argnums), or trace both "
+        "modes and pick one with jax.lax.cond."
     )
   if not isinstance(deterministic, (bool, np.bool_)):
     raise TypeError(f"{op}: `deterministic` must be a bool; got {deterministic!r}.")
   return bool(deterministic)
 
 
+@functools.cache
+def _raw_key_shape(default_impl: str) -> tuple[int, ...]:
+  """Shape of the raw key data of jax's default PRNG impl ((2,) for threefry)."""
+  del default_impl  # the cache key
+  return tuple(jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape)
+
+
 def check_key(key, op: str) -> None:
-  """Accepts a typed key (``jax.random.key``) or a raw uint32 key (``PRNGKey``)."""
+  """Accepts a typed key (``jax.random.key``, any impl) or a raw key of the default impl.
+
+  A raw key is a uint32 array of the default impl's key shape ((2,) for
+  threefry, from ``jax.random.PRNGKey``); raw data of another impl (rbg's
+  shape (4,)) would be misread as threefry, so it must be wrapped first.
+  """
   if key is None:
     raise ValueError(
         f"{op}: train mode (deterministic=False) needs a PRNG key: pass "
@@ -86,11 +109,25 @@ def check_key(key, op: str) -> None:
           f"{shape}. Use jax.vmap over the op to apply many keys."
       )
     return
-  if dtype == jnp.uint32 and shape is not None and len(shape) == 1:
+  default_impl = str(getattr(jax.config, "jax_default_prng_impl", "threefry2x32"))
+  raw_shape = _raw_key_shape(default_impl)
+  if dtype == jnp.uint32 and shape is not None and tuple(shape) == raw_shape:
     return
+  accepted = (
+      "a PRNG key: a typed key from jax.random.key(seed) (any impl), or a raw "
+      f"{default_impl} key, a uint32 array of shape {raw_shape} "
+      "from jax.random.PRNGKey(seed)")
+  if dtype == jnp.uint32 and shape is not None and len(shape) >= 1:
+    raise TypeError(
+        f"{op}: `key` must be {accepted}; got a raw uint32 array of shape {shape}, "
+        "which is not a key of jax's default PRNG impl. Raw key data of another impl "
+        "must be wrapped into a typed key first, e.g. "
+        "`jax.random.wrap_key_data(data, impl='rbg')` for rbg data (shape (4,)), or "
+        "create the key with jax.random.key(seed, impl='rbg'). For many keys, "
+        "jax.vmap over the op."
+    )
   raise TypeError(
-      f"{op}: `key` must be a PRNG key from jax.random.key(seed) or "
-      f"jax.random.PRNGKey(seed); got {type(key).__name__} "
+      f"{op}: `key` must be {accepted}; got {type(key).__name__} "
       f"with dtype {dtype} and shape {shape}."
   )
 
@@ -101,7 +138,9 @@ def check_rate(value, op: str, name: str, *, low: float, high: float,
 
   Concrete values (Python numbers, NumPy or concrete JAX scalars) must lie in
   ``[low, high]`` (or ``[low, high)``) and are returned as a Python float.
-  Traced scalars are returned unchanged; the caller clips them.
+  Traced scalars are returned unchanged: the op clips a finite one into its
+  range and returns ``x`` for a NaN or infinite one (the rule of
+  :mod:`regjax._noise`).
   """
   shape = np.shape(value)
   if shape != ():
@@ -144,7 +183,12 @@ def check_broadcast_dims(broadcast_dims: Sequence[int], ndim: int, op: str) -> t
 
 
 def canonical_axes(axis, ndim: int, op: str, name: str = "axis") -> tuple[int, ...]:
-  axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+  if isinstance(axis, (int, np.integer)):
+    axes: tuple = (axis,)
+  elif isinstance(axis, (tuple, list)):
+    axes = tuple(axis)
+  else:
+    raise TypeError(f"{op}: `{name}` must be an int or a tuple of ints; got {axis!r}.")
   out = []
   for a in axes:
     if not isinstance(a, (int, np.integer)) or isinstance(a, bool):

@@ -17,6 +17,19 @@ at compile time equal those computed at run time, and a traced strength gives
 the same result as a constant one (tested for every op). With ``'hash'``, the
 backward pass recomputes the noise from the seed words (``jax.checkpoint``)
 and keeps nothing per element.
+
+Strengths (``rate``, ``beta``, ``stddev``) that cannot be checked. A concrete
+strength is range-checked at trace time by :func:`regjax._checks.check_rate`
+(a NaN, infinite or out-of-range one raises ``ValueError`` naming the
+argument). A traced one cannot be, and follows one rule, applied here (in
+:func:`apply`) for every op:
+
+* a traced NaN or +-inf strength makes the op the identity: it returns ``x``
+  unchanged, with the gradient of the identity (finite; 0 for the strength);
+* a traced finite strength outside the op's range is clipped into it (each
+  op's docstring gives the range; the rule's :meth:`NoiseRule.param` clips).
+
+So a diverged or mistyped schedule never turns activations into NaN.
 """
 
 from __future__ import annotations
@@ -115,7 +128,8 @@ def apply(rule: NoiseRule, x: jax.Array, strength, key: jax.Array, rng_impl: str
   """``rule`` applied to ``x`` in train mode, as one compiled computation (see the module).
 
   A concrete strength is part of the compiled program (a constant, as it is for a
-  Python float inside the caller's ``jit``); a traced one is an argument.
+  Python float inside the caller's ``jit``); a traced one is an argument, and a
+  NaN or +-inf one returns ``x`` (the module's rule for unchecked strengths).
   """
   if _checks.is_traced(strength):
     return _apply_traced(rule, x, strength, key, rng_impl)
@@ -137,7 +151,25 @@ def _apply(rule: NoiseRule, x: jax.Array, strength, key: jax.Array, rng_impl: st
   return fused(x, param, random.seed_words(key))
 
 
-_apply_traced = jax.jit(_apply, static_argnums=(0, 4))
+def _apply_guarded(rule: NoiseRule, x: jax.Array, strength, key: jax.Array,
+                   rng_impl: str) -> jax.Array:
+  """:func:`_apply` for a traced strength: ``x`` itself where it is NaN or +-inf (see the module).
+
+  A scalar ``lax.cond``, not an elementwise select: the noise branch is compiled
+  as it is without the guard (a select fused into it may change whether XLA
+  contracts ``a * x + b`` into a multiply-add, and so the last bit), and it does
+  not run for a non-finite strength. Under ``vmap`` the cond becomes a select
+  that evaluates both branches, so the noise branch gets a stand-in strength of
+  0 there: no NaN reaches the output or, through the unselected branch, the
+  gradient.
+  """
+  finite = jnp.isfinite(strength)
+  safe = jnp.where(finite, strength, jnp.zeros_like(strength))
+  return jax.lax.cond(finite, lambda x, s, k: _apply(rule, x, s, k, rng_impl),
+                      lambda x, s, k: x, x, safe, key)
+
+
+_apply_traced = jax.jit(_apply_guarded, static_argnums=(0, 4))
 _apply_constant = jax.jit(
     lambda rule, x, key, rng_impl, strength: _apply(rule, x, strength, key, rng_impl),
     static_argnums=(0, 3, 4))

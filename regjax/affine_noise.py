@@ -12,7 +12,7 @@ fixed point of a SELU network); additive noise leaves the mean and adds
 zero rate returns ``x`` itself without a key, output in ``x``'s shape and
 dtype (half precision computed in float32 and rounded once), the same key gives
 the same draw with and without ``jit``, and a traced rate is clipped into the
-valid range instead of being checked.
+valid range instead of being checked (a traced NaN or +-inf returns ``x``).
 
 They take the same ``rng_impl`` as the multiplicative ops. ``'hash'``
 (default) is the generator of :mod:`regjax.random`, fused into the
@@ -123,7 +123,7 @@ def alpha_dropout(
   Args:
     x: floating-point array.
     rate: probability of dropping a unit, in ``[0, 1]``. A traced rate is
-      clipped to ``[0, 1]``.
+      clipped to ``[0, 1]``; a traced NaN or +-inf returns ``x``.
     key: PRNG key; required in train mode unless ``rate`` is concretely 0 or 1.
     deterministic: if True, return ``x`` unchanged.
     broadcast_dims: axes that share one mask draw (Keras' ``noise_shape``).
@@ -170,7 +170,7 @@ def gaussian_noise(
   Args:
     x: floating-point array.
     stddev: standard deviation of the noise, in ``[0, inf)``. A traced value
-      is clipped below at 0.
+      is clipped below at 0; a traced NaN or +-inf returns ``x``.
     key: PRNG key; required in train mode unless ``stddev`` is concretely 0.
     deterministic: if True, return ``x`` unchanged.
     broadcast_dims: axes that share one noise draw.

@@ -14,7 +14,7 @@ v))``. ``real_var`` is the variance of the layer's input over training data
 with the parameters frozen and every regularizer off (the model in eval mode).
 :func:`recalibrate_batch_stats` is the fix of Hendrycks & Gimpel (2016) and Li
 et al.: re-estimate every BN layer's population statistics on training data with
-the regularizers off, as an equal-weight average over batches.
+the regularizers off, pooled exactly over every sample (batches of any sizes).
 
 Both functions take either model API, told apart by the first argument:
 
@@ -41,6 +41,7 @@ import dataclasses
 import functools
 import itertools
 import sys
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -53,7 +54,7 @@ from flax.linen import dtypes
 from regjax import normalization
 from regjax._checks import canonical_axes
 
-__all__ = ["LayerShift", "variance_shift", "recalibrate_batch_stats"]
+__all__ = ["LayerShift", "recalibrate_batch_stats", "variance_shift"]
 
 class _Missing:
   """Tells "not passed" from None for the positional arguments."""
@@ -169,25 +170,62 @@ def _layer_shifts(pooled, moving) -> dict[str, LayerShift]:
   }
 
 
-def _sum_batch_stats(records) -> dict[str, list]:
-  """``{path: [calls, sum of batch means, sum of batch vars]}`` (float64), from
-  ``(path, mean, var)`` records: each call weighs the same (Hendrycks & Gimpel's
-  cumulative average, not an EMA)."""
-  sums: dict[str, list] = {}
-  for path, mean, var in records:
-    mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
-    if path not in sums:
-      sums[path] = [0, np.zeros_like(mean), np.zeros_like(var)]
-    sums[path][0] += 1
-    sums[path][1] = sums[path][1] + mean
-    sums[path][2] = sums[path][2] + var
-  return sums
+def _pool_batch_stats(records) -> dict[str, list]:
+  """``{path: [count, mean, m2]}`` per feature (float64), pooled exactly from
+  ``(path, count, mean, m2)`` records with per-feature ``count`` (Chan et al.'s
+  parallel formula, as :func:`_pool_moments`): every sample weighs the same,
+  however the data is split into batches (e.g. a last batch of 1). A feature
+  with count 0 in a call (masked out) gets no weight from it."""
+  pooled: dict[str, list] = {}
+  for path, count, mean, m2 in records:
+    count = np.asarray(count, np.float64)
+    mean, m2 = np.asarray(mean, np.float64), np.asarray(m2, np.float64)
+    count = np.broadcast_to(count, mean.shape)
+    if path not in pooled:
+      pooled[path] = [count, np.where(count > 0, mean, 0.0), np.where(count > 0, m2, 0.0)]
+      continue
+    n_a, mean_a, m2_a = pooled[path]
+    n = n_a + count
+    safe = np.maximum(n, 1.0)
+    delta = np.where(count > 0, mean - mean_a, 0.0)
+    pooled[path] = [n, mean_a + delta * count / safe,
+                    m2_a + np.where(count > 0, m2, 0.0) + delta**2 * n_a * count / safe]
+  return pooled
 
 
-def _no_bn_call(op: str, nnx_form: bool) -> ValueError:
+def _pooled_stats(pooled_entry, old_mean, old_var, unbiased: bool):
+  """``(mean, var)`` from a pooled ``[count, mean, m2]``, in the layer's
+  convention (biased, or ``m2 / (n - 1)`` for ``unbiased_running_var``) and the
+  old statistics' dtypes; a feature no sample reached keeps its old values."""
+  n, mean, m2 = pooled_entry
+  divisor = np.where(n > 1, n - 1, np.maximum(n, 1.0)) if unbiased else np.maximum(n, 1.0)
+  var = m2 / divisor
+  old_mean_np = np.asarray(old_mean, np.float64)
+  old_var_np = np.asarray(old_var, np.float64)
+  mean = np.where(n > 0, mean, old_mean_np)
+  var = np.where(n > 0, var, old_var_np)
+  return jnp.asarray(mean, jnp.asarray(old_mean).dtype), jnp.asarray(var, jnp.asarray(old_var).dtype)
+
+
+def _selected_count(value, axis, mask):
+  """Per-feature number of values entering a BN's batch statistics (float32)."""
+  axes = canonical_axes(axis, value.ndim, "recalibrate_batch_stats")
+  reduce = tuple(a for a in range(value.ndim) if a not in axes)
+  if mask is None:
+    n = int(np.prod([value.shape[a] for a in reduce]))
+    return jnp.full(tuple(value.shape[a] for a in axes), n, jnp.float32)
+  return jnp.sum(jnp.broadcast_to(mask, value.shape), reduce, dtype=jnp.float32)
+
+
+def _no_bn_call(op: str, nnx_form: bool, variables: Any = None) -> ValueError:
   hint = ("and `call(model, x)` must run the model it is given" if nnx_form else
           "and `bn_types` if the model uses its own BatchNorm class")
-  return ValueError(f"{op}: no BatchNorm call was seen; pass at least one batch, {hint}.")
+  extra = ""
+  if not nnx_form and isinstance(variables, Mapping) and "batch_stats" not in variables:
+    extra = (f" `variables` has no 'batch_stats' collection either (got collections "
+             f"{sorted(map(str, variables))}): the diagnostics need a model with "
+             "BatchNorm layers and its full variables, e.g. those from `model.init`.")
+  return ValueError(f"{op}: no BatchNorm call was seen; pass at least one batch, {hint}.{extra}")
 
 
 # --------------------------------------------------------------------------
@@ -278,9 +316,19 @@ def variance_shift(
     BatchNorm. Statistics are pooled exactly over all batches (Chan et al.'s
     parallel formula, in float64).
 
+  Lifted transforms (linen): a BatchNorm inside ``nn.jit``, ``nn.remat``, or an
+  ``nn.scan``/``nn.vmap`` that broadcasts ``batch_stats`` (one shared layer,
+  every call pooled) works: records leave the forward pass through
+  ``jax.debug.callback``. A stack of BatchNorms made by ``nn.scan``/``nn.vmap``
+  with ``variable_axes`` over ``batch_stats`` (or, in NNX, by ``nnx.vmap`` and
+  run under ``nnx.scan``/``nnx.vmap``) raises ``NotImplementedError``: one path
+  there stands for several layers, each seeing a slice of the statistics.
+
   Raises:
     TypeError: the arguments fit neither form.
-    ValueError: no BatchNorm call was seen (no batch, or no BN of ``bn_types``).
+    ValueError: no BatchNorm call was seen (no batch, or no BN of ``bn_types``),
+      or (linen) ``variables`` lacks the ``batch_stats`` of a called BatchNorm.
+    NotImplementedError: a BatchNorm stacked by a lifted transform (see above).
   """
   op = "variance_shift"
   form = _dispatch(op, apply_fn, variables, batches, call)
@@ -301,11 +349,15 @@ def recalibrate_batch_stats(
   """Re-estimates every BatchNorm's population statistics with regularizers off.
 
   Each BN layer normalizes with its batch statistics (as in training) while the
-  noise stays off; each layer's batch mean and variance are averaged with equal
-  weight over its calls on ``batches``: ``mean = sum_b mean_b / B``, ``var =
-  sum_b var_b / B`` (a cumulative average, not an EMA). The variance follows the
-  layer's convention: biased, or unbiased for ``unbiased_running_var=True``.
-  Two forms:
+  noise stays off; each layer's new ``mean`` and ``var`` are the exact pooled
+  statistics of every value it saw over all its calls on ``batches`` (float64,
+  Chan et al.'s parallel formula: each batch weighted by its count, the
+  between-batch spread of the means included), so batches of unequal sizes
+  (e.g. a last batch of 1) give the population mean and variance of the
+  concatenated data. The variance follows the layer's convention: biased
+  (``M2 / n``), or unbiased (``M2 / (n - 1)``) for ``unbiased_running_var=True``;
+  a ``mask`` passed to the BN is honoured, and a feature that no selected value
+  reached keeps its old statistics. Two forms:
 
   - linen: ``recalibrate_batch_stats(apply_fn, variables, batches, *,
     bn_types=None)`` returns a new ``batch_stats`` tree; apply it as
@@ -335,7 +387,10 @@ def recalibrate_batch_stats(
 
   Raises:
     TypeError: the arguments fit neither form.
-    ValueError: no BatchNorm call was seen.
+    ValueError: no BatchNorm call was seen, or (linen) ``variables`` lacks the
+      ``batch_stats`` of a called BatchNorm.
+    NotImplementedError: a BatchNorm stacked by ``nn.scan``/``nn.vmap`` over
+      ``batch_stats`` (linen) or by ``nnx.vmap`` (NNX); see :func:`variance_shift`.
   """
   op = "recalibrate_batch_stats"
   form = _dispatch(op, apply_fn, variables, batches, call)
@@ -362,26 +417,85 @@ def _path(module) -> str:
   return "/".join(module.path) or "<root>"
 
 
-def _running_stats(module):
-  return {"mean": module.get_variable("batch_stats", "mean"),
-          "var": module.get_variable("batch_stats", "var")}
+def _running_stats(module, op: str, variables):
+  mean = module.get_variable("batch_stats", "mean")
+  var = module.get_variable("batch_stats", "var")
+  if mean is None or var is None:
+    got = sorted(map(str, variables)) if isinstance(variables, Mapping) else "?"
+    raise ValueError(
+        f"{op}: the BatchNorm at '{_path(module)}' has no running statistics in "
+        "`variables`: `variables` must hold the model's 'batch_stats' collection "
+        "(e.g. the full dict returned by `model.init`), with 'mean' and 'var' for "
+        f"every BatchNorm; got collections {got}.")
+  return {"mean": mean, "var": var}
+
+
+def _check_not_mapped(module, variables, stats, op: str) -> None:
+  """Raises if the BN's statistics are sliced by a lifted transform.
+
+  Under ``nn.scan``/``nn.vmap`` with ``variable_axes`` over ``batch_stats``, one
+  module path stands for a stack of BatchNorms, each seeing its own slice of
+  the stacked statistics: one pooled estimate per path cannot represent them."""
+  node = variables.get("batch_stats") if isinstance(variables, Mapping) else None
+  for name in module.path:
+    if not isinstance(node, Mapping) or name not in node:
+      return
+    node = node[name]
+  if not isinstance(node, Mapping) or "mean" not in node:
+    return
+  stored = tuple(np.shape(node["mean"]))
+  seen = tuple(np.shape(stats["mean"]))
+  if stored != seen:
+    raise NotImplementedError(
+        f"{op}: the BatchNorm at '{_path(module)}' runs inside a lifted transform "
+        f"that maps over its 'batch_stats' (nn.scan or nn.vmap with `variable_axes` "
+        f"covering 'batch_stats': stored statistics of shape {stored}, the layer sees "
+        f"a slice of shape {seen}). Such a stack of BatchNorms under one path is not "
+        "supported; nn.jit, nn.remat, and nn.scan/nn.vmap that broadcast "
+        "'batch_stats' (`variable_broadcast`) are.")
 
 
 def _in_call_order(capture_fn):
-  """jit-compiles ``capture_fn(variables, x, paths) -> [record per BN call]`` into
-  ``(variables, x) -> [(path, record)]`` in call order. Paths are static strings,
-  so they are collected while tracing (jit would sort the keys of a returned dict)."""
-  paths: list[str] = []
+  """jit-compiles ``capture_fn(variables, x, emit)`` into ``(variables, x) ->
+  [(path, record)]`` in call order, one per BN call.
+
+  ``emit(path, static, record)`` hands a record out with a ``jax.debug.callback``,
+  so records travel as data from wherever the BN runs (also inside ``nn.jit``,
+  ``nn.remat`` or a broadcasting ``nn.scan``/``nn.vmap``, where a Python list
+  would capture leaked tracers). The path, the static part and the call's
+  position in the trace are baked into each compiled executable, so they are
+  right on a jit cache hit too. The callbacks are unordered (ordered effects
+  are refused on more than one device); records are sorted by trace position
+  (a scan body's iterations share one, and pooling does not depend on their
+  order)."""
+  lock = threading.Lock()
+  sink: list = []
 
   def traced(variables, x):
-    paths.clear()
-    return capture_fn(variables, x, paths)
+    position = itertools.count()
+
+    def emit(path, static, record):
+      index = next(position)
+
+      def receive(*values):
+        sink.append((index, path, (*static, *(np.asarray(v) for v in values))))
+
+      jax.debug.callback(receive, *record)
+
+    capture_fn(variables, x, emit)
 
   compiled = jax.jit(traced)
 
   def run(variables, x):
-    records = jax.device_get(compiled(variables, x))
-    return list(zip(paths, records))
+    with lock:
+      sink.clear()
+      try:
+        jax.block_until_ready(compiled(variables, x))
+        jax.effects_barrier()
+        calls = sorted(sink, key=lambda call: call[0])  # stable: arrival order within a position
+      finally:
+        sink.clear()
+    return [(path, record) for _, path, record in calls]
   return run
 
 
@@ -391,22 +505,20 @@ def _in_call_order(capture_fn):
 def _capture_moments(apply_fn, bn_types):
   """``(variables, x) -> [(path, (count, mean, m2, moving_mean, moving_var))]``."""
   is_bn_call = _bn_calls(bn_types)
+  op = "variance_shift"
 
-  def capture(variables, x, paths):
-    records = []
-
+  def capture(variables, x, emit):
     def interceptor(next_fun, args, kwargs, context):
       if is_bn_call(context):
         module = context.module
+        stats = _running_stats(module, op, variables)
+        _check_not_mapped(module, variables, stats, op)
         count, mean, m2 = _moments(args[0], module.axis)
-        stats = _running_stats(module)
-        paths.append(_path(module))
-        records.append((count, mean, m2, stats["mean"], stats["var"]))
+        emit(_path(module), (count,), (mean, m2, stats["mean"], stats["var"]))
       return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):
       apply_fn(variables, x)
-    return records
 
   return _in_call_order(capture)
 
@@ -424,52 +536,66 @@ def _linen_variance_shift(apply_fn, variables, batches, bn_types):
 
   pooled = _pool_moments(records())
   if not pooled:
-    raise _no_bn_call("variance_shift", nnx_form=False)
+    raise _no_bn_call("variance_shift", nnx_form=False, variables=variables)
   return _layer_shifts(pooled, moving)
 
 
 @functools.lru_cache(maxsize=64)
 def _capture_batch_stats(apply_fn, bn_types):
-  """``(variables, x) -> [(path, (mean, var))]``, each BN normalizing with its
-  batch statistics as in training (the noise stays off via apply_fn)."""
+  """``(variables, x) -> [(path, (unbiased, count, mean, m2))]``, each BN
+  normalizing with its batch statistics as in training (the noise stays off via
+  apply_fn); ``count`` is per feature, ``m2 = count * biased batch variance``."""
   is_bn_call = _bn_calls(bn_types)
+  op = "recalibrate_batch_stats"
 
-  def capture(variables, x, paths):
-    records = []
-
+  def capture(variables, x, emit):
     def interceptor(next_fun, args, kwargs, context):
       if not is_bn_call(context):
         return next_fun(*args, **kwargs)
       module, value = context.module, args[0]
+      stats = _running_stats(module, op, variables)
+      _check_not_mapped(module, variables, stats, op)
       scale = module.get_variable("params", "scale") if module.use_scale else None
       bias = module.get_variable("params", "bias") if module.use_bias else None
-      # momentum=0: the "updated" running statistics are this batch's, in the
-      # layer's own convention (biased, or unbiased for unbiased_running_var).
+      mask = kwargs.get("mask")
+      # momentum=0: the "updated" running statistics are this batch's (biased;
+      # the layer's convention is applied once, after pooling).
       y, batch = normalization.batch_norm(
-          value, _running_stats(module), scale, bias, deterministic=False, momentum=0.0,
-          epsilon=module.epsilon, axis=module.axis, mask=kwargs.get("mask"),
-          unbiased_running_var=getattr(module, "unbiased_running_var", False),
+          value, stats, scale, bias, deterministic=False, momentum=0.0,
+          epsilon=module.epsilon, axis=module.axis, mask=mask,
           dtype=dtypes.canonicalize_dtype(
               *(a for a in (value, scale, bias) if a is not None), dtype=module.dtype))
-      paths.append(_path(module))
-      records.append((batch["mean"], batch["var"]))
+      count = _selected_count(value, module.axis, mask)
+      emit(_path(module), (bool(getattr(module, "unbiased_running_var", False)),),
+           (count, batch["mean"], batch["var"].astype(jnp.float32) * count))
       return y
 
     with nn.intercept_methods(interceptor):
       apply_fn(variables, x)
-    return records
 
   return _in_call_order(capture)
 
 
 def _linen_recalibrate(apply_fn, variables, batches, bn_types):
+  op = "recalibrate_batch_stats"
   capture = _capture_batch_stats(apply_fn, bn_types)
-  sums = _sum_batch_stats(
-      (path, mean, var)
-      for batch in batches
-      for path, (mean, var) in capture(variables, _input_of(batch)))
-  if not sums:
-    raise _no_bn_call("recalibrate_batch_stats", nnx_form=False)
+  unbiased: dict[str, bool] = {}
+
+  def records():
+    for batch in batches:
+      for path, (is_unbiased, count, mean, m2) in capture(variables, _input_of(batch)):
+        unbiased[path] = is_unbiased
+        yield path, count, mean, m2
+
+  pooled = _pool_batch_stats(records())
+  if not pooled:
+    raise _no_bn_call(op, nnx_form=False, variables=variables)
+  if "batch_stats" not in variables:  # pragma: no cover - caught while capturing
+    raise ValueError(f"{op}: `variables` has no 'batch_stats' collection.")
+
+  def new_stats(path, node):
+    mean, var = _pooled_stats(pooled[path], node["mean"], node["var"], unbiased[path])
+    return {**node, "mean": mean, "var": var}
 
   def rebuild(tree, prefix):
     out = {}
@@ -477,11 +603,7 @@ def _linen_recalibrate(apply_fn, variables, batches, bn_types):
       path = "/".join(prefix + (name,))
       if isinstance(node, Mapping) and {"mean", "var"} <= set(node) and not isinstance(
           node["mean"], Mapping):
-        if path in sums:
-          k, mean_sum, var_sum = sums[path]
-          node = {**node, "mean": jnp.asarray(mean_sum / k, node["mean"].dtype),
-                  "var": jnp.asarray(var_sum / k, node["var"].dtype)}
-        out[name] = node
+        out[name] = new_stats(path, node) if path in pooled else node
       elif isinstance(node, Mapping):
         out[name] = rebuild(node, prefix + (name,))
       else:
@@ -489,10 +611,8 @@ def _linen_recalibrate(apply_fn, variables, batches, bn_types):
     return out
 
   root = variables["batch_stats"]
-  if "<root>" in sums:  # the model itself is a BatchNorm
-    k, mean_sum, var_sum = sums["<root>"]
-    return {**root, "mean": jnp.asarray(mean_sum / k, root["mean"].dtype),
-            "var": jnp.asarray(var_sum / k, root["var"].dtype)}
+  if "<root>" in pooled:  # the model itself is a BatchNorm
+    return new_stats("<root>", root)
   return rebuild(root, ())
 
 
@@ -523,8 +643,8 @@ def _nnx_probe_types():
     then calls the wrapped BN (in eval mode by the caller's ``nnx.view``).
     ``kind='batch_stats'``: normalizes with the input's batch statistics via
     :func:`regjax.batch_norm` (``momentum=0``, so the "updated" statistics are
-    the batch's in the layer's own convention) and sows ``(call index, mean,
-    var)``. The wrapped BN's variables are only read.
+    the batch's, biased) and sows ``(call index, count, mean, m2)`` with a
+    per-feature count. The wrapped BN's variables are only read.
     """
 
     def __init__(self, bn, kind: str):
@@ -543,15 +663,18 @@ def _nnx_probe_types():
       bias = bn.bias[...] if getattr(bn, "bias", None) is not None else None
       # The user's own use_running_average/deterministic arguments are
       # ignored: recalibration needs batch statistics whatever they say.
+      # Biased batch statistics: the layer's convention is applied after pooling.
+      mask = kwargs.get("mask")
       y, batch = normalization.batch_norm(
           x, {"mean": bn.mean[...], "var": bn.var[...]}, scale, bias,
           deterministic=False, momentum=0.0, epsilon=bn.epsilon, axis=bn.axis,
-          mask=kwargs.get("mask"),
-          unbiased_running_var=getattr(bn, "unbiased_running_var", False),
+          mask=mask,
           dtype=dtypes.canonicalize_dtype(
               *(a for a in (x, scale, bias) if a is not None),
               dtype=getattr(bn, "dtype", None)))
-      self.sow(ProbeRecord, "record", (index, batch["mean"], batch["var"]))
+      count = _selected_count(x, bn.axis, mask)
+      self.sow(ProbeRecord, "record",
+               (index, count, batch["mean"], batch["var"].astype(jnp.float32) * count))
       return y
 
   return BatchNormProbe, ProbeRecord
@@ -563,6 +686,23 @@ def _call_model(model, x):
 
 def _nnx_path(path) -> str:
   return "/".join(map(str, path)) or "<root>"
+
+
+def _check_nnx_not_stacked(bn, path: str, op: str) -> None:
+  """Raises for a BatchNorm whose statistics have more axes than its features:
+  a stack of layers made with ``nnx.vmap`` (and run with ``nnx.scan`` or
+  ``nnx.vmap``), one module object standing for several BatchNorms."""
+  axis = getattr(bn, "axis", -1)
+  n_axes = 1 if isinstance(axis, (int, np.integer)) else len(tuple(axis))
+  mean = getattr(bn, "mean", None)
+  shape = tuple(np.shape(mean[...])) if mean is not None else (0,) * n_axes
+  if len(shape) > n_axes:
+    raise NotImplementedError(
+        f"{op}: the BatchNorm at '{path}' holds stacked statistics (shape "
+        f"{shape} for {n_axes} feature axis/axes): a layer stack "
+        "built with nnx.vmap and run under nnx.scan/nnx.vmap is not supported, since "
+        "one module there stands for several BatchNorms that each see a slice of "
+        "its statistics. Run the diagnostics on an unstacked copy of the model.")
 
 
 def _nnx_probe(model, kind: str, bn_types, op: str):
@@ -579,6 +719,7 @@ def _nnx_probe(model, kind: str, bn_types, op: str):
 
   def wrap(path, node):
     if isinstance(node, types):
+      _check_nnx_not_stacked(node, _nnx_path(path), op)
       found[_nnx_path(path)] = (tuple(path), node)
       return probe_cls(node, kind)
     return node
@@ -662,19 +803,20 @@ def _nnx_recalibrate(model, batches, call, bn_types):
 
   op = "recalibrate_batch_stats"
   records, found = _nnx_records(model, batches, call, bn_types, "batch_stats", op)
-  sums = _sum_batch_stats((path, mean, var) for path, (mean, var) in records)
-  if not sums:
+  pooled = _pool_batch_stats((path, count, mean, m2) for path, (count, mean, m2) in records)
+  if not pooled:
     raise _no_bn_call(op, nnx_form=True)
   # nnx.state returns the model's own Variable objects: every entry of the
   # result is a new Variable (Variable.replace keeps type and metadata), so
   # editing the result never edits the model.
   flat = {path: variable.replace(variable.get_value())
           for path, variable in nnx.to_flat_state(nnx.state(model, nnx.BatchStat))}
-  for path, (k, mean_sum, var_sum) in sums.items():
+  for path, entry in pooled.items():
     parts, bn = found[path]
-    for name, total in (("mean", mean_sum), ("var", var_sum)):
-      variable = getattr(bn, name)
-      # Also covers a custom BN whose statistics are not nnx.BatchStat.
-      flat[(*parts, name)] = variable.replace(
-          jnp.asarray(total / k, variable.get_value().dtype))
+    mean_var, var_var = bn.mean, bn.var
+    mean, var = _pooled_stats(entry, mean_var.get_value(), var_var.get_value(),
+                              bool(getattr(bn, "unbiased_running_var", False)))
+    # Also covers a custom BN whose statistics are not nnx.BatchStat.
+    flat[(*parts, "mean")] = mean_var.replace(mean)
+    flat[(*parts, "var")] = var_var.replace(var)
   return nnx.from_flat_state(list(flat.items()))

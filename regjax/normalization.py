@@ -43,10 +43,16 @@ def init_batch_stats(num_features: int | tuple[int, ...], dtype=jnp.float32) -> 
   return {"mean": jnp.zeros(shape, dtype), "var": jnp.ones(shape, dtype)}
 
 
+def check_inexact(x, op: str, name: str = "x") -> None:
+  """Floating point, or complex (as flax allows: mean complex, variance real)."""
+  if not jnp.iscomplexobj(x):
+    _checks.check_floating(x, op, name)
+
+
 def _check_feature_array(value, name: str, shape: tuple[int, ...], op: str) -> None:
   if value is None:
     return
-  _checks.check_floating(value, op, name)
+  check_inexact(value, op, name)
   if tuple(value.shape) != shape:
     raise ValueError(
         f"{op}: `{name}` must have the feature shape {shape} (the sizes of the "
@@ -61,6 +67,10 @@ def _check_batch_stats(batch_stats, shape: tuple[int, ...], op: str) -> None:
         + (f" with keys {sorted(batch_stats)}" if isinstance(batch_stats, Mapping) else "")
         + ".")
   for name in ("mean", "var"):
+    if batch_stats[name] is None:
+      raise ValueError(
+          f"{op}: `batch_stats['{name}']` is None; it must be an array of the feature "
+          f"shape {shape} (regjax.init_batch_stats({shape}) makes both).")
     _check_feature_array(batch_stats[name], f"batch_stats['{name}']", shape, op)
 
 
@@ -78,37 +88,42 @@ def _batch_axes_explicitly_sharded(x, reduction_axes) -> bool:
 
 
 def _shift(x, reduction_axes, mask):
-  """One sample per feature (the first, if selected by ``mask``; else 0), no gradient.
+  """One *selected* sample per feature (0 where a feature has none), no gradient.
 
   Sums of ``x - shift`` are of numbers of the size of the spread, not of the
   mean, so the one-pass variance of the deviations stays accurate when
-  ``|mean| >> std``.
+  ``|mean| >> std``. Without a mask the shift is the first sample; with one, it
+  is the first position the mask selects, per feature (masked-out positions
+  may be padding of any size, or NaN, and are never used). Under ``axis_name``
+  each device picks its own; ``finish`` combines sums taken about different
+  shifts exactly.
   """
-  if not _batch_axes_explicitly_sharded(x, reduction_axes):
+  if mask is None and not _batch_axes_explicitly_sharded(x, reduction_axes):
     first = tuple(slice(0, 1) if a in reduction_axes else slice(None) for a in range(x.ndim))
-    shift = x[first]
-    if mask is not None:
-      # A masked-out first sample may be padding of any size (or NaN): never shift by it.
-      shift = jnp.where(mask[first], shift, 0)
-    return lax.stop_gradient(shift)
-  # Under jit, slicing a batch axis with explicit sharding (jax.make_mesh's
-  # default) is an error: pick the first sample by a one-hot sum.
-  is_first = True
+    return lax.stop_gradient(x[first])
+  # A one-hot sum picks the sample: it needs no slicing of a batch axis that is
+  # sharded in its type (an error under jit), and with a mask it finds, per
+  # feature, the selected position of smallest row-major index over the batch axes.
+  index = jnp.zeros((1,) * x.ndim, jnp.int32)
   for a in reduction_axes:
-    is_first = is_first & (lax.broadcasted_iota(
-        jnp.int32, tuple(x.shape[a] if d == a else 1 for d in range(x.ndim)), a) == 0)
-  if mask is not None:
-    is_first = is_first & mask
+    index = index * x.shape[a] + lax.broadcasted_iota(
+        jnp.int32, tuple(x.shape[a] if d == a else 1 for d in range(x.ndim)), a)
+  if mask is None:
+    is_first = index == 0
+  else:
+    index = jnp.where(mask, index, jnp.iinfo(jnp.int32).max)
+    is_first = mask & (index == jnp.min(index, reduction_axes, keepdims=True))
   return lax.stop_gradient(jnp.sum(jnp.where(is_first, x, 0), reduction_axes, keepdims=True))
 
 
 def _count(x, reduction_axes, mask, axis_name, axis_index_groups):
   """Number of selected values per feature (reduced axes kept), summed across devices."""
   keep_shape = tuple(1 if a in reduction_axes else x.shape[a] for a in range(x.ndim))
+  real_dtype = jnp.finfo(x.dtype).dtype  # float32 for complex64
   if mask is None:
-    count = jnp.full(keep_shape, math.prod(x.shape[a] for a in reduction_axes), x.dtype)
+    count = jnp.full(keep_shape, math.prod(x.shape[a] for a in reduction_axes), real_dtype)
   else:
-    count = jnp.sum(mask, reduction_axes, keepdims=True, dtype=x.dtype)
+    count = jnp.sum(mask, reduction_axes, keepdims=True, dtype=real_dtype)
   if axis_name is not None:
     count = lax.psum(count, axis_name, axis_index_groups=axis_index_groups)
   return count
@@ -239,6 +254,12 @@ def _make_train_normalize(reduction_axes, axis_name, axis_index_groups, epsilon,
     x, shift, scale, bias, mask, count = primals
     dx, _, dscale, dbias, _, _ = tangents
     y, mean, var, xhat, inv = forward(*primals)
+    if mask is not None:
+      # Masked-out positions may hold NaN/inf (padding). They never enter the
+      # statistics, and the tangent of a non-finite output is taken as 0 there,
+      # so a zero cotangent from them cannot turn into 0 * inf = NaN in reverse mode.
+      x = jnp.where(mask | jnp.isfinite(x), x, mean)
+      xhat = (x - mean) * inv
     # dy = c*dx + bcast(dbias - c*dmean) + xhat * bcast(dscale - c*b), c = scale*inv:
     # per-feature terms are combined *before* broadcasting, so the transpose
     # (reverse mode) needs just two batch sums, sum(g) and sum(g * xhat).
@@ -293,6 +314,7 @@ def batch_norm(
     unbiased_running_var: bool = False,
     mask: jax.Array | None = None,
     dtype: Any = None,
+    force_float32_reductions: bool = True,
 ) -> tuple[jax.Array, BatchStats]:
   """Batch normalization (Ioffe & Szegedy 2015) returning updated statistics.
 
@@ -318,8 +340,10 @@ def batch_norm(
     scale, bias: optional per-feature affine parameters of the feature shape.
     deterministic: eval mode if True.
     momentum: decay of the running averages, in ``[0, 1]`` (flax convention;
-      PyTorch's ``momentum=0.1`` is ``momentum=0.9`` here). May be traced.
-    epsilon: added to the variance, ``> 0``.
+      PyTorch's ``momentum=0.1`` is ``momentum=0.9`` here). May be traced: a
+      traced value is clipped to ``[0, 1]``, and a NaN or infinite one keeps
+      the running statistics unchanged.
+    epsilon: added to the variance, a finite Python or NumPy number ``> 0``.
     axis: feature axis or axes (statistics are per feature).
     axis_name: named axis (``shard_map``/``pmap``) over which the statistics
       are combined, count-weighted. Not needed under plain ``jit`` with a
@@ -329,15 +353,20 @@ def batch_norm(
       in the running variance, as PyTorch does. Normalization still uses the
       biased variance.
     mask: optional boolean array broadcastable to ``x``: only True positions
-      enter the statistics. A feature with no True position in a step keeps
-      its running statistics unchanged.
-    dtype: output dtype; default ``x.dtype``.
+      enter the statistics, shifted by a selected sample (accuracy does not
+      depend on which positions are masked). Masked-out positions may hold
+      NaN or inf: they change neither the statistics nor the gradients of a
+      loss that ignores them. A feature with no True position in a step (or
+      an empty batch) keeps its running statistics unchanged.
+    dtype: output dtype (floating or complex); default ``x.dtype``.
+    force_float32_reductions: accumulate statistics in at least float32 (the
+      default, as flax); False computes them in ``x.dtype``.
 
   Returns:
     ``(y, new_batch_stats)``.
   """
   op = "regjax.batch_norm"
-  _checks.check_floating(x, op)
+  check_inexact(x, op)
   deterministic = _checks.check_deterministic(deterministic, op)
   feature_axes = _checks.canonical_axes(axis, x.ndim, op)
   reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
@@ -346,21 +375,15 @@ def batch_norm(
   _check_feature_array(scale, "scale", feature_shape, op)
   _check_feature_array(bias, "bias", feature_shape, op)
   momentum = _checks.check_rate(momentum, op, "momentum", low=0.0, high=1.0, high_inclusive=True)
-  if _checks.is_traced(epsilon) or not isinstance(epsilon, (int, float)) or isinstance(
-      epsilon, bool) or not (epsilon > 0 and math.isfinite(epsilon)):
-    raise ValueError(f"{op}: `epsilon` must be a finite Python number > 0; got {epsilon!r}.")
+  epsilon = check_epsilon(epsilon, op)
+  if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
+    raise TypeError(f"{op}: `dtype` must be a floating-point (or complex) dtype or None; "
+                    f"got {dtype!r}.")
   if mask is not None:
-    if getattr(mask, "dtype", None) != jnp.bool_:
-      raise TypeError(f"{op}: `mask` must be a boolean array; got {getattr(mask, 'dtype', mask)!r}.")
-    try:  # `mask` must broadcast *to* x's shape, not merely with it
-      broadcastable = jnp.broadcast_shapes(mask.shape, x.shape) == x.shape
-    except ValueError:
-      broadcastable = False
-    if not broadcastable:
-      raise ValueError(
-          f"{op}: `mask` of shape {mask.shape} does not broadcast to `x` of shape {x.shape}.")
+    _check_mask(mask, x.shape, op)
   out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
-  stats_dtype = jnp.promote_types(x.dtype, jnp.float32)
+  stats_dtype = (jnp.promote_types(x.dtype, jnp.float32) if force_float32_reductions
+                 else x.dtype)
 
   # Shapes with the reduced axes kept as size 1, so per-feature arrays broadcast.
   keep_shape = tuple(1 if a in reduction_axes else x.shape[a] for a in range(x.ndim))
@@ -369,22 +392,42 @@ def batch_norm(
 
   if deterministic:
     mean, var = as_keep(batch_stats["mean"]), as_keep(batch_stats["var"])
-    new_stats = batch_stats
+    multiplier = lax.rsqrt(var + epsilon)  # per-feature factors once, then one pass over x
+    if scale is not None:
+      multiplier = multiplier * as_keep(scale)
+    y = (xf - mean) * multiplier
+    if bias is not None:
+      y = y + as_keep(bias)
+    return y.astype(out_dtype), batch_stats
+
+  batch_size = math.prod(x.shape[a] for a in reduction_axes)
+  if not reduction_axes and axis_name is None:
+    raise ValueError(
+        f"{op}: train mode needs a batch axis besides the feature axes {feature_axes}; "
+        f"got `x` of shape {x.shape}, so every statistic would come from one value. "
+        "Add a batch axis (x[None]), pass `axis` naming only the feature axes, or "
+        "normalize across devices with `axis_name`.")
+  if unbiased_running_var and mask is None and 0 < batch_size < 2 and axis_name is None:
+    raise ValueError(
+        f"{op}: `unbiased_running_var=True` needs more than one value per feature "
+        f"in train mode; got an input of shape {x.shape} with feature axes {feature_axes}.")
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, x.shape)
+  count = _count(xf, reduction_axes, mask, axis_name, axis_index_groups)
+  scale_k = None if scale is None else as_keep(scale)
+  bias_k = None if bias is None else as_keep(bias)
+  if jnp.iscomplexobj(xf):
+    y, mean, var = _complex_normalize(xf, scale_k, bias_k, mask, count, reduction_axes,
+                                      axis_name, axis_index_groups, epsilon)
   else:
-    if unbiased_running_var and mask is None and math.prod(
-        x.shape[a] for a in reduction_axes) < 2 and axis_name is None:
-      raise ValueError(
-          f"{op}: `unbiased_running_var=True` needs more than one value per feature "
-          f"in train mode; got an input of shape {x.shape} with feature axes {feature_axes}.")
-    if mask is not None:
-      mask = jnp.broadcast_to(mask, x.shape)
-    shift = _shift(xf, reduction_axes, mask)
-    count = _count(xf, reduction_axes, mask, axis_name, axis_index_groups)
+    # An empty batch has no sample to shift by (and nothing to sum by a dot).
+    shift = (jnp.zeros(keep_shape, stats_dtype) if batch_size == 0
+             else _shift(xf, reduction_axes, mask))
     # Batch sums as products with a ones vector for short, wide inputs (see
     # _make_train_normalize); not for a batch axis sharded in its type, where
     # contracting it needs an explicit output sharding.
     use_dot = (reduction_axes == tuple(range(len(reduction_axes)))
-               and math.prod(x.shape[a] for a in reduction_axes) <= math.prod(feature_shape)
+               and 0 < batch_size <= math.prod(feature_shape)
                and not _batch_axes_explicitly_sharded(xf, reduction_axes))
     normalize = _make_train_normalize(reduction_axes, axis_name, axis_index_groups, epsilon,
                                       use_dot)
@@ -392,33 +435,78 @@ def batch_norm(
     # normalized input from x, instead of storing full-size intermediates.
     normalize = jax.checkpoint(
         normalize, policy=jax.checkpoint_policies.save_only_these_names(_STAT_NAME))
-    y, mean, var = normalize(
-        xf, shift, None if scale is None else as_keep(scale),
-        None if bias is None else as_keep(bias), mask, count)
-    running_var_sample = var
-    if unbiased_running_var:
-      running_var_sample = jnp.where(count > 1, var * count / jnp.maximum(count - 1, 1), var)
-    momentum = jnp.clip(jnp.asarray(momentum, stats_dtype), 0.0, 1.0)
+    y, mean, var = normalize(xf, shift, scale_k, bias_k, mask, count)
+  return y.astype(out_dtype), _updated_stats(
+      batch_stats, mean, var, count, momentum, feature_shape, unbiased_running_var)
 
-    def update(old, batch_value):
-      old_f = old.astype(stats_dtype)
-      batch_value = jnp.reshape(batch_value, feature_shape)
-      new = momentum * old_f + (1.0 - momentum) * batch_value
-      if mask is not None:  # a fully masked feature has no statistics this step
-        new = jnp.where(jnp.reshape(count > 0, feature_shape), new, old_f)
-      return new.astype(old.dtype)
 
-    new_stats = dict(batch_stats)
-    new_stats["mean"] = update(batch_stats["mean"], mean)
-    new_stats["var"] = update(batch_stats["var"], running_var_sample)
+def check_epsilon(epsilon, op: str) -> float:
+  is_number = isinstance(epsilon, (int, float, np.integer, np.floating)) and not isinstance(
+      epsilon, (bool, np.bool_))
+  if _checks.is_traced(epsilon) or not is_number or not (
+      epsilon > 0 and math.isfinite(epsilon)):
+    raise ValueError(f"{op}: `epsilon` must be a finite Python or NumPy number > 0; "
+                     f"got {epsilon!r}.")
+  return float(epsilon)
 
-  if not deterministic:
-    return y.astype(out_dtype), new_stats
-  # Eval: per-feature factors computed once, then one pass over x.
-  multiplier = lax.rsqrt(var + epsilon)
+
+def _check_mask(mask, x_shape, op: str) -> None:
+  if getattr(mask, "dtype", None) != jnp.bool_:
+    raise TypeError(f"{op}: `mask` must be a boolean array; got {getattr(mask, 'dtype', mask)!r}.")
+  try:  # `mask` must broadcast *to* x's shape, not merely with it
+    broadcastable = jnp.broadcast_shapes(mask.shape, x_shape) == x_shape
+  except ValueError:
+    broadcastable = False
+  if not broadcastable:
+    raise ValueError(
+        f"{op}: `mask` of shape {mask.shape} does not broadcast to `x` of shape {x_shape}.")
+
+
+def _complex_normalize(x, scale, bias, mask, count, reduction_axes, axis_name,
+                       axis_index_groups, epsilon):
+  """Complex input, as flax defines it: complex mean, real variance ``mean(|x - mu|**2)``.
+
+  Two plain passes differentiated by JAX (the custom JVP is for real input).
+  """
+  def total(v):
+    v = jnp.sum(v if mask is None else jnp.where(mask, v, 0), reduction_axes, keepdims=True)
+    return v if axis_name is None else lax.psum(v, axis_name, axis_index_groups=axis_index_groups)
+
+  n = jnp.maximum(count, 1)
+  mean = total(x) / n
+  centered = x - mean
+  var = total(lax.real(centered) ** 2 + lax.imag(centered) ** 2) / n
+  y = centered * lax.rsqrt(var + epsilon)
   if scale is not None:
-    multiplier = multiplier * as_keep(scale)
-  y = (xf - mean) * multiplier
+    y = y * scale
   if bias is not None:
-    y = y + as_keep(bias)
-  return y.astype(out_dtype), new_stats
+    y = y + bias
+  return y, mean, var
+
+
+def _updated_stats(batch_stats, mean, var, count, momentum, feature_shape,
+                   unbiased_running_var) -> BatchStats:
+  """``momentum * old + (1 - momentum) * batch`` per feature, in the old statistics' dtype.
+
+  A feature with no value this step (masked out, or an empty batch), or a
+  non-finite traced ``momentum``, keeps its statistics: nothing corrupts them.
+  """
+  real_dtype = var.dtype
+  momentum = jnp.asarray(momentum, real_dtype)
+  momentum = jnp.where(jnp.isfinite(momentum), jnp.clip(momentum, 0.0, 1.0), 1.0)
+  if unbiased_running_var:
+    var = jnp.where(count > 1, var * count / jnp.maximum(count - 1, 1), var)
+  has_values = jnp.reshape(count > 0, feature_shape)
+
+  def update(old, batch_value):
+    # A complex mean makes the running mean complex, as in flax.
+    new_dtype = jnp.promote_types(old.dtype, batch_value.dtype) if jnp.iscomplexobj(
+        batch_value) else old.dtype
+    old_f = old.astype(jnp.promote_types(old.dtype, batch_value.dtype))
+    new = momentum * old_f + (1.0 - momentum) * jnp.reshape(batch_value, feature_shape)
+    return jnp.where(has_values, new, old_f).astype(new_dtype)
+
+  new_stats = dict(batch_stats)
+  new_stats["mean"] = update(batch_stats["mean"], mean)
+  new_stats["var"] = update(batch_stats["var"], var)
+  return new_stats

@@ -15,7 +15,9 @@ returns ``x`` itself and needs no key; the output has ``x``'s shape and dtype
 (half-precision inputs are computed in float32 and rounded once); the same key
 gives the same draw with and without ``jit``. ``rate``/``beta`` may be traced
 scalars, so a schedule does not recompile; a traced value cannot be checked at
-trace time and is clipped into the op's valid range instead.
+trace time and is clipped into the op's valid range instead, except that a
+traced NaN or +-inf makes the op return ``x`` unchanged (a concrete bad value
+raises ``ValueError``).
 
 Random generator (``rng_impl``): ``'hash'`` (default) is the counter-based
 generator of :mod:`regjax.random`, fused into the elementwise op: one tiny
@@ -125,7 +127,7 @@ def dropout(
     x: floating-point array.
     rate: probability of dropping a unit, in ``[0, 1]``. ``rate == 1`` returns
       zeros (with zero, never NaN, gradients). A traced rate is clipped to
-      ``[0, 1]``.
+      ``[0, 1]``; a traced NaN or +-inf returns ``x``.
     key: PRNG key; required in train mode unless ``rate`` is concretely 0 or 1.
     deterministic: if True, return ``x`` unchanged.
     broadcast_dims: axes that share one mask draw (e.g. the spatial axes for
@@ -171,7 +173,8 @@ def gaussian_dropout(
 
   Args:
     x: floating-point array.
-    rate: in ``[0, 1)``. A traced rate is clipped to ``[0, 1 - 2**-24]``.
+    rate: in ``[0, 1)``. A traced rate is clipped to ``[0, 1 - 2**-24]``;
+      a traced NaN or +-inf returns ``x``.
     key: PRNG key; required in train mode unless ``rate`` is concretely 0.
     deterministic: if True, return ``x`` unchanged.
     broadcast_dims: axes that share one noise draw.
@@ -210,7 +213,8 @@ def uout(
     x: floating-point array.
     beta: noise half-width, ``>= 0``. ``beta > 1`` is allowed (matched-variance
       comparisons need it) and flips a unit's sign with probability
-      ``(beta - 1) / (2 * beta)``. A traced beta is clipped below at 0.
+      ``(beta - 1) / (2 * beta)``. A traced beta is clipped below at 0;
+      a traced NaN or +-inf returns ``x``.
     key: PRNG key; required in train mode unless ``beta`` is concretely 0.
     deterministic: if True, return ``x`` unchanged.
     broadcast_dims: axes that share one noise draw.

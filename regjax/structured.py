@@ -16,7 +16,8 @@ generator of :mod:`regjax.random`); cutout draws its few square centres with
 All follow the common contract of :mod:`regjax.stochastic` (explicit key;
 ``deterministic=True`` or a concretely zero rate returns ``x`` itself and needs
 no key; output in ``x``'s shape and dtype; same key, same draw with and without
-``jit``; a traced rate is clipped into the valid range).
+``jit``; a traced rate is clipped into the valid range, and a traced NaN or
++-inf returns ``x``).
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def channel_dropout(
   Args:
     x: floating-point array of rank >= 3.
     rate: probability of dropping a channel, in ``[0, 1]``; ``rate == 1``
-      returns zeros. A traced rate is clipped to ``[0, 1]``.
+      returns zeros. A traced rate is clipped to ``[0, 1]``; a traced NaN or +-inf returns ``x``.
     key: PRNG key; required in train mode unless ``rate`` is concretely 0 or 1.
     deterministic: if True, return ``x`` unchanged.
     channel_axis: the channel axis (not 0, the batch axis).
@@ -149,7 +150,7 @@ def drop_path(
   Args:
     x: floating-point array of rank >= 1; axis 0 is the batch axis.
     rate: probability of dropping the branch, in ``[0, 1]``; ``rate == 1``
-      returns zeros. A traced rate is clipped to ``[0, 1]``.
+      returns zeros. A traced rate is clipped to ``[0, 1]``; a traced NaN or +-inf returns ``x``.
     key: PRNG key; required in train mode unless ``rate`` is concretely 0 or 1.
     deterministic: if True, return ``x`` unchanged.
     mode: ``'row'`` (one draw per sample) or ``'batch'`` (one for the batch),
@@ -270,7 +271,7 @@ def dropblock(
 
   The paper ramps ``rate`` linearly from 0 (:func:`dropblock_rate_schedule`);
   pass it as a traced scalar so the ramp does not recompile. A traced rate is
-  clipped to ``[0, 1]``.
+  clipped to ``[0, 1]``; a traced NaN or +-inf returns ``x``.
 
   Generator (``rng_impl``): with ``'hash'`` (default) the seeds are
   ``regjax.random.bernoulli(key, gamma, seed_shape)``, the counter-based

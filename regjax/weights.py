@@ -56,7 +56,8 @@ def dropconnect_dense(
     kernel: floating-point ``(in, out)`` array.
     bias: ``(out,)`` array, or None.
     rate: probability of dropping a weight, in ``[0, 1]``; ``rate == 1``
-      returns ``b`` (zeros without bias). A traced rate is clipped to ``[0, 1]``.
+      returns ``b`` (zeros without bias). A traced rate is clipped to ``[0, 1]``;
+      a traced NaN or +-inf drops no weight.
     key: PRNG key; required in train mode unless ``rate`` is concretely 0 or 1.
     deterministic: if True, no weight is dropped.
     precision: passed to ``dot_general``, as in ``flax.linen.Dense``.

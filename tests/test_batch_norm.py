@@ -8,10 +8,7 @@ is checked against `flax.linen.BatchNorm` itself.
 
 import functools
 import json
-import os
 import re
-import subprocess
-import sys
 import textwrap
 
 import chex
@@ -28,6 +25,7 @@ from jax.test_util import check_grads
 
 import regjax
 import regjax.linen as rnn
+from host_devices import run_on_host_devices
 
 # float32 tolerance for outputs of order 1-10. One op rounds at 2**-24 ~ 6e-8
 # relative; the op chain (a shifted two-pass reduction over <= ~1000 values,
@@ -728,12 +726,8 @@ _CROSS_DEVICE_SCRIPT = textwrap.dedent(r"""
 
 @pytest.fixture(scope="module")
 def cross_device_results():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-         "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, "-c", _CROSS_DEVICE_SCRIPT], env=env,
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-5000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  stdout = run_on_host_devices(_CROSS_DEVICE_SCRIPT, 4)
+  return json.loads(stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("case", ["shard_map", "shard_map_unbiased", "shard_map_mask", "pmap",

@@ -200,8 +200,8 @@ def test_nested_paths_flax_bn_and_exact_real_statistics():
                              atol=1e-5)
 
 
-def test_recalibration_is_an_equal_weight_average_over_batches_and_calls():
-  # One BN called twice per forward pass: every call weighs the same.
+def test_recalibration_pools_every_sample_of_every_batch_and_call():
+  # One BN called twice per forward pass: the statistics are those of all its inputs.
   class Twice(nnx.Module):
 
     def __init__(self, rngs):
@@ -215,10 +215,10 @@ def test_recalibration_is_an_equal_weight_average_over_batches_and_calls():
   batches = [_data(jax.random.key(i), 64) * (i + 1) for i in range(3)]
   new = diagnostics.recalibrate_batch_stats(model, batches)
   inputs = [np.asarray(b, np.float64) * k for b in batches for k in (2.0, 1.0)]
-  np.testing.assert_allclose(np.asarray(new["bn"]["mean"][...]),
-                             np.mean([a.mean(0) for a in inputs], 0), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(new["bn"]["var"][...]),
-                             np.mean([a.var(0) for a in inputs], 0), rtol=1e-5)
+  pooled = np.concatenate(inputs)
+  np.testing.assert_allclose(np.asarray(new["bn"]["mean"][...]), pooled.mean(0),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(new["bn"]["var"][...]), pooled.var(0), rtol=1e-5)
   shift = diagnostics.variance_shift(model, batches)["bn"]
   assert shift.count == 2 * 3 * 64
   np.testing.assert_allclose(shift.real_var, np.concatenate(inputs).var(0), rtol=1e-5)

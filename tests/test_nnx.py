@@ -394,7 +394,7 @@ def test_batch_norm_constructor_matches_flax_nnx():
   ours = inspect.signature(rx.BatchNorm.__init__).parameters
   theirs = inspect.signature(nnx.BatchNorm.__init__).parameters
   missing = set(theirs) - set(ours)
-  assert missing == {"promote_dtype"}  # regjax picks its own computation dtypes
+  assert missing == set()
   for p in set(theirs) & set(ours) - {"bias_init", "scale_init"}:
     assert ours[p].default == theirs[p].default and ours[p].kind == theirs[p].kind, p
   mine, ref = rx.BatchNorm(5, rngs=nnx.Rngs(0)), nnx.BatchNorm(5, rngs=nnx.Rngs(0))

@@ -31,6 +31,10 @@ class BatchNorm(nn.Module):
     unbiased_running_var: store the unbiased batch variance in the running
       variance (PyTorch's convention; its ``momentum=0.1`` is ``0.9`` here).
 
+  ``force_float32_reductions`` (default True) keeps the statistics and the
+  running averages in at least float32; False uses ``x.dtype`` for the
+  statistics and ``param_dtype`` for the running averages, as in flax.
+
   ``use_fast_variance`` is accepted so flax code ports unchanged, but regjax
   always uses its accurate two-pass statistics. Running statistics are not
   updated during ``init``, and ``axis_name`` is ignored there (the named axis
@@ -52,6 +56,7 @@ class BatchNorm(nn.Module):
   use_fast_variance: bool = True
   deterministic: bool | None = None
   unbiased_running_var: bool = False
+  force_float32_reductions: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
@@ -64,10 +69,12 @@ class BatchNorm(nn.Module):
     feature_axes = canonical_axes(self.axis, x.ndim, "BatchNorm")
     feature_shape = tuple(x.shape[a] for a in feature_axes)
 
+    # flax's rule: float32 statistics unless float32 reductions are turned off.
+    stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
     ra_mean = self.variable("batch_stats", "mean",
-                            lambda s: jnp.zeros(s, jnp.float32), feature_shape)
+                            lambda s: jnp.zeros(s, stats_dtype), feature_shape)
     ra_var = self.variable("batch_stats", "var",
-                           lambda s: jnp.ones(s, jnp.float32), feature_shape)
+                           lambda s: jnp.ones(s, stats_dtype), feature_shape)
     scale = (self.param("scale", self.scale_init, feature_shape, self.param_dtype)
              if self.use_scale else None)
     bias = (self.param("bias", self.bias_init, feature_shape, self.param_dtype)
@@ -84,6 +91,7 @@ class BatchNorm(nn.Module):
         axis_index_groups=None if initializing else self.axis_index_groups,
         unbiased_running_var=self.unbiased_running_var,
         mask=mask,
+        force_float32_reductions=self.force_float32_reductions,
         # flax's rule: the result dtype is inferred from input and params.
         dtype=dtypes.canonicalize_dtype(
             *(a for a in (x, scale, bias) if a is not None), dtype=self.dtype),

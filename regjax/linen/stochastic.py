@@ -12,11 +12,16 @@ import flax.linen as nn
 import jax
 
 from regjax import stochastic as F
-from regjax._checks import is_concretely
+from regjax._checks import check_deterministic, is_concretely
 
 
 def noise_key(module: nn.Module, deterministic: bool, rng, trivial: bool):
-  """The key for a train-mode draw, or None where no draw is made."""
+  """The key for a train-mode draw, or None where no draw is made.
+
+  ``deterministic`` is checked first (a traced value raises regjax's
+  ``TypeError``, not jax's ``TracerBoolConversionError``).
+  """
+  deterministic = check_deterministic(deterministic, f"regjax.linen.{type(module).__name__}")
   if deterministic or trivial:
     return None
   if rng is not None:

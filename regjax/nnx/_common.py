@@ -68,6 +68,7 @@ class NoiseModule(nnx.Module):
       deterministic: if True, no noise is applied (eval mode).
     """
     if deterministic is not None:
+      _checks.check_deterministic(deterministic, f"regjax.nnx.{type(self).__name__}")
       self.deterministic = deterministic
 
   def _deterministic(self, deterministic: bool | None) -> bool:
@@ -78,7 +79,7 @@ class NoiseModule(nnx.Module):
           f"{type(self).__name__}: no `deterministic` value: pass it to the constructor, "
           "at call, or switch the model with model.train() / model.eval() or "
           "nnx.view(model, deterministic=...).")
-    return value
+    return _checks.check_deterministic(value, f"regjax.nnx.{type(self).__name__}")
 
   def _key(self, deterministic: bool, rngs: RngsArg, trivial: bool):
     """The key for a train-mode draw, or None where no draw is made.
@@ -102,7 +103,10 @@ class NoiseModule(nnx.Module):
     if isinstance(rngs, nnx.RngStream):
       return rngs()
     if rngs is None:
+      # Starts with flax's own message, which flax's tests match.
       raise ValueError(
+          f"`deterministic` is False, but no `rngs` argument was provided to {name} "
+          "as either a __call__ argument or class attribute. "
           f"{name} in train mode (deterministic=False) needs the '{collection}' PRNG "
           f"stream: construct it with `rngs=nnx.Rngs({collection}=seed)` (or "
           f"`nnx.Rngs(seed, {collection}=seed2)`; a plain nnx.Rngs(seed) has only the "

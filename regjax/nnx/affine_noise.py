@@ -14,8 +14,8 @@ from flax import nnx
 
 from regjax import _checks
 from regjax import affine_noise as F
-from regjax.nnx._common import NoiseModule, RngsArg, hashable
 from regjax._noise import check_rng_impl
+from regjax.nnx._common import NoiseModule, RngsArg, hashable
 
 
 class AlphaDropout(NoiseModule):

@@ -42,6 +42,8 @@ class BatchNorm(nnx.Module):
       an error, as are disagreeing values at call.
     unbiased_running_var: store the unbiased batch variance in the running
       variance (PyTorch's convention; its ``momentum=0.1`` is ``0.9`` here).
+    promote_dtype: as flax's: applied to ``(x, mean, var, scale, bias)``
+      with ``dtype`` before normalizing (default ``flax.nnx.nn.dtypes.promote_dtype``).
 
   ``num_features`` may be a tuple when ``axis`` is a tuple (one size per
   feature axis). ``use_fast_variance`` is accepted so flax code ports
@@ -69,6 +71,7 @@ class BatchNorm(nnx.Module):
       use_fast_variance: bool = True,
       deterministic: bool | None = None,
       unbiased_running_var: bool = False,
+      promote_dtype: Any = dtypes.promote_dtype,
       rngs: nnx.Rngs,
       bias_metadata: Mapping[str, Any] = MappingProxyType({}),
       scale_metadata: Mapping[str, Any] = MappingProxyType({}),
@@ -92,9 +95,7 @@ class BatchNorm(nnx.Module):
           f"{op}: `num_features`={num_features!r} gives {len(feature_shape)} feature "
           f"size(s) but `axis`={axis!r} names {n_axes} axis/axes.")
     _checks.check_rate(momentum, op, "momentum", low=0.0, high=1.0, high_inclusive=True)
-    if (not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool)
-        or not (epsilon > 0 and np.isfinite(epsilon))):
-      raise ValueError(f"{op}: `epsilon` must be a finite Python number > 0; got {epsilon!r}.")
+    F.check_epsilon(epsilon, op)
     if deterministic is not None:
       use_running_average = _checks.resolve_deterministic_alias(
           deterministic, True if use_running_average else None, "constructor arguments")
@@ -128,6 +129,7 @@ class BatchNorm(nnx.Module):
     self.axis_index_groups = axis_index_groups
     self.use_fast_variance = use_fast_variance
     self.unbiased_running_var = unbiased_running_var
+    self.promote_dtype = promote_dtype
 
   # `deterministic` is an alias: one stored value, so train()/eval(),
   # set_attributes and nnx.view can never leave the two out of step.
@@ -169,8 +171,12 @@ class BatchNorm(nnx.Module):
           f"{tuple(self.mean.shape)}.")
     scale = self.scale[...] if self.scale is not None else None
     bias = self.bias[...] if self.bias is not None else None
+    F.check_inexact(x, "BatchNorm")  # before promotion, which would turn integers into floats
+    # As flax: input, statistics and params pass through `promote_dtype` first.
+    x, mean, var, scale, bias = self.promote_dtype(
+        (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype)
     y, new_stats = F.batch_norm(
-        x, {"mean": self.mean[...], "var": self.var[...]}, scale, bias,
+        x, {"mean": mean, "var": var}, scale, bias,
         deterministic=mode,
         momentum=self.momentum,
         epsilon=self.epsilon,
@@ -184,8 +190,9 @@ class BatchNorm(nnx.Module):
     )
     if not mode:
       # Statistics are state, never differentiated (as in nnx.BatchNorm).
-      self.mean[...] = jax.lax.stop_gradient(new_stats["mean"])
-      self.var[...] = jax.lax.stop_gradient(new_stats["var"])
+      # The variables keep their dtype whatever `promote_dtype` did.
+      self.mean[...] = jax.lax.stop_gradient(new_stats["mean"]).astype(self.mean.dtype)
+      self.var[...] = jax.lax.stop_gradient(new_stats["var"]).astype(self.var.dtype)
     return y
 
   def set_view(self, use_running_average: bool | None = None,

@@ -145,18 +145,22 @@ def _pool_moments(records) -> dict[str, list]:
   """Pools ``(path, count, mean, m2)`` records per path exactly, in float64
   (Chan et al.'s parallel formula): ``n = n_a + n_b``, ``mean = mean_a + d *
   n_b / n``, ``m2 = m2_a + m2_b + d**2 * n_a * n_b / n`` with ``d = mean_b -
-  mean_a``."""
+  mean_a``. ``count`` is a number or per feature: every sample weighs the
+  same however the data is split into batches (e.g. a last batch of 1), and a
+  feature with count 0 in a call (masked out) gets no weight from it."""
   pooled: dict[str, list] = {}
   for path, count, mean, m2 in records:
-    count = int(count)
+    count = np.asarray(count, np.float64)
     mean, m2 = np.asarray(mean, np.float64), np.asarray(m2, np.float64)
+    mean, m2 = np.where(count > 0, mean, 0.0), np.where(count > 0, m2, 0.0)
     if path not in pooled:
       pooled[path] = [count, mean, m2]
       continue
     n_a, mean_a, m2_a = pooled[path]
     n = n_a + count
-    delta = mean - mean_a
-    pooled[path] = [n, mean_a + delta * count / n, m2_a + m2 + delta**2 * n_a * count / n]
+    safe = np.maximum(n, 1.0)
+    delta = np.where(count > 0, mean - mean_a, 0.0)
+    pooled[path] = [n, mean_a + delta * count / safe, m2_a + m2 + delta**2 * n_a * count / safe]
   return pooled
 
 
@@ -168,29 +172,6 @@ def _layer_shifts(pooled, moving) -> dict[str, LayerShift]:
           real_mean=mean, real_var=m2 / n, count=int(n))
       for path, (n, mean, m2) in pooled.items()
   }
-
-
-def _pool_batch_stats(records) -> dict[str, list]:
-  """``{path: [count, mean, m2]}`` per feature (float64), pooled exactly from
-  ``(path, count, mean, m2)`` records with per-feature ``count`` (Chan et al.'s
-  parallel formula, as :func:`_pool_moments`): every sample weighs the same,
-  however the data is split into batches (e.g. a last batch of 1). A feature
-  with count 0 in a call (masked out) gets no weight from it."""
-  pooled: dict[str, list] = {}
-  for path, count, mean, m2 in records:
-    count = np.asarray(count, np.float64)
-    mean, m2 = np.asarray(mean, np.float64), np.asarray(m2, np.float64)
-    count = np.broadcast_to(count, mean.shape)
-    if path not in pooled:
-      pooled[path] = [count, np.where(count > 0, mean, 0.0), np.where(count > 0, m2, 0.0)]
-      continue
-    n_a, mean_a, m2_a = pooled[path]
-    n = n_a + count
-    safe = np.maximum(n, 1.0)
-    delta = np.where(count > 0, mean - mean_a, 0.0)
-    pooled[path] = [n, mean_a + delta * count / safe,
-                    m2_a + np.where(count > 0, m2, 0.0) + delta**2 * n_a * count / safe]
-  return pooled
 
 
 def _pooled_stats(pooled_entry, old_mean, old_var, unbiased: bool):
@@ -587,7 +568,7 @@ def _linen_recalibrate(apply_fn, variables, batches, bn_types):
         unbiased[path] = is_unbiased
         yield path, count, mean, m2
 
-  pooled = _pool_batch_stats(records())
+  pooled = _pool_moments(records())
   if not pooled:
     raise _no_bn_call(op, nnx_form=False, variables=variables)
   if "batch_stats" not in variables:  # pragma: no cover - caught while capturing
@@ -803,7 +784,7 @@ def _nnx_recalibrate(model, batches, call, bn_types):
 
   op = "recalibrate_batch_stats"
   records, found = _nnx_records(model, batches, call, bn_types, "batch_stats", op)
-  pooled = _pool_batch_stats((path, count, mean, m2) for path, (count, mean, m2) in records)
+  pooled = _pool_moments((path, count, mean, m2) for path, (count, mean, m2) in records)
   if not pooled:
     raise _no_bn_call(op, nnx_form=True)
   # nnx.state returns the model's own Variable objects: every entry of the

@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import regjax
 import regjax.linen as rnn
 
 # name -> (regjax.linen class name, its strength field, customary strength).
@@ -50,6 +51,38 @@ NOISE_CHOICES = ("none",) + tuple(NOISE_OPS)
 # Ops that need spatial axes (their mask is shared over them): block noise of
 # the CNN only, never after a dense layer.
 SPATIAL_NOISE = frozenset({"channel"})
+
+# Published Uout is defined for beta <= 1 (noise factor 1 + r stays >= 0); larger
+# beta flips the sign of a fraction (beta - 1) / (2 beta) of the units.
+UOUT_PUBLISHED_MAX_BETA = 1.0
+
+
+def noise_variance(noise: str, value: float) -> float:
+  """The multiplicative noise variance ``s2`` of op ``noise`` at strength ``value``.
+
+  Dropout and Gaussian dropout at rate ``q``: ``q / (1 - q)``; Uout at ``beta``:
+  ``beta**2 / 3``; ``'none'``: 0. Other ops have no multiplicative ``s2``.
+  """
+  if noise == "none":
+    return 0.0
+  if noise == "uout":
+    return float(regjax.uout_noise_variance(value))
+  if noise in ("dropout", "gaussian"):
+    return float(regjax.dropout_noise_variance(value))
+  raise ValueError(f"noise {noise!r} has no multiplicative noise variance; use 'dropout', "
+                   "'gaussian', 'uout' or 'none'")
+
+
+def value_for_variance(noise: str, s2: float) -> float:
+  """The rate (dropout, gaussian) or beta (uout) whose noise variance is ``s2 >= 0``."""
+  if not s2 >= 0:
+    raise ValueError(f"noise variance s2 must be >= 0; got {s2}")
+  if noise == "uout":
+    return (3.0 * s2) ** 0.5
+  if noise in ("dropout", "gaussian"):
+    return s2 / (1.0 + s2)
+  raise ValueError(f"noise {noise!r} has no multiplicative noise variance")
+
 
 ORDER_TOKENS = ("conv", "bn", "act", "drop", "pool")
 _TOKEN_ALIASES = {"dropout": "drop", "batchnorm": "bn"}
@@ -152,6 +185,8 @@ class CNN(nn.Module):
     block_noise_value: its rate/beta/stddev (may be traced).
     head_noise: noise in the head, after the last BatchNorm and activation.
     head_noise_value: its strength (may be traced).
+    noise_blocks: indices of the blocks whose ``drop`` token applies
+      ``block_noise``; None (default) means every block.
     hidden: width of the head's dense layer.
     num_classes: classifier outputs.
     kernel_size: conv window length per spatial axis.
@@ -165,6 +200,7 @@ class CNN(nn.Module):
   block_noise_value: Any = 0.0
   head_noise: str = "none"
   head_noise_value: Any = 0.0
+  noise_blocks: tuple[int, ...] | None = None
   hidden: int = 64
   num_classes: int = 10
   kernel_size: int = 3
@@ -194,11 +230,18 @@ class CNN(nn.Module):
         elif token == "act":
           x = act(x)
         elif token == "drop":
-          x = _apply_noise(self.block_noise, self.block_noise_value, f"noise{i}", x, train)
+          x = _block_noise(self, i, x, train)
         else:  # pool; SAME padding keeps a length-1 axis from pooling to 0
           x = nn.max_pool(x, window, strides=window, padding="SAME")
     x = x.reshape(x.shape[0], -1)
     return _head(self, x, train, act)
+
+
+def _block_noise(module: nn.Module, index: int, x: jax.Array, train: bool) -> jax.Array:
+  """Block ``index``'s noise, or the identity outside ``module.noise_blocks``."""
+  if module.noise_blocks is not None and index not in module.noise_blocks:
+    return x
+  return _apply_noise(module.block_noise, module.block_noise_value, f"noise{index}", x, train)
 
 
 def _head(module: nn.Module, x: jax.Array, train: bool, act) -> jax.Array:
@@ -215,7 +258,8 @@ class MLP(nn.Module):
 
   The input is flattened first. Same noise fields and submodule naming as
   :class:`CNN` (``dense{i}``, ``bn{i}``, ``noise{i}``; ``dense``, ``head_bn``,
-  ``head_noise``, ``classifier``), so the two are interchangeable in a study.
+  ``head_noise``, ``classifier``; ``noise_blocks`` selects the noisy blocks), so
+  the two are interchangeable in a study.
   """
 
   features: tuple[int, ...] = (256,)
@@ -223,6 +267,7 @@ class MLP(nn.Module):
   block_noise_value: Any = 0.0
   head_noise: str = "none"
   head_noise_value: Any = 0.0
+  noise_blocks: tuple[int, ...] | None = None
   hidden: int = 256
   num_classes: int = 10
   bn_momentum: float = 0.9
@@ -238,19 +283,21 @@ class MLP(nn.Module):
       x = nn.Dense(features, use_bias=False, name=f"dense{i}")(x)
       x = rnn.BatchNorm(momentum=self.bn_momentum, deterministic=not train, name=f"bn{i}")(x)
       x = act(x)
-      x = _apply_noise(self.block_noise, self.block_noise_value, f"noise{i}", x, train)
+      x = _block_noise(self, i, x, train)
     return _head(self, x, train, act)
 
 
 # Per-dataset defaults. MNIST-1D: measured in the module docstring of train.py.
 _CNN_DEFAULTS: dict[str, dict[str, Any]] = {
     "mnist1d": dict(features=(32, 32, 32), hidden=64, kernel_size=3),
+    "digits": dict(features=(32, 64), hidden=64, kernel_size=3),
     "mnist": dict(features=(32, 64), hidden=128, kernel_size=3),
     "fashion_mnist": dict(features=(32, 64), hidden=128, kernel_size=3),
     "cifar10": dict(features=(32, 64, 128), hidden=256, kernel_size=3),
 }
 _MLP_DEFAULTS: dict[str, dict[str, Any]] = {
     "mnist1d": dict(features=(256,), hidden=256),
+    "digits": dict(features=(256,), hidden=256),
     "mnist": dict(features=(512,), hidden=512),
     "fashion_mnist": dict(features=(512,), hidden=512),
     "cifar10": dict(features=(1024,), hidden=512),
@@ -274,3 +321,20 @@ def default_mlp(dataset_name: str, num_classes: int, **overrides) -> MLP:
 def count_params(params) -> int:
   """Number of scalars in a parameter pytree."""
   return int(sum(jnp.size(p) for p in jax.tree.leaves(params)))
+
+
+def main(argv=None) -> None:
+  """``python models.py``: what this module holds (it is imported, not run)."""
+  import argparse  # pylint: disable=import-outside-toplevel
+
+  parser = argparse.ArgumentParser(
+      prog="models.py", description=__doc__.split("\n\n")[0],
+      epilog="A library module of the examples: run examples/compare_dropout.py (the study) "
+      "or examples/train.py (one run).")
+  parser.parse_args(argv)
+  print(f"noise ops: {', '.join(NOISE_CHOICES)}; block tokens: {', '.join(ORDER_TOKENS)}; "
+        f"activations: {', '.join(ACTIVATIONS)}; default CNNs for: {', '.join(_CNN_DEFAULTS)}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,6 +1,7 @@
 """Train one CNN/MLP with regjax BatchNorm and a noise layer, and write its metrics.
 
-Datasets: ``mnist1d`` (generated offline, the default), ``mnist``,
+Datasets: ``mnist1d`` (generated offline, the default), ``digits`` (scikit-learn's
+bundled 8x8 digits), ``mnist``,
 ``fashion_mnist``, ``cifar10`` (read from a prepared TFDS data directory;
 nothing is ever downloaded). The CNN's blocks follow ``--order`` (tokens
 ``conv``, ``bn``, ``act``, ``drop``, ``pool`` joined by ``-``); the noise goes
@@ -41,16 +42,15 @@ import sys
 import time
 from typing import Any
 
+import data as data_lib
 import flax
 import jax
+import models
 import numpy as np
 import optax
+import training
 
 import regjax
-
-import data as data_lib
-import models
-import training
 
 QUICK_TRAIN, QUICK_TEST, QUICK_EPOCHS = 1024, 512, 2
 DEFAULT_EPOCHS = 20
@@ -156,8 +156,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error(f"--noise-value must be >= 0; got {args.noise_value}")
   if args.dataset != "mnist1d" and args.data_seed is not None:
     p.error("--data-seed applies to --dataset mnist1d only")
-  if args.dataset == "mnist1d" and args.data_dir is not None:
-    p.error("--data-dir applies to the TFDS datasets, not mnist1d (it is generated)")
+  if args.dataset in data_lib.BUILT_IN_DATASETS and args.data_dir is not None:
+    p.error(f"--data-dir applies to the TFDS datasets, not {args.dataset} (it is built in)")
   return args
 
 
@@ -188,14 +188,11 @@ def build_model(args: argparse.Namespace, num_classes: int):
 
 
 def noise_variance(noise: str, value: float) -> float | None:
-  """The multiplicative noise variance s2 of ``noise`` at ``value`` (None if not defined)."""
-  if noise == "none":
-    return 0.0
-  if noise in ("dropout", "gaussian"):
-    return float(regjax.dropout_noise_variance(value))
-  if noise == "uout":
-    return float(regjax.uout_noise_variance(value))
-  return None
+  """``models.noise_variance``, or None for ops without a multiplicative ``s2``."""
+  try:
+    return models.noise_variance(noise, value)
+  except ValueError:
+    return None
 
 
 def default_out_path() -> str:

@@ -11,10 +11,13 @@ Keys: ``root = jax.random.key(seed)``; parameters from :func:`init_key`
 (``fold_in(fold_in(root, 1), t)``); the batch order comes from
 ``data.batch_indices(seed, epoch, ...)``. ``fit`` and compare_dropout.py both
 use this schedule, so their runs from the same seed are comparable.
+
+This is a library module: run as a script it only prints its usage.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 import time
@@ -26,9 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
 from data import batch_indices
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 @flax.struct.dataclass
@@ -261,3 +264,22 @@ def fit(model: nn.Module, data: dict[str, Any], *, epochs: int, batch_size: int 
            "test_loss": float(test["loss"]), "test_acc": float(test["acc"])}
   return {"state": state, "history": history, "final": final,
           "step_loss": np.concatenate(step_losses), "train_seconds": time.perf_counter() - start}
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The parser of ``python training.py``, which has nothing to run but ``--help``."""
+  return argparse.ArgumentParser(
+      prog="training.py", description=__doc__.split("\n\n", 1)[0],
+      epilog="This is a library module of the examples, not a script. The runnable scripts "
+      "are examples/compare_dropout.py (the study) and examples/train.py (one run).")
+
+
+def main(argv=None) -> None:
+  """Prints the usage (there is nothing to run here); ``--help`` exits after it too."""
+  parser = build_parser()
+  parser.parse_args(argv)
+  parser.print_help()
+
+
+if __name__ == "__main__":
+  main()

@@ -31,7 +31,7 @@ from study.configs import (
   baseline,
   customary,
 )
-from study.runner import Settings, Trained, build_model, eval_model, measure, train_group
+from study.runner import Settings, Trained, build_model, eval_fns, eval_model, measure, train_group
 
 POINTS = 100.0  # accuracies are fractions; contrasts are reported in points
 
@@ -314,11 +314,14 @@ def run_recalibration(ctx: Context, headline: dict, sample_counts=(64, 256, 1000
   none = baseline().label
   labels = [_label(m, "pooled", s) for s in ("customary", "matched") for m in METHODS]
   rows = []
+  measured = {(r["config"], r["seed"]): r for r in headline["rows"]}
   for label in labels:
     for seed in ctx.seeds:
       trained, r, data, settings = ctx.trained[(label, seed)]
-      rows.append(_recal_variants(trained, r, data, settings, ctx, sample_counts,
-                                  ema_passes, noisy_passes))
+      row = measured[(label, seed)]
+      rows.append({"trained": row["test_acc"], "mean+var": row["recal_test_acc"],
+                   **_recal_variants(trained, r, data, settings, sample_counts, ema_passes,
+                                     noisy_passes)})
       rows[-1].update(config=label, seed=seed)
   base = by_seed(headline["rows"], none)
   for row in rows:
@@ -358,19 +361,16 @@ def _variant_contrast(rs, a, b, label):
           "family": "recalibration variants", **out, "seeds_for_target": None}
 
 
-def _recal_variants(trained: Trained, r, data, settings, ctx, sample_counts, ema_passes,
+def _recal_variants(trained: Trained, r, data, settings, sample_counts, ema_passes,
                     noisy_passes) -> dict:
+  """The variants beyond exact mean+var (which `measure` already took) for run ``r``."""
   config = trained.runs[r][0]
   model = eval_model(data, config, settings.activation)
   state = trained.state(r)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  apply_fn = lambda v, x: model.apply(v, x, train=False)
-  shifts = diagnostics.variance_shift(apply_fn, variables, ctx.shift_batches)
-  out = {"trained": measure_more.accuracy(model, state, state.batch_stats, data)}
-  full = diagnostics.recalibrate_batch_stats(apply_fn, variables, ctx.shift_batches)
-  out["mean+var"] = measure_more.accuracy(model, state, full, data)
-  out["var only"] = measure_more.accuracy(
-      model, state, measure_more.variance_only(state.batch_stats, shifts), data)
+  apply_fn = eval_fns(model)[0]
+  out = {"var only": measure_more.accuracy(
+      model, state, measure_more.variance_only(state.batch_stats, trained.shifts[r]), data)}
   ema = measure_more.ema(model, state.params, state.batch_stats, data["x_train"],
                          settings.batch_size, ema_passes)
   out["ema"] = measure_more.accuracy(model, state, ema, data)

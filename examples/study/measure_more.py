@@ -19,9 +19,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from training import evaluate
 
 from regjax import diagnostics
+from study.runner import eval_fns
 
 
 def _set_path(tree: dict, path: str, leaf_name: str, value) -> dict:
@@ -88,13 +88,9 @@ def train_mode_accuracy(model, variables, x, y, key, passes: int, batch_size: in
 
 def accuracy(model, state, batch_stats, data) -> float:
   """Eval-mode test accuracy with ``batch_stats`` in place of the trained ones."""
-  return float(_evaluate(model)(state.replace(batch_stats=batch_stats), data["x_test"],
-                                data["y_test"])["acc"])
-
-
-@functools.cache
-def _evaluate(model):
-  return jax.jit(lambda state, x, y: evaluate(model, state, x, y, batch_size=500))
+  evaluate_jit = eval_fns(model)[1]
+  return float(evaluate_jit(state.replace(batch_stats=batch_stats), data["x_test"],
+                            data["y_test"])["acc"])
 
 
 def captured_input(model, variables, x, layer: str, activation) -> np.ndarray:

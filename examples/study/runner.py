@@ -67,6 +67,8 @@ class Trained:
   runs: list[tuple[Config, int]]
   states: Any
   loss_per_epoch: list[list[float]]
+  # Run index -> {path: LayerShift}, filled by `measure` for later experiments to reuse.
+  shifts: dict[int, dict] = dataclasses.field(default_factory=dict)
 
   def state(self, r: int):
     return jax.tree.map(lambda a: a[r], self.states)
@@ -124,7 +126,7 @@ def train_group(configs: Sequence[Config], seeds: Sequence[int], data: dict,
 
 
 @functools.cache
-def _eval_fns(model):
+def eval_fns(model):
   """Eval-mode apply and jitted evaluate, once per model, so every run of it reuses
   the diagnostics' and the evaluation's compilations."""
   apply_fn = lambda v, x: model.apply(v, x, train=False)
@@ -153,14 +155,14 @@ def measure(trained: Trained, data: dict, settings: Settings, shift_batches) -> 
   after exact recalibration (mean and variance, every training sample in
   ``shift_batches``)."""
   model = eval_model(data, trained.runs[0][0], settings.activation)
-  apply_fn, evaluate_jit = _eval_fns(model)
+  apply_fn, evaluate_jit = eval_fns(model)
   rows = []
   for r, (config, seed) in enumerate(trained.runs):
     state = trained.state(r)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     test = evaluate_jit(state, data["x_test"], data["y_test"])
     train = evaluate_jit(state, data["x_train"], data["y_train"])
-    shifts = diagnostics.variance_shift(apply_fn, variables, shift_batches)
+    shifts = trained.shifts[r] = diagnostics.variance_shift(apply_fn, variables, shift_batches)
     recal = diagnostics.recalibrate_batch_stats(apply_fn, variables, shift_batches)
     recal_test = evaluate_jit(state.replace(batch_stats=recal), data["x_test"], data["y_test"])
     rows.append({

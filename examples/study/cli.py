@@ -295,8 +295,6 @@ def main(argv=None) -> dict:
   record["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
   run_dir = args.out_dir or os.path.join(
       "runs", "compare_dropout", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-  for e in record["experiments"].values():
-    e.pop("trained", None)
   plots = write(result, run_dir)
   print_report(record, run_dir, plots)
   return record

@@ -47,7 +47,8 @@ class Context:
   margin: float = 0.01  # equivalence margin (accuracy fraction) for TOST
   target_half_width: float = 0.02
   shift_batches: list = dataclasses.field(default_factory=list)
-  trained: dict = dataclasses.field(default_factory=dict)  # label -> (Trained, r)
+  # (config label, seed) -> (Trained, run index, data, settings), for later experiments
+  trained: dict = dataclasses.field(default_factory=dict)
 
   def train(self, configs: Sequence[Config], data=None, settings=None, seeds=None):
     """Trains and measures every config (grouped by Config.group_key) and returns rows."""
@@ -569,8 +570,7 @@ def _width_check(trained, r, data, settings, config) -> dict:
                                     key=jax.random.key(trained.runs[r][1]),
                                     deterministic=False), np.float64)
   mc = (units @ w).var(0) / (noisy @ w).var(0)
-  apply_fn = lambda v_, x_: model.apply(v_, x_, train=False)
-  bn1 = diagnostics.variance_shift(apply_fn, variables, [x])["bn1"]
+  bn1 = diagnostics.variance_shift(eval_fns(model)[0], variables, [x])["bn1"]
   return {"rho": rho, "d_cos2": float(np.mean(dc2)), "c": c, "v": v,
           "eq12": float(np.mean(eq12)), "exact_linear": float(np.mean(exact)),
           "monte_carlo": float(np.mean(mc)), "measured_bn": float(np.mean(bn1.delta))}

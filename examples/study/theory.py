@@ -39,6 +39,7 @@ import scipy.stats
 from models import noise_variance, value_for_variance
 
 import regjax
+from study.configs import METHODS
 
 __all__ = [
     "OPS",
@@ -55,7 +56,7 @@ __all__ = [
     "sign_flip_fraction",
 ]
 
-OPS = ("dropout", "gaussian", "uout")
+OPS = METHODS  # the ops the study compares, in its order
 _BATCHES = 32
 _TOLERANCE_SE = 5.0
 # Case (b) draws rows * d noise values; capping that at this many times n keeps d = 256

@@ -30,8 +30,8 @@ step() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 
   step "tests on the accelerator (generator, noise-op moments and hash checks, BatchNorm)"
-  timeout 240 $py -m pytest -q -p no:cacheprovider tests/test_random.py tests/test_batch_norm.py \
-    "tests/test_dropout.py::MomentsTest" "tests/test_dropout.py::HashGeneratorTest" 2>&1 | tail -15
+  timeout 240 $py -m pytest -q -p no:cacheprovider tests/test_random.py tests/test_normalization.py \
+    "tests/test_stochastic.py::MomentsTest" 2>&1 | tail -15
 
   step "regjax.random.bits: accelerator vs CPU, and the pinned words"
   timeout 90 $py - <<'EOF'
@@ -73,7 +73,7 @@ print("ALL IDENTICAL" if ok else "MISMATCH")
 EOF
 
   step "benchmarks: noise ops and BatchNorm"
-  timeout 300 $py benchmarks/run.py --sizes small,large,8192x16384 --dtypes float32,bfloat16 \
+  timeout 300 $py -m benchmarks.run --sizes small,large,8192x16384 --dtypes float32,bfloat16 \
     --sections noise,batchnorm,memory --rounds 7 --calls 5 --no-steady-malloc \
     --out "$out/benchmarks.json" 2>&1 | grep -v "^ *$"
   step "done"

@@ -5,11 +5,11 @@ PractRand's ``RNG_test`` (``--practrand PATH``) and prints a table of stream x
 length reached x verdict. Not part of the test run: the default lengths take
 about an hour on 2 cores.
 
-  python benchmarks/rng_quality.py --list
-  python benchmarks/rng_quality.py --stream words | RNG_test stdin32 -tlmax 16GB
-  python benchmarks/rng_quality.py --practrand /path/to/RNG_test               # every stream
-  python benchmarks/rng_quality.py --practrand RNG_test --streams bernoulli16,threefry
-  python benchmarks/rng_quality.py --practrand RNG_test --max-length 1GB       # a quick pass
+  python -m benchmarks.rng_quality --list
+  python -m benchmarks.rng_quality --stream words | RNG_test stdin32 -tlmax 16GB
+  python -m benchmarks.rng_quality --practrand /path/to/RNG_test               # every stream
+  python -m benchmarks.rng_quality --practrand RNG_test --streams bernoulli16,threefry
+  python -m benchmarks.rng_quality --practrand RNG_test --max-length 1GB       # a quick pass
 
 Streams (``--list`` prints them); "one key" is ``jax.random.key(--seed)``:
 
@@ -47,6 +47,7 @@ Results: the table on stdout and, under ``--out`` (default ``runs/rng_quality``)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -230,12 +231,16 @@ def _streams() -> dict[str, Stream]:
                                        1 << 32, CHUNK),
              "before: regjax's previous generator, top 16 bits"),
   ]
-  streams += [Stream(name, 4, 8 * GB,
-                     lambda k, fn=_alternative(combine): _counter_blocks(fn, seed(k), 1 << 32,
-                                                                         CHUNK),
-                     f"alternative design: {about}; top 16 bits")
+  streams += [_alternative_stream(name, about, combine)
               for name, (about, combine) in ALTERNATIVES.items()]
   return {s.name: s for s in streams}
+
+
+def _alternative_stream(name: str, about: str, combine) -> Stream:
+  fn = _alternative(combine)
+  return Stream(name, 4, 8 * GB,
+                lambda k: _counter_blocks(fn, rrandom.seed_words(k), 1 << 32, CHUNK),
+                f"alternative design: {about}; top 16 bits")
 
 
 def self_check(key) -> None:
@@ -338,15 +343,14 @@ def run_practrand(stream: Stream, key, practrand: str, limit: int, log_path: str
   with open(log_path, "w") as log_file:
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=log_file,
                             stderr=subprocess.STDOUT)
+    assert proc.stdin is not None  # stdin=PIPE
     bar = _progress(limit, stream.name)
     try:
       written = write_stream(stream, key, proc.stdin, limit + (1 << 20),
                              bar.update if bar is not None else None)
     finally:
-      try:
+      with contextlib.suppress(BrokenPipeError):
         proc.stdin.close()
-      except BrokenPipeError:
-        pass
       proc.wait()
       if bar is not None:
         bar.close()
@@ -361,7 +365,7 @@ def run_practrand(stream: Stream, key, practrand: str, limit: int, log_path: str
 
 def _progress(total: int, name: str):
   try:
-    from tqdm import tqdm
+    from tqdm import tqdm  # type: ignore[import-untyped]  # an optional extra, no stubs
   except ImportError:
     return None
   return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
@@ -370,6 +374,8 @@ def _progress(total: int, name: str):
 
 def environment(opts) -> dict:
   here = os.path.dirname(os.path.abspath(__file__))
+  commit: str | None
+  dirty: bool | None
   try:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                             cwd=here).stdout.strip()

@@ -39,11 +39,11 @@ DIGITS_SPLIT_SEED = 0
 
 # name -> (input shape of one example, number of classes)
 DATASETS: dict[str, tuple[tuple[int, ...], int]] = {
-    "mnist1d": ((40, 1), 10),
-    "digits": ((8, 8, 1), 10),
-    "mnist": ((28, 28, 1), 10),
-    "fashion_mnist": ((28, 28, 1), 10),
-    "cifar10": ((32, 32, 3), 10),
+  "mnist1d": ((40, 1), 10),
+  "digits": ((8, 8, 1), 10),
+  "mnist": ((28, 28, 1), 10),
+  "fashion_mnist": ((28, 28, 1), 10),
+  "cifar10": ((32, 32, 3), 10),
 }
 TFDS_DATASETS = ("mnist", "fashion_mnist", "cifar10")
 BUILT_IN_DATASETS = ("mnist1d", "digits")
@@ -57,9 +57,13 @@ class DatasetUnavailableError(RuntimeError):
   """A TFDS dataset is not prepared in the data directory (and we never download)."""
 
 
-def load_dataset(name: str = "mnist1d", *, data_seed: int | None = None,
-                 data_dir: str | os.PathLike | None = None,
-                 train_size: int | None = None) -> dict[str, Any]:
+def load_dataset(
+  name: str = "mnist1d",
+  *,
+  data_seed: int | None = None,
+  data_dir: str | os.PathLike | None = None,
+  train_size: int | None = None,
+) -> dict[str, Any]:
   """Loads a dataset as standardized, channels-last NumPy arrays.
 
   Args:
@@ -88,8 +92,14 @@ def load_dataset(name: str = "mnist1d", *, data_seed: int | None = None,
   x_train, y_train, x_test, y_test = _load_raw(name, data_seed, data_dir)
   x_train, y_train = _first_examples(x_train, y_train, train_size, name)
   x_train, x_test = standardize(x_train, x_test)
-  return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test,
-          "num_classes": DATASETS[name][1], "name": name}
+  return {
+    "x_train": x_train,
+    "y_train": y_train,
+    "x_test": x_test,
+    "y_test": y_test,
+    "num_classes": DATASETS[name][1],
+    "name": name,
+  }
 
 
 def _load_raw(name: str, data_seed: int | None, data_dir):
@@ -97,8 +107,9 @@ def _load_raw(name: str, data_seed: int | None, data_dir):
   if name != "mnist1d" and data_seed is not None:
     raise ValueError(f"data_seed applies only to mnist1d, not {name!r}")
   if name in BUILT_IN_DATASETS and data_dir is not None:
-    raise ValueError(f"data_dir does not apply to {name} (it is built in, not read from a "
-                     "TFDS data directory)")
+    raise ValueError(
+      f"data_dir does not apply to {name} (it is built in, not read from a TFDS data directory)"
+    )
   if name == "mnist1d":
     return _load_mnist1d(data_seed)
   if name == "digits":
@@ -114,8 +125,10 @@ def _first_examples(x: np.ndarray, y: np.ndarray, train_size: int | None, name: 
   # bool is an int subclass, but train_size=True is surely a mistake.
   is_int = isinstance(train_size, (int, np.integer)) and not isinstance(train_size, bool)
   if not is_int or not 1 <= train_size <= available:
-    raise ValueError(f"train_size must be an integer in [1, {available}] ({name!r} has "
-                     f"{available} training examples); got {train_size!r}")
+    raise ValueError(
+      f"train_size must be an integer in [1, {available}] ({name!r} has "
+      f"{available} training examples); got {train_size!r}"
+    )
   return x[:train_size], y[:train_size]
 
 
@@ -126,7 +139,10 @@ def standardize(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, np
   mean = x_train.mean(axis=axes, dtype=np.float64)
   std = x_train.std(axis=axes, dtype=np.float64)
   std = np.where(std > 0, std, 1.0)  # a constant channel stays finite
-  scale = lambda x: ((x - mean) / std).astype(np.float32)
+
+  def scale(x):
+    return ((x - mean) / std).astype(np.float32)
+
   return scale(x_train), scale(x_test)
 
 
@@ -151,6 +167,7 @@ def batch_indices(key_or_seed, epoch: int, n: int, batch_size: int) -> np.ndarra
     perm = np.random.default_rng([int(key_or_seed), int(epoch)]).permutation(n)
   else:
     import jax  # pylint: disable=import-outside-toplevel
+
     perm = np.asarray(jax.random.permutation(jax.random.fold_in(key_or_seed, epoch), n))
   steps = n // batch_size
   return perm[: steps * batch_size].reshape(steps, batch_size)
@@ -172,9 +189,12 @@ def _load_mnist1d(data_seed: int | None):
     data = make_dataset(args)  # never get_dataset: it downloads a pickle
   finally:
     np.random.set_state(np_state)
-  return (np.asarray(data["x"], np.float32)[..., None], np.asarray(data["y"], np.int32),
-          np.asarray(data["x_test"], np.float32)[..., None],
-          np.asarray(data["y_test"], np.int32))
+  return (
+    np.asarray(data["x"], np.float32)[..., None],
+    np.asarray(data["y"], np.int32),
+    np.asarray(data["x_test"], np.float32)[..., None],
+    np.asarray(data["y_test"], np.int32),
+  )
 
 
 # ------------------------------------------------------------------------- digits
@@ -190,7 +210,8 @@ def _load_digits():
   x = np.asarray(digits.images, np.float32)[..., None]
   y = np.asarray(digits.target, np.int32)
   x_train, x_test, y_train, y_test = train_test_split(
-      x, y, test_size=DIGITS_TEST_SIZE, stratify=y, random_state=DIGITS_SPLIT_SEED)
+    x, y, test_size=DIGITS_TEST_SIZE, stratify=y, random_state=DIGITS_SPLIT_SEED
+  )
   return x_train, y_train, x_test, y_test
 
 
@@ -198,17 +219,21 @@ def _load_digits():
 
 
 def _unavailable_message(name: str, data_dir, cause: BaseException) -> str:
-  where = (f"data_dir {os.fspath(data_dir)!r}" if data_dir is not None
-           else "the default TFDS data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)")
+  where = (
+    f"data_dir {os.fspath(data_dir)!r}"
+    if data_dir is not None
+    else "the default TFDS data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
+  )
   cause_line = " ".join(str(cause).split())[:200]
   return (
-      f"dataset {name!r} is not prepared in {where}, and these examples never download. "
-      "On a machine with internet access (and `pip install tensorflow tensorflow-datasets`) run "
-      f"`tfds build {name} --file_format=array_record --data_dir=DIR` (or in Python "
-      f"`tfds.data_source('{name}', data_dir='DIR', "
-      "builder_kwargs={'file_format': 'array_record'})`), copy DIR here and pass "
-      f"`--data-dir DIR` (data_dir=DIR) or set TFDS_DATA_DIR=DIR. "
-      f"[tfds said: {type(cause).__name__}: {cause_line}]")
+    f"dataset {name!r} is not prepared in {where}, and these examples never download. "
+    "On a machine with internet access (and `pip install tensorflow tensorflow-datasets`) run "
+    f"`tfds build {name} --file_format=array_record --data_dir=DIR` (or in Python "
+    f"`tfds.data_source('{name}', data_dir='DIR', "
+    "builder_kwargs={'file_format': 'array_record'})`), copy DIR here and pass "
+    f"`--data-dir DIR` (data_dir=DIR) or set TFDS_DATA_DIR=DIR. "
+    f"[tfds said: {type(cause).__name__}: {cause_line}]"
+  )
 
 
 def _open_tfds(name: str, data_dir):
@@ -266,14 +291,19 @@ def _to_arrays(records: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
 def _load_tfds(name: str, data_dir):
   train, test = _open_tfds(name, data_dir)
   if len(train) == 0 or len(test) == 0:
-    raise DatasetUnavailableError(_unavailable_message(
-        name, data_dir, RuntimeError(f"empty split (train {len(train)}, test {len(test)})")))
+    raise DatasetUnavailableError(
+      _unavailable_message(
+        name, data_dir, RuntimeError(f"empty split (train {len(train)}, test {len(test)})")
+      )
+    )
   x_train, y_train = _to_arrays(_read_all(train))
   x_test, y_test = _to_arrays(_read_all(test))
   expected = DATASETS[name][0]
   if x_train.shape[1:] != expected or x_test.shape[1:] != expected:
-    raise ValueError(f"{name}: expected examples of shape {expected}, got "
-                     f"{x_train.shape[1:]} (train) and {x_test.shape[1:]} (test)")
+    raise ValueError(
+      f"{name}: expected examples of shape {expected}, got "
+      f"{x_train.shape[1:]} (train) and {x_test.shape[1:]} (test)"
+    )
   return x_train, y_train, x_test, y_test
 
 
@@ -282,8 +312,9 @@ def _load_tfds(name: str, data_dir):
 
 def default_tfds_dir() -> str:
   """TFDS's default data directory, resolved as tfds does (without importing it)."""
-  return os.environ.get("TFDS_DATA_DIR",
-                        os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))
+  return os.environ.get(
+    "TFDS_DATA_DIR", os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+  )
 
 
 def tfds_prepared(name: str, data_dir: str | os.PathLike | None = None) -> bool:
@@ -294,8 +325,7 @@ def tfds_prepared(name: str, data_dir: str | os.PathLike | None = None) -> bool:
   the files are complete.
   """
   root = os.path.join(os.fspath(data_dir) if data_dir is not None else default_tfds_dir(), name)
-  for info in glob.glob(os.path.join(glob.escape(root), "**", "dataset_info.json"),
-                        recursive=True):
+  for info in glob.glob(os.path.join(glob.escape(root), "**", "dataset_info.json"), recursive=True):
     version_dir = glob.escape(os.path.dirname(info))
     if glob.glob(os.path.join(version_dir, "*.array_record*")):
       return True
@@ -318,10 +348,12 @@ def summary_lines() -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
   """The parser of ``python data.py`` (which takes no arguments but ``--help``)."""
   return argparse.ArgumentParser(
-      prog="data.py", description=__doc__.split("\n\n", 1)[0],
-      epilog="This is a library module of the examples; run it to list the datasets. "
-      "The runnable scripts are examples/compare_dropout.py (the study) and "
-      "examples/train.py (one run).")
+    prog="data.py",
+    description=__doc__.split("\n\n", 1)[0],
+    epilog="This is a library module of the examples; run it to list the datasets. "
+    "The runnable scripts are examples/compare_dropout.py (the study) and "
+    "examples/train.py (one run).",
+  )
 
 
 def main(argv=None) -> None:

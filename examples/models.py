@@ -31,22 +31,22 @@ import regjax.linen as rnn
 # name -> (regjax.linen class name, its strength field, customary strength).
 # Looked up by name so the examples run with whichever ops this regjax has.
 _NOISE_CANDIDATES: dict[str, tuple[str, str, float]] = {
-    "dropout": ("Dropout", "rate", 0.1),
-    "gaussian": ("GaussianDropout", "rate", 0.1),
-    "uout": ("Uout", "beta", 0.1),  # Li et al.'s setting
-    "alpha": ("AlphaDropout", "rate", 0.1),
-    "gaussian_noise": ("GaussianNoise", "stddev", 0.1),
-    "channel": ("ChannelDropout", "rate", 0.1),
+  "dropout": ("Dropout", "rate", 0.1),
+  "gaussian": ("GaussianDropout", "rate", 0.1),
+  "uout": ("Uout", "beta", 0.1),  # Li et al.'s setting
+  "alpha": ("AlphaDropout", "rate", 0.1),
+  "gaussian_noise": ("GaussianNoise", "stddev", 0.1),
+  "channel": ("ChannelDropout", "rate", 0.1),
 }
 
 # name -> (regjax linen class, name of its strength field).
 NOISE_OPS: dict[str, tuple[type[nn.Module], str]] = {
-    name: (getattr(rnn, cls), field)
-    for name, (cls, field, _) in _NOISE_CANDIDATES.items() if hasattr(rnn, cls)
+  name: (getattr(rnn, cls), field)
+  for name, (cls, field, _) in _NOISE_CANDIDATES.items()
+  if hasattr(rnn, cls)
 }
 # The strength each op is usually run at (CLI default for --noise-value).
-DEFAULT_NOISE_VALUE: dict[str, float] = {
-    name: _NOISE_CANDIDATES[name][2] for name in NOISE_OPS}
+DEFAULT_NOISE_VALUE: dict[str, float] = {name: _NOISE_CANDIDATES[name][2] for name in NOISE_OPS}
 NOISE_CHOICES = ("none",) + tuple(NOISE_OPS)
 # Ops that need spatial axes (their mask is shared over them): block noise of
 # the CNN only, never after a dense layer.
@@ -69,8 +69,10 @@ def noise_variance(noise: str, value: float) -> float:
     return float(regjax.uout_noise_variance(value))
   if noise in ("dropout", "gaussian"):
     return float(regjax.dropout_noise_variance(value))
-  raise ValueError(f"noise {noise!r} has no multiplicative noise variance; use 'dropout', "
-                   "'gaussian', 'uout' or 'none'")
+  raise ValueError(
+    f"noise {noise!r} has no multiplicative noise variance; use 'dropout', "
+    "'gaussian', 'uout' or 'none'"
+  )
 
 
 def value_for_variance(noise: str, s2: float) -> float:
@@ -92,20 +94,24 @@ DEFAULT_ORDER = "conv-bn-act-drop-pool"
 # 2x2 max-pool, dense 512, Adam, 20 epochs on MNIST, dropout 0.2-0.3, one run
 # each) reported these MNIST test losses per block order. A claim to re-test.
 PUBLISHED_ORDER_LOSSES: dict[str, float] = {
-    "conv-act-drop-bn-pool": 0.0426,
-    "conv-act-drop-pool-bn": 0.0501,
-    "conv-act-bn-pool-drop": 0.0491,
-    "conv-act-bn-drop-pool": 0.0681,
-    "conv-bn-act-drop-pool": 0.0389,
-    "conv-bn-act-pool-drop": 0.0413,
-    "conv-bn-drop-act-pool": 0.0514,
-    "conv-drop-act-bn-pool": 0.0483,
-    "conv-drop-act-pool-bn": 0.0472,
-    "conv-drop-bn-act-pool": 0.0324,
+  "conv-act-drop-bn-pool": 0.0426,
+  "conv-act-drop-pool-bn": 0.0501,
+  "conv-act-bn-pool-drop": 0.0491,
+  "conv-act-bn-drop-pool": 0.0681,
+  "conv-bn-act-drop-pool": 0.0389,
+  "conv-bn-act-pool-drop": 0.0413,
+  "conv-bn-drop-act-pool": 0.0514,
+  "conv-drop-act-bn-pool": 0.0483,
+  "conv-drop-act-pool-bn": 0.0472,
+  "conv-drop-bn-act-pool": 0.0324,
 }
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": nn.relu, "elu": nn.elu, "gelu": nn.gelu, "selu": nn.selu}
+  "relu": nn.relu,
+  "elu": nn.elu,
+  "gelu": nn.gelu,
+  "selu": nn.selu,
+}
 
 
 def parse_order(spec: str) -> tuple[str, ...]:
@@ -121,12 +127,13 @@ def parse_order(spec: str) -> tuple[str, ...]:
   """
   if not isinstance(spec, str):
     raise ValueError(f"order must be a string like {DEFAULT_ORDER!r}; got {spec!r}")
-  tokens = tuple(_TOKEN_ALIASES.get(t, t) for t in
-                 (t.strip().lower() for t in spec.split("-")))
+  tokens = tuple(_TOKEN_ALIASES.get(t, t) for t in (t.strip().lower() for t in spec.split("-")))
   for t in tokens:
     if t not in ORDER_TOKENS:
-      raise ValueError(f"order {spec!r}: unknown token {t!r}; use tokens from "
-                       f"{ORDER_TOKENS} joined by '-', e.g. {DEFAULT_ORDER!r}")
+      raise ValueError(
+        f"order {spec!r}: unknown token {t!r}; use tokens from "
+        f"{ORDER_TOKENS} joined by '-', e.g. {DEFAULT_ORDER!r}"
+      )
   repeated = sorted({t for t in tokens if tokens.count(t) > 1})
   if repeated:
     raise ValueError(f"order {spec!r}: each token may appear once; repeated {repeated}")
@@ -144,8 +151,10 @@ def check_noise(noise: str, where: str = "noise", dense: bool = False) -> None:
   if noise not in NOISE_CHOICES:
     raise ValueError(f"{where}: unknown noise {noise!r}; choose one of {NOISE_CHOICES}")
   if dense and noise in SPATIAL_NOISE:
-    raise ValueError(f"{where}: {noise!r} noise needs spatial axes; it cannot follow a dense "
-                     "layer (use it as CNN block noise, or use 'dropout')")
+    raise ValueError(
+      f"{where}: {noise!r} noise needs spatial axes; it cannot follow a dense "
+      "layer (use it as CNN block noise, or use 'dropout')"
+    )
 
 
 def _activation(name: str):
@@ -222,11 +231,15 @@ class CNN(nn.Module):
         if token == "conv":
           # A bias right before BN is cancelled by its mean subtraction.
           next_is_bn = j + 1 < len(tokens) and tokens[j + 1] == "bn"
-          x = nn.Conv(features, (self.kernel_size,) * spatial, padding="SAME",
-                      use_bias=not next_is_bn, name=f"conv{i}")(x)
+          x = nn.Conv(
+            features,
+            (self.kernel_size,) * spatial,
+            padding="SAME",
+            use_bias=not next_is_bn,
+            name=f"conv{i}",
+          )(x)
         elif token == "bn":
-          x = rnn.BatchNorm(momentum=self.bn_momentum, deterministic=not train,
-                            name=f"bn{i}")(x)
+          x = rnn.BatchNorm(momentum=self.bn_momentum, deterministic=not train, name=f"bn{i}")(x)
         elif token == "act":
           x = act(x)
         elif token == "drop":
@@ -289,18 +302,18 @@ class MLP(nn.Module):
 
 # Per-dataset defaults. MNIST-1D: measured in the module docstring of train.py.
 _CNN_DEFAULTS: dict[str, dict[str, Any]] = {
-    "mnist1d": dict(features=(32, 32, 32), hidden=64, kernel_size=3),
-    "digits": dict(features=(32, 64), hidden=64, kernel_size=3),
-    "mnist": dict(features=(32, 64), hidden=128, kernel_size=3),
-    "fashion_mnist": dict(features=(32, 64), hidden=128, kernel_size=3),
-    "cifar10": dict(features=(32, 64, 128), hidden=256, kernel_size=3),
+  "mnist1d": dict(features=(32, 32, 32), hidden=64, kernel_size=3),
+  "digits": dict(features=(32, 64), hidden=64, kernel_size=3),
+  "mnist": dict(features=(32, 64), hidden=128, kernel_size=3),
+  "fashion_mnist": dict(features=(32, 64), hidden=128, kernel_size=3),
+  "cifar10": dict(features=(32, 64, 128), hidden=256, kernel_size=3),
 }
 _MLP_DEFAULTS: dict[str, dict[str, Any]] = {
-    "mnist1d": dict(features=(256,), hidden=256),
-    "digits": dict(features=(256,), hidden=256),
-    "mnist": dict(features=(512,), hidden=512),
-    "fashion_mnist": dict(features=(512,), hidden=512),
-    "cifar10": dict(features=(1024,), hidden=512),
+  "mnist1d": dict(features=(256,), hidden=256),
+  "digits": dict(features=(256,), hidden=256),
+  "mnist": dict(features=(512,), hidden=512),
+  "fashion_mnist": dict(features=(512,), hidden=512),
+  "cifar10": dict(features=(1024,), hidden=512),
 }
 
 
@@ -328,12 +341,16 @@ def main(argv=None) -> None:
   import argparse  # pylint: disable=import-outside-toplevel
 
   parser = argparse.ArgumentParser(
-      prog="models.py", description=__doc__.split("\n\n")[0],
-      epilog="A library module of the examples: run examples/compare_dropout.py (the study) "
-      "or examples/train.py (one run).")
+    prog="models.py",
+    description=__doc__.split("\n\n")[0],
+    epilog="A library module of the examples: run examples/compare_dropout.py (the study) "
+    "or examples/train.py (one run).",
+  )
   parser.parse_args(argv)
-  print(f"noise ops: {', '.join(NOISE_CHOICES)}; block tokens: {', '.join(ORDER_TOKENS)}; "
-        f"activations: {', '.join(ACTIVATIONS)}; default CNNs for: {', '.join(_CNN_DEFAULTS)}")
+  print(
+    f"noise ops: {', '.join(NOISE_CHOICES)}; block tokens: {', '.join(ORDER_TOKENS)}; "
+    f"activations: {', '.join(ACTIVATIONS)}; default CNNs for: {', '.join(_CNN_DEFAULTS)}"
+  )
 
 
 if __name__ == "__main__":

@@ -62,54 +62,107 @@ class UsageError(ValueError):
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog="train.py",
-      description="Train a small CNN/MLP with regjax BatchNorm and a noise layer "
-      "(nothing is downloaded).")
-  p.add_argument("--dataset", choices=tuple(data_lib.DATASETS), default="mnist1d",
-                 help="mnist1d is generated offline; the others are read from a prepared "
-                 "TFDS data_dir (default: %(default)s)")
-  p.add_argument("--data-dir", default=None,
-                 help="TFDS data directory holding the prepared dataset (default: TFDS's, "
-                 "$TFDS_DATA_DIR or ~/tensorflow_datasets)")
-  p.add_argument("--data-seed", type=int, default=None,
-                 help="mnist1d only: make_dataset seed (default: mnist1d's own, the dataset "
-                 "of the published results)")
-  p.add_argument("--model", choices=("cnn", "mlp"), default="cnn",
-                 help="network (default: %(default)s)")
-  p.add_argument("--order", default=None,
-                 help="CNN block order, tokens conv,bn,act,drop,pool joined by '-' "
-                 f"(default: {models.DEFAULT_ORDER})")
-  p.add_argument("--noise", choices=models.NOISE_CHOICES, default="none",
-                 help="noise layer (default: %(default)s)")
-  p.add_argument("--noise-value", type=float, default=None,
-                 help="its strength: rate for dropout/gaussian, beta for uout (default: "
-                 "the customary value, 0.1)")
-  p.add_argument("--placement", choices=("block", "head"), default="block",
-                 help="block: at every block's 'drop' token (and after each hidden layer of "
-                 "the MLP); head: only after the last BatchNorm, before the classifier "
-                 "(default: %(default)s)")
-  p.add_argument("--epochs", type=int, default=None,
-                 help=f"passes over the training set (default: {DEFAULT_EPOCHS})")
-  p.add_argument("--batch-size", type=int, default=128,
-                 help="the incomplete last batch of an epoch is dropped (default: %(default)s)")
-  p.add_argument("--lr", type=float, default=3e-3,
-                 help="peak learning rate, cosine decay to 0 (default: %(default)s)")
-  p.add_argument("--weight-decay", type=float, default=1e-4,
-                 help="AdamW weight decay (default: %(default)s)")
-  p.add_argument("--seed", type=int, default=0,
-                 help="initialization, noise and batch order (default: %(default)s)")
-  p.add_argument("--devices", type=int, default=1,
-                 help="data parallel over the first N devices (a 1-axis mesh 'data'); the "
-                 "batch size must be a multiple of N (default: %(default)s)")
-  p.add_argument("--limit-train", type=int, default=None,
-                 help="use only the first N training examples")
-  p.add_argument("--limit-test", type=int, default=None,
-                 help="use only the first N test examples")
-  p.add_argument("--out", default=None,
-                 help="metrics JSON path (default: runs/train/<timestamp>/metrics.json)")
-  p.add_argument("--quick", action="store_true",
-                 help=f"smoke test: {QUICK_EPOCHS} epochs on at most {QUICK_TRAIN} train and "
-                 f"{QUICK_TEST} test examples (explicit --epochs/--limit-* win)")
+    prog="train.py",
+    description="Train a small CNN/MLP with regjax BatchNorm and a noise layer "
+    "(nothing is downloaded).",
+  )
+  p.add_argument(
+    "--dataset",
+    choices=tuple(data_lib.DATASETS),
+    default="mnist1d",
+    help="mnist1d is generated offline; the others are read from a prepared "
+    "TFDS data_dir (default: %(default)s)",
+  )
+  p.add_argument(
+    "--data-dir",
+    default=None,
+    help="TFDS data directory holding the prepared dataset (default: TFDS's, "
+    "$TFDS_DATA_DIR or ~/tensorflow_datasets)",
+  )
+  p.add_argument(
+    "--data-seed",
+    type=int,
+    default=None,
+    help="mnist1d only: make_dataset seed (default: mnist1d's own, the dataset "
+    "of the published results)",
+  )
+  p.add_argument(
+    "--model", choices=("cnn", "mlp"), default="cnn", help="network (default: %(default)s)"
+  )
+  p.add_argument(
+    "--order",
+    default=None,
+    help="CNN block order, tokens conv,bn,act,drop,pool joined by '-' "
+    f"(default: {models.DEFAULT_ORDER})",
+  )
+  p.add_argument(
+    "--noise",
+    choices=models.NOISE_CHOICES,
+    default="none",
+    help="noise layer (default: %(default)s)",
+  )
+  p.add_argument(
+    "--noise-value",
+    type=float,
+    default=None,
+    help="its strength: rate for dropout/gaussian, beta for uout (default: "
+    "the customary value, 0.1)",
+  )
+  p.add_argument(
+    "--placement",
+    choices=("block", "head"),
+    default="block",
+    help="block: at every block's 'drop' token (and after each hidden layer of "
+    "the MLP); head: only after the last BatchNorm, before the classifier "
+    "(default: %(default)s)",
+  )
+  p.add_argument(
+    "--epochs",
+    type=int,
+    default=None,
+    help=f"passes over the training set (default: {DEFAULT_EPOCHS})",
+  )
+  p.add_argument(
+    "--batch-size",
+    type=int,
+    default=128,
+    help="the incomplete last batch of an epoch is dropped (default: %(default)s)",
+  )
+  p.add_argument(
+    "--lr",
+    type=float,
+    default=3e-3,
+    help="peak learning rate, cosine decay to 0 (default: %(default)s)",
+  )
+  p.add_argument(
+    "--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: %(default)s)"
+  )
+  p.add_argument(
+    "--seed",
+    type=int,
+    default=0,
+    help="initialization, noise and batch order (default: %(default)s)",
+  )
+  p.add_argument(
+    "--devices",
+    type=int,
+    default=1,
+    help="data parallel over the first N devices (a 1-axis mesh 'data'); the "
+    "batch size must be a multiple of N (default: %(default)s)",
+  )
+  p.add_argument(
+    "--limit-train", type=int, default=None, help="use only the first N training examples"
+  )
+  p.add_argument("--limit-test", type=int, default=None, help="use only the first N test examples")
+  p.add_argument(
+    "--out", default=None, help="metrics JSON path (default: runs/train/<timestamp>/metrics.json)"
+  )
+  p.add_argument(
+    "--quick",
+    action="store_true",
+    help=f"smoke test: {QUICK_EPOCHS} epochs on at most {QUICK_TRAIN} train and "
+    f"{QUICK_TEST} test examples (explicit --epochs/--limit-* win)",
+  )
   p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
   return p
 
@@ -147,10 +200,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   elif args.noise_value is None:
     args.noise_value = models.DEFAULT_NOISE_VALUE[args.noise]
   if args.noise in models.SPATIAL_NOISE and (args.model == "mlp" or args.placement == "head"):
-    p.error(f"--noise {args.noise} needs spatial axes: use it with --model cnn "
-            "--placement block")
-  if args.noise != "none" and models.NOISE_OPS[args.noise][1] == "rate" and not (
-      0.0 <= args.noise_value < 1.0):
+    p.error(f"--noise {args.noise} needs spatial axes: use it with --model cnn --placement block")
+  if (
+    args.noise != "none"
+    and models.NOISE_OPS[args.noise][1] == "rate"
+    and not (0.0 <= args.noise_value < 1.0)
+  ):
     p.error(f"--noise-value (a rate) must be in [0, 1) for --noise {args.noise}")
   if args.noise_value < 0:
     p.error(f"--noise-value must be >= 0; got {args.noise_value}")
@@ -168,9 +223,10 @@ def make_mesh(num_devices: int) -> jax.sharding.Mesh | None:
   available = jax.devices()
   if num_devices > len(available):
     raise UsageError(
-        f"--devices {num_devices} but only {len(available)} {available[0].platform} "
-        f"device(s) are available (on CPU, start with XLA_FLAGS="
-        f"--xla_force_host_platform_device_count={num_devices})")
+      f"--devices {num_devices} but only {len(available)} {available[0].platform} "
+      f"device(s) are available (on CPU, start with XLA_FLAGS="
+      f"--xla_force_host_platform_device_count={num_devices})"
+    )
   return jax.sharding.Mesh(np.array(available[:num_devices]), ("data",))
 
 
@@ -178,8 +234,9 @@ def build_model(args: argparse.Namespace, num_classes: int):
   """The model the arguments describe."""
   block = (args.noise, args.noise_value) if args.placement == "block" else ("none", 0.0)
   head = (args.noise, args.noise_value) if args.placement == "head" else ("none", 0.0)
-  noise = dict(block_noise=block[0], block_noise_value=block[1], head_noise=head[0],
-               head_noise_value=head[1])
+  noise = dict(
+    block_noise=block[0], block_noise_value=block[1], head_noise=head[0], head_noise_value=head[1]
+  )
   if args.model == "mlp":
     return models.default_mlp(args.dataset, num_classes, **noise)
   if args.order is not None:
@@ -225,40 +282,64 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
   data = data_lib.load_dataset(args.dataset, data_seed=args.data_seed, data_dir=args.data_dir)
   data = limit(data, args.limit_train, args.limit_test)
   if args.batch_size > len(data["x_train"]):
-    raise UsageError(f"--batch-size {args.batch_size} exceeds the {len(data['x_train'])} "
-                     "training examples")
+    raise UsageError(
+      f"--batch-size {args.batch_size} exceeds the {len(data['x_train'])} training examples"
+    )
   data_seconds = time.perf_counter() - t0
 
   model = build_model(args, data["num_classes"])
   s2 = noise_variance(args.noise, args.noise_value)
-  noise_desc = ("none" if args.noise == "none" else
-                f"{args.noise}({args.noise_value:g}) at {args.placement}"
-                + (f", noise variance {s2:.4g}" if s2 is not None else ""))
-  print(f"{args.dataset}: train {data['x_train'].shape}, test {data['x_test'].shape}; "
-        f"{args.model}{'' if args.model == 'mlp' else ' ' + model.order}; noise {noise_desc}; "
-        f"{args.epochs} epochs on {args.devices} {jax.devices()[0].platform} device(s)")
+  noise_desc = (
+    "none"
+    if args.noise == "none"
+    else f"{args.noise}({args.noise_value:g}) at {args.placement}"
+    + (f", noise variance {s2:.4g}" if s2 is not None else "")
+  )
+  print(
+    f"{args.dataset}: train {data['x_train'].shape}, test {data['x_test'].shape}; "
+    f"{args.model}{'' if args.model == 'mlp' else ' ' + model.order}; noise {noise_desc}; "
+    f"{args.epochs} epochs on {args.devices} {jax.devices()[0].platform} device(s)"
+  )
 
-  result = training.fit(model, data, epochs=args.epochs, batch_size=args.batch_size,
-                        lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
-                        progress=not args.no_progress, mesh=mesh)
+  result = training.fit(
+    model,
+    data,
+    epochs=args.epochs,
+    batch_size=args.batch_size,
+    lr=args.lr,
+    weight_decay=args.weight_decay,
+    seed=args.seed,
+    progress=not args.no_progress,
+    mesh=mesh,
+  )
   total_seconds = time.perf_counter() - t0
   metrics = {
-      "config": {k: v for k, v in vars(args).items() if k not in ("out", "no_progress")},
-      "model": {"class": type(model).__name__,
-                "fields": {k: getattr(model, k) for k in model.__dataclass_fields__
-                           if k not in ("parent", "name")},
-                "num_params": models.count_params(result["state"].params)},
-      "noise_variance": s2,
-      "final": result["final"],
-      "history": result["history"],
-      "step_loss": [float(v) for v in result["step_loss"]],
-      "timing": {"data_seconds": data_seconds, "train_seconds": result["train_seconds"],
-                 "total_seconds": total_seconds},
-      "environment": {"regjax": regjax.__version__, "jax": jax.__version__,
-                      "flax": flax.__version__, "optax": optax.__version__,
-                      "devices": [str(d) for d in (jax.devices()[:args.devices])],
-                      "python": platform.python_version()},
-      "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    "config": {k: v for k, v in vars(args).items() if k not in ("out", "no_progress")},
+    "model": {
+      "class": type(model).__name__,
+      "fields": {
+        k: getattr(model, k) for k in model.__dataclass_fields__ if k not in ("parent", "name")
+      },
+      "num_params": models.count_params(result["state"].params),
+    },
+    "noise_variance": s2,
+    "final": result["final"],
+    "history": result["history"],
+    "step_loss": [float(v) for v in result["step_loss"]],
+    "timing": {
+      "data_seconds": data_seconds,
+      "train_seconds": result["train_seconds"],
+      "total_seconds": total_seconds,
+    },
+    "environment": {
+      "regjax": regjax.__version__,
+      "jax": jax.__version__,
+      "flax": flax.__version__,
+      "optax": optax.__version__,
+      "devices": [str(d) for d in (jax.devices()[: args.devices])],
+      "python": platform.python_version(),
+    },
+    "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
   }
   return metrics, result
 
@@ -280,10 +361,14 @@ def main(argv=None) -> dict[str, Any]:
   with open(out, "w", encoding="utf-8") as f:
     json.dump(metrics, f, indent=2, default=str)
   final, timing = metrics["final"], metrics["timing"]
-  print(f"final (eval mode): train loss {final['train_loss']:.4f} acc {final['train_acc']:.4f} | "
-        f"test loss {final['test_loss']:.4f} acc {final['test_acc']:.4f}")
-  print(f"time: {timing['total_seconds']:.1f} s (data {timing['data_seconds']:.1f} s, "
-        f"training incl. compilation {timing['train_seconds']:.1f} s)")
+  print(
+    f"final (eval mode): train loss {final['train_loss']:.4f} acc {final['train_acc']:.4f} | "
+    f"test loss {final['test_loss']:.4f} acc {final['test_acc']:.4f}"
+  )
+  print(
+    f"time: {timing['total_seconds']:.1f} s (data {timing['data_seconds']:.1f} s, "
+    f"training incl. compilation {timing['train_seconds']:.1f} s)"
+  )
   print(f"metrics written to {out}")
   return metrics
 

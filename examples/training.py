@@ -44,15 +44,17 @@ class TrainState:
   opt_state: Any
 
 
-def make_optimizer(lr: float, epochs: int, steps_per_epoch: int,
-                   weight_decay: float = 1e-4) -> optax.GradientTransformation:
+def make_optimizer(
+  lr: float, epochs: int, steps_per_epoch: int, weight_decay: float = 1e-4
+) -> optax.GradientTransformation:
   """AdamW whose learning rate decays from ``lr`` to 0 over all steps (cosine)."""
   schedule = optax.cosine_decay_schedule(lr, max(1, epochs * steps_per_epoch))
   return optax.adamw(schedule, weight_decay=weight_decay)
 
 
-def init_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
-               sample_x) -> TrainState:
+def init_state(
+  model: nn.Module, tx: optax.GradientTransformation, key: jax.Array, sample_x
+) -> TrainState:
   """Initial parameters, statistics and optimizer state.
 
   ``init`` runs with ``train=False``, so it needs no ``'dropout'`` stream and
@@ -60,8 +62,12 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Arra
   """
   variables = model.init(key, sample_x, train=False)
   params = variables["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=variables.get("batch_stats", {}),
+    opt_state=tx.init(params),
+  )
 
 
 def loss_and_accuracy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -70,8 +76,9 @@ def loss_and_accuracy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, 
   return loss, jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
-def train_step(model: nn.Module, tx: optax.GradientTransformation, state: TrainState,
-               x, y, key: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+  model: nn.Module, tx: optax.GradientTransformation, state: TrainState, x, y, key: jax.Array
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the batch ``(x, y)`` with noise drawn from ``key``.
 
   Returns the new state and the batch's ``{'loss', 'acc'}`` in train mode
@@ -80,22 +87,29 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation, state: TrainS
 
   def loss_fn(params):
     logits, updates = model.apply(
-        {"params": params, "batch_stats": state.batch_stats}, x, train=True,
-        rngs={"dropout": key}, mutable=["batch_stats"])
+      {"params": params, "batch_stats": state.batch_stats},
+      x,
+      train=True,
+      rngs={"dropout": key},
+      mutable=["batch_stats"],
+    )
     loss, acc = loss_and_accuracy(logits, y)
     return loss, (acc, updates["batch_stats"])
 
   (loss, (acc, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                        batch_stats=batch_stats, opt_state=opt_state)
+  state = state.replace(
+    step=state.step + 1,
+    params=optax.apply_updates(state.params, updates),
+    batch_stats=batch_stats,
+    opt_state=opt_state,
+  )
   return state, {"loss": loss, "acc": acc}
 
 
 def eval_sums(model: nn.Module, state: TrainState, x, y, valid) -> tuple[jax.Array, jax.Array]:
   """Eval-mode (``train=False``) summed loss and number correct over the rows where ``valid``."""
-  logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, x,
-                       train=False)
+  logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, x, train=False)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
   return jnp.sum(ce * valid), jnp.sum((jnp.argmax(logits, -1) == y) * valid)
 
@@ -108,14 +122,17 @@ def _padded_batches(x, y, batch_size: int):
   xb = jnp.pad(jnp.asarray(x), [(0, pad)] + [(0, 0)] * (x.ndim - 1))
   yb = jnp.pad(jnp.asarray(y), (0, pad))
   valid = jnp.arange(num_batches * batch_size) < n
-  return (xb.reshape((num_batches, batch_size) + x.shape[1:]),
-          yb.reshape(num_batches, batch_size), valid.reshape(num_batches, batch_size))
+  return (
+    xb.reshape((num_batches, batch_size) + x.shape[1:]),
+    yb.reshape(num_batches, batch_size),
+    valid.reshape(num_batches, batch_size),
+  )
 
 
 def _host_batches(x: np.ndarray, y: np.ndarray, batch_size: int):
   """Yields ``(x, y, valid)`` NumPy batches of exactly ``batch_size`` rows (last one padded)."""
   for start in range(0, x.shape[0], batch_size):
-    xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+    xb, yb = x[start : start + batch_size], y[start : start + batch_size]
     k = xb.shape[0]
     if k < batch_size:
       xb = np.concatenate([xb, np.zeros((batch_size - k,) + xb.shape[1:], xb.dtype)])
@@ -123,8 +140,9 @@ def _host_batches(x: np.ndarray, y: np.ndarray, batch_size: int):
     yield xb, yb, np.arange(batch_size) < k
 
 
-def evaluate(model: nn.Module, state: TrainState, x, y,
-             batch_size: int = 1000) -> dict[str, jax.Array]:
+def evaluate(
+  model: nn.Module, state: TrainState, x, y, batch_size: int = 1000
+) -> dict[str, jax.Array]:
   """Eval-mode (``train=False``) mean loss and accuracy over all of ``(x, y)``.
 
   Runs ``ceil(n / batch_size)`` batches in a ``lax.map`` to bound memory; the
@@ -169,14 +187,25 @@ def _check_mesh(mesh: Mesh | None, batch_size: int) -> int:
     raise ValueError(f"mesh needs a 'data' axis; it has {mesh.axis_names}")
   devices = mesh.shape["data"]
   if batch_size % devices:
-    raise ValueError(f"batch_size {batch_size} must be a multiple of the {devices} "
-                     "data-parallel devices")
+    raise ValueError(
+      f"batch_size {batch_size} must be a multiple of the {devices} data-parallel devices"
+    )
   return devices
 
 
-def fit(model: nn.Module, data: dict[str, Any], *, epochs: int, batch_size: int = 128,
-        lr: float = 3e-3, weight_decay: float = 1e-4, seed: int = 0, progress: bool = True,
-        mesh: Mesh | None = None, eval_batch_size: int = 1000) -> dict[str, Any]:
+def fit(
+  model: nn.Module,
+  data: dict[str, Any],
+  *,
+  epochs: int,
+  batch_size: int = 128,
+  lr: float = 3e-3,
+  weight_decay: float = 1e-4,
+  seed: int = 0,
+  progress: bool = True,
+  mesh: Mesh | None = None,
+  eval_batch_size: int = 1000,
+) -> dict[str, Any]:
   """Trains ``model`` on ``data`` (from ``data.load_dataset``) and evaluates it.
 
   Args:
@@ -221,9 +250,12 @@ def fit(model: nn.Module, data: dict[str, Any], *, epochs: int, batch_size: int 
     state = jax.device_put(state, replicated)
     root = jax.device_put(root, replicated)
     # NumPy batches passed to a jit with in_shardings are split on transfer.
-    step_fn = jax.jit(functools.partial(_fit_step, model, tx),
-                      in_shardings=(replicated, batch_split, batch_split, replicated),
-                      out_shardings=(replicated, replicated), donate_argnums=0)
+    step_fn = jax.jit(
+      functools.partial(_fit_step, model, tx),
+      in_shardings=(replicated, batch_split, batch_split, replicated),
+      out_shardings=(replicated, replicated),
+      donate_argnums=0,
+    )
 
   def eval_fn(state, x, y):
     # Every evaluation runs the same fixed-shape batch function, so the train
@@ -237,6 +269,7 @@ def fit(model: nn.Module, data: dict[str, Any], *, epochs: int, batch_size: int 
   epoch_iter = range(epochs)
   if progress:
     from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+
     epoch_iter = bar = tqdm(epoch_iter, desc="epochs", unit="epoch", file=sys.stderr)
   for epoch in epoch_iter:
     losses, accs = [], []
@@ -248,30 +281,48 @@ def fit(model: nn.Module, data: dict[str, Any], *, epochs: int, batch_size: int 
     losses, accs = np.asarray(jnp.stack(losses)), np.asarray(jnp.stack(accs))
     step_losses.append(losses)
     test = eval_fn(state, x_test, y_test)
-    record = {"epoch": epoch + 1, "train_batch_loss": float(losses.mean()),
-              "train_batch_acc": float(accs.mean()), "test_loss": float(test["loss"]),
-              "test_acc": float(test["acc"]),
-              "elapsed_seconds": time.perf_counter() - start}
+    record = {
+      "epoch": epoch + 1,
+      "train_batch_loss": float(losses.mean()),
+      "train_batch_acc": float(accs.mean()),
+      "test_loss": float(test["loss"]),
+      "test_acc": float(test["acc"]),
+      "elapsed_seconds": time.perf_counter() - start,
+    }
     history.append(record)
     if bar is not None:
-      bar.set_postfix(loss=f"{record['train_batch_loss']:.3f}",
-                      acc=f"{record['train_batch_acc']:.3f}", test_acc=f"{record['test_acc']:.3f}")
+      bar.set_postfix(
+        loss=f"{record['train_batch_loss']:.3f}",
+        acc=f"{record['train_batch_acc']:.3f}",
+        test_acc=f"{record['test_acc']:.3f}",
+      )
   if bar is not None:
     bar.close()
   train = eval_fn(state, x, y)
   test = eval_fn(state, x_test, y_test)
-  final = {"train_loss": float(train["loss"]), "train_acc": float(train["acc"]),
-           "test_loss": float(test["loss"]), "test_acc": float(test["acc"])}
-  return {"state": state, "history": history, "final": final,
-          "step_loss": np.concatenate(step_losses), "train_seconds": time.perf_counter() - start}
+  final = {
+    "train_loss": float(train["loss"]),
+    "train_acc": float(train["acc"]),
+    "test_loss": float(test["loss"]),
+    "test_acc": float(test["acc"]),
+  }
+  return {
+    "state": state,
+    "history": history,
+    "final": final,
+    "step_loss": np.concatenate(step_losses),
+    "train_seconds": time.perf_counter() - start,
+  }
 
 
 def build_parser() -> argparse.ArgumentParser:
   """The parser of ``python training.py``, which has nothing to run but ``--help``."""
   return argparse.ArgumentParser(
-      prog="training.py", description=__doc__.split("\n\n", 1)[0],
-      epilog="This is a library module of the examples, not a script. The runnable scripts "
-      "are examples/compare_dropout.py (the study) and examples/train.py (one run).")
+    prog="training.py",
+    description=__doc__.split("\n\n", 1)[0],
+    epilog="This is a library module of the examples, not a script. The runnable scripts "
+    "are examples/compare_dropout.py (the study) and examples/train.py (one run).",
+  )
 
 
 def main(argv=None) -> None:

@@ -8,30 +8,26 @@ on first use, so ``import regjax`` does not import Flax).
 import importlib
 
 from regjax import random
-from regjax.stochastic import (
-    dropout,
-    dropout_noise_variance,
-    gaussian_dropout,
-    matched_uout_beta,
-    uout,
-    uout_noise_variance,
-)
-from regjax.normalization import BatchStats, batch_norm, init_batch_stats
 from regjax.affine_noise import alpha_dropout, gaussian_noise
+from regjax.constraints import default_max_norm_filter, max_norm, max_norm_projection
+from regjax.normalization import BatchStats, batch_norm, init_batch_stats
+from regjax.stochastic import (
+  dropout,
+  dropout_noise_variance,
+  gaussian_dropout,
+  matched_uout_beta,
+  uout,
+  uout_noise_variance,
+)
 from regjax.structured import (
-    channel_dropout,
-    cutout,
-    drop_path,
-    drop_path_rates,
-    dropblock,
-    dropblock_rate_schedule,
+  channel_dropout,
+  cutout,
+  drop_path,
+  drop_path_rates,
+  dropblock,
+  dropblock_rate_schedule,
 )
-from regjax.weights import (
-    default_max_norm_filter,
-    dropconnect_dense,
-    max_norm,
-    max_norm_projection,
-)
+from regjax.weights import dropconnect_dense
 
 __version__ = "0.1.0"
 

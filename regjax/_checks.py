@@ -14,21 +14,23 @@ import functools
 import math
 import numbers
 from collections.abc import Sequence
+from typing import TypeGuard
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 
-def is_traced(value) -> bool:
+def is_traced(value) -> TypeGuard[jax.core.Tracer]:
   return isinstance(value, jax.core.Tracer)
 
 
 def is_concretely(value, *targets) -> bool:
   """Whether a rate is a concrete (untraced) scalar equal to one of ``targets``.
 
-  Modules use it to skip asking for a key when the op needs no draw; anything
-  that is not a concrete real scalar answers False and is reported by the op.
+  :class:`regjax._specs.Strength` uses it to tell which values need no draw
+  (and no key); anything that is not a concrete real scalar answers False and
+  is reported by the op.
   """
   if is_traced(value):
     return False
@@ -88,8 +90,9 @@ def _raw_key_shape(default_impl: str) -> tuple[int, ...]:
   return tuple(jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape)
 
 
-def check_key(key, op: str) -> None:
-  """Accepts a typed key (``jax.random.key``, any impl) or a raw key of the default impl.
+def check_key(key: jax.Array | None, op: str) -> jax.Array:
+  """Returns ``key`` if it is a typed key (``jax.random.key``, any impl) or a raw key of the
+  default impl; raises otherwise (also for None: train mode needs a key).
 
   A raw key is a uint32 array of the default impl's key shape ((2,) for
   threefry, from ``jax.random.PRNGKey``); raw data of another impl (rbg's
@@ -108,11 +111,11 @@ def check_key(key, op: str) -> None:
           f"{op}: `key` must be a single PRNG key (shape ()); got a batch of shape "
           f"{shape}. Use jax.vmap over the op to apply many keys."
       )
-    return
+    return key
   default_impl = str(getattr(jax.config, "jax_default_prng_impl", "threefry2x32"))
   raw_shape = _raw_key_shape(default_impl)
   if dtype == jnp.uint32 and shape is not None and tuple(shape) == raw_shape:
-    return
+    return key
   accepted = (
       "a PRNG key: a typed key from jax.random.key(seed) (any impl), or a raw "
       f"{default_impl} key, a uint32 array of shape {raw_shape} "
@@ -133,11 +136,12 @@ def check_key(key, op: str) -> None:
 
 
 def check_rate(value, op: str, name: str, *, low: float, high: float,
-               high_inclusive: bool) -> float | jax.Array:
+               high_inclusive: bool, low_inclusive: bool = True) -> float | jax.Array:
   """Validates a scalar rate.
 
   Concrete values (Python numbers, NumPy or concrete JAX scalars) must lie in
-  ``[low, high]`` (or ``[low, high)``) and are returned as a Python float.
+  ``[low, high]`` (``(low`` where not ``low_inclusive``, ``high)`` where not
+  ``high_inclusive``) and are returned as a Python float.
   Traced scalars are returned unchanged: the op clips a finite one into its
   range and returns ``x`` for a NaN or infinite one (the rule of
   :mod:`regjax._noise`).
@@ -157,11 +161,12 @@ def check_rate(value, op: str, name: str, *, low: float, high: float,
     number = float(value)
   except (TypeError, ValueError):
     raise TypeError(f"{op}: `{name}` must be a real number; got {value!r}.") from None
-  upper = "]" if high_inclusive else ")"
+  lower, upper = "[" if low_inclusive else "(", "]" if high_inclusive else ")"
+  below = number < low if low_inclusive else number <= low
   above = number > high if high_inclusive else number >= high
-  if math.isnan(number) or number < low or above:
+  if math.isnan(number) or below or above:
     raise ValueError(
-        f"{op}: `{name}` must be in [{low:g}, {high:g}{upper}; got {value!r}."
+        f"{op}: `{name}` must be in {lower}{low:g}, {high:g}{upper}; got {value!r}."
     )
   return number
 
@@ -204,3 +209,13 @@ def canonical_axes(axis, ndim: int, op: str, name: str = "axis") -> tuple[int, .
   if not out:
     raise ValueError(f"{op}: `{name}` must name at least one feature axis.")
   return tuple(sorted(out))
+
+
+def check_epsilon(epsilon, op: str) -> float:
+  """BatchNorm's ``epsilon``: a finite Python or NumPy number ``> 0``, returned as a float."""
+  is_number = isinstance(epsilon, (int, float, np.integer, np.floating)) and not isinstance(
+      epsilon, (bool, np.bool_))
+  if is_traced(epsilon) or not is_number or not (epsilon > 0 and math.isfinite(epsilon)):
+    raise ValueError(f"{op}: `epsilon` must be a finite Python or NumPy number > 0; "
+                     f"got {epsilon!r}.")
+  return float(epsilon)

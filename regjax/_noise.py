@@ -19,9 +19,10 @@ backward pass recomputes the noise from the seed words (``jax.checkpoint``)
 and keeps nothing per element.
 
 Strengths (``rate``, ``beta``, ``stddev``) that cannot be checked. A concrete
-strength is range-checked at trace time by :func:`regjax._checks.check_rate`
-(a NaN, infinite or out-of-range one raises ``ValueError`` naming the
-argument). A traced one cannot be, and follows one rule, applied here (in
+strength is range-checked at trace time against its op's range in
+:mod:`regjax._specs` (a NaN, infinite or out-of-range one raises
+``ValueError`` naming the argument), which also says which values need no
+draw. A traced one cannot be, and follows one rule, applied here (in
 :func:`apply`) for every op:
 
 * a traced NaN or +-inf strength makes the op the identity: it returns ``x``
@@ -40,7 +41,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from regjax import _checks, random
+from regjax import _checks, _specs, random
 
 RNG_IMPLS = ("hash", "jax")
 
@@ -66,21 +67,6 @@ def dropout_factor(mask, keep):
   return jnp.where(mask, 1.0 / safe_keep, 0.0)
 
 
-def is_identity(strength, deterministic) -> bool:
-  """Whether a noise op returns ``x`` without a draw: eval mode, or a strength
-  (rate, beta, stddev) that is concretely 0."""
-  return deterministic or (not _checks.is_traced(strength) and strength == 0.0)
-
-
-def trivial_dropout(x, rate, deterministic):
-  """The result of a dropout-type op when no draw is needed (eval, rate 0 or 1), else None."""
-  if is_identity(rate, deterministic):
-    return x
-  if not _checks.is_traced(rate) and rate == 1.0:
-    return jnp.zeros_like(x)
-  return None
-
-
 def check_common(x, key, deterministic, op: str) -> bool:
   """The checks every random op makes (``x``, ``deterministic``, a given ``key``)."""
   _checks.check_floating(x, op)
@@ -94,6 +80,25 @@ def prepare(x, key, deterministic, broadcast_dims: Sequence[int], op: str):
   """:func:`check_common` and the broadcast dims; returns ``(deterministic, broadcast_dims)``."""
   deterministic = check_common(x, key, deterministic, op)
   return deterministic, _checks.check_broadcast_dims(broadcast_dims, x.ndim, op)
+
+
+def elementwise_op(op: str, spec: _specs.Strength, rule: type[NoiseRule], x: jax.Array,
+                   strength, key: jax.Array | None, deterministic,
+                   broadcast_dims: Sequence[int], rng_impl) -> jax.Array:
+  """The whole of an elementwise noise op (dropout, Uout, alpha dropout, ...).
+
+  Checks the arguments (``rng_impl``, ``x``, ``deterministic``, a given key,
+  ``broadcast_dims``, then the strength by ``spec``), returns the result
+  without a draw where ``spec`` gives one, and otherwise applies
+  ``rule(broadcast_dims)`` with a key that must then be given.
+  """
+  rng_impl = check_rng_impl(rng_impl, op)
+  deterministic, dims = prepare(x, key, deterministic, broadcast_dims, op)
+  strength = spec.check(strength, op)
+  result = spec.result_without_draw(x, strength, deterministic)
+  if result is not None:
+    return result
+  return apply(rule(dims), x, strength, _checks.check_key(key, op), rng_impl)
 
 
 @dataclasses.dataclass(frozen=True)

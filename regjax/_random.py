@@ -5,6 +5,9 @@ JAX generates the same bits for ``shape`` as for ``(prod(shape),)`` reshaped
 legacy mode; tests pin this), but XLA compiles the rank-1 draw several times
 faster: about 0.25 s against 2-3 s for a rank-4 shape on a CPU. So these
 helpers give exactly ``jax.random``'s draws, only cheaper to compile.
+
+They are the draws of ``rng_impl='jax'``; the functions of the same names in
+:mod:`regjax.random` are the counter-hash generator of ``rng_impl='hash'``.
 """
 
 from __future__ import annotations

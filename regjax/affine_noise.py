@@ -35,13 +35,12 @@ CPU.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
-from regjax import _checks, _noise, _random, random
+from regjax import _noise, _random, _specs, random
 
 __all__ = ["alpha_dropout", "gaussian_noise", "SELU_ALPHA", "SELU_LAMBDA"]
 
@@ -141,15 +140,8 @@ def alpha_dropout(
     ``b`` and ``alpha_p`` are the exact constants for ``rate`` (with ``'hash'``
     the output moments are therefore off by the ``2**-17`` keep resolution).
   """
-  op = "regjax.alpha_dropout"
-  rng_impl = _noise.check_rng_impl(rng_impl, op)
-  deterministic, dims = _noise.prepare(x, key, deterministic, broadcast_dims, op)
-  rate = _checks.check_rate(rate, op, "rate", low=0.0, high=1.0, high_inclusive=True)
-  trivial = _noise.trivial_dropout(x, rate, deterministic)
-  if trivial is not None:
-    return trivial
-  _checks.check_key(key, op)
-  return _noise.apply(_AlphaDropout(dims), x, rate, key, rng_impl)
+  return _noise.elementwise_op("regjax.alpha_dropout", _specs.ALPHA_DROPOUT, _AlphaDropout,
+                               x, rate, key, deterministic, broadcast_dims, rng_impl)
 
 
 def gaussian_noise(
@@ -180,12 +172,6 @@ def gaussian_noise(
       recomputed from the key in the backward; ``'jax'``:
       ``e = jax.random.normal(key, shape)``.
   """
-  op = "regjax.gaussian_noise"
-  rng_impl = _noise.check_rng_impl(rng_impl, op)
-  deterministic, dims = _noise.prepare(x, key, deterministic, broadcast_dims, op)
-  stddev = _checks.check_rate(stddev, op, "stddev", low=0.0, high=math.inf,
-                              high_inclusive=False)
-  if _noise.is_identity(stddev, deterministic):
-    return x
-  _checks.check_key(key, op)
-  return _noise.apply(_GaussianNoise(dims), x, stddev, key, rng_impl)
+  return _noise.elementwise_op("regjax.gaussian_noise", _specs.GAUSSIAN_NOISE,
+                               _GaussianNoise, x, stddev, key, deterministic, broadcast_dims,
+                               rng_impl)

@@ -8,39 +8,63 @@ format.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.ad_checkpoint import checkpoint_name
 
-from regjax import _checks
+from regjax import _bn_kernel, _checks
 
 __all__ = ["batch_norm", "init_batch_stats", "BatchStats"]
 
-BatchStats = dict[str, jax.Array]
 
-_STAT_NAME = "regjax_batch_norm_statistic"
+class BatchStats(TypedDict):
+  """Running statistics, a plain dict at runtime (flax's ``batch_stats`` layout)."""
+
+  mean: jax.Array
+  var: jax.Array
 
 
 def init_batch_stats(num_features: int | tuple[int, ...], dtype=jnp.float32) -> BatchStats:
   """Running statistics before any update: mean 0 and variance 1 per feature."""
-  is_int = lambda d: isinstance(d, (int, np.integer)) and not isinstance(d, bool)
+  def is_int(d) -> bool:
+    return isinstance(d, (int, np.integer)) and not isinstance(d, bool)
+
+  dims: tuple[Any, ...]
   if is_int(num_features):
-    shape = (num_features,)
+    dims = (num_features,)
   else:
-    shape = tuple(num_features) if isinstance(num_features, (tuple, list)) else (None,)
-  if not all(is_int(d) and d > 0 for d in shape):
+    dims = tuple(num_features) if isinstance(num_features, (tuple, list)) else (None,)
+  if not all(is_int(d) and d > 0 for d in dims):
     raise ValueError(
         f"init_batch_stats: `num_features` must be a positive int or a tuple of "
         f"positive ints; got {num_features!r}.")
-  shape = tuple(int(d) for d in shape)
+  shape = tuple(int(d) for d in dims)
   return {"mean": jnp.zeros(shape, dtype), "var": jnp.ones(shape, dtype)}
+
+
+def running_stats_dtype(param_dtype: Any = jnp.float32,
+                        force_float32_reductions: bool = True) -> Any:
+  """The modules' running-statistics dtype (flax's rule): float32, or ``param_dtype``
+  when float32 reductions are turned off."""
+  return jnp.float32 if force_float32_reductions else param_dtype
+
+
+def output_dtype(x, scale=None, bias=None, dtype: Any = None) -> Any:
+  """The modules' output dtype (flax's ``canonicalize_dtype``): ``dtype`` if given, else
+  the result type of ``x`` and the params (the float32 statistics do not promote it),
+  at least float32 if that is not inexact."""
+  if dtype is None:
+    dtype = jnp.result_type(*(jnp.asarray(a) for a in (x, scale, bias) if a is not None))
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      dtype = jnp.promote_types(jnp.float32, dtype)
+  if not jnp.issubdtype(dtype, jnp.inexact):
+    raise ValueError(f"Dtype must be inexact: {dtype}")
+  return dtype
 
 
 def check_inexact(x, op: str, name: str = "x") -> None:
@@ -74,231 +98,6 @@ def _check_batch_stats(batch_stats, shape: tuple[int, ...], op: str) -> None:
     _check_feature_array(batch_stats[name], f"batch_stats['{name}']", shape, op)
 
 
-def _batch_axes_explicitly_sharded(x, reduction_axes) -> bool:
-  """Whether any reduced axis of ``x`` is sharded in its type (explicit sharding).
-
-  Slicing such an axis under ``jit`` is an error, so the shift is then picked by
-  a one-hot sum instead of a slice. When in doubt, answer True (always correct).
-  """
-  try:
-    spec = tuple(jax.typeof(x).sharding.spec)
-  except Exception:  # pragma: no cover - no sharding information: be safe
-    return True
-  return any(a < len(spec) and spec[a] is not None for a in reduction_axes)
-
-
-def _shift(x, reduction_axes, mask):
-  """One *selected* sample per feature (0 where a feature has none), no gradient.
-
-  Sums of ``x - shift`` are of numbers of the size of the spread, not of the
-  mean, so the one-pass variance of the deviations stays accurate when
-  ``|mean| >> std``. Without a mask the shift is the first sample; with one, it
-  is the first position the mask selects, per feature (masked-out positions
-  may be padding of any size, or NaN, and are never used). Under ``axis_name``
-  each device picks its own; ``finish`` combines sums taken about different
-  shifts exactly.
-  """
-  if mask is None and not _batch_axes_explicitly_sharded(x, reduction_axes):
-    first = tuple(slice(0, 1) if a in reduction_axes else slice(None) for a in range(x.ndim))
-    return lax.stop_gradient(x[first])
-  # A one-hot sum picks the sample: it needs no slicing of a batch axis that is
-  # sharded in its type (an error under jit), and with a mask it finds, per
-  # feature, the selected position of smallest row-major index over the batch axes.
-  index = jnp.zeros((1,) * x.ndim, jnp.int32)
-  for a in reduction_axes:
-    index = index * x.shape[a] + lax.broadcasted_iota(
-        jnp.int32, tuple(x.shape[a] if d == a else 1 for d in range(x.ndim)), a)
-  if mask is None:
-    is_first = index == 0
-  else:
-    index = jnp.where(mask, index, jnp.iinfo(jnp.int32).max)
-    is_first = mask & (index == jnp.min(index, reduction_axes, keepdims=True))
-  return lax.stop_gradient(jnp.sum(jnp.where(is_first, x, 0), reduction_axes, keepdims=True))
-
-
-def _count(x, reduction_axes, mask, axis_name, axis_index_groups):
-  """Number of selected values per feature (reduced axes kept), summed across devices."""
-  keep_shape = tuple(1 if a in reduction_axes else x.shape[a] for a in range(x.ndim))
-  real_dtype = jnp.finfo(x.dtype).dtype  # float32 for complex64
-  if mask is None:
-    count = jnp.full(keep_shape, math.prod(x.shape[a] for a in reduction_axes), real_dtype)
-  else:
-    count = jnp.sum(mask, reduction_axes, keepdims=True, dtype=real_dtype)
-  if axis_name is not None:
-    count = lax.psum(count, axis_name, axis_index_groups=axis_index_groups)
-  return count
-
-
-def _make_train_normalize(reduction_axes, axis_name, axis_index_groups, epsilon, use_dot):
-  """``(x, shift, scale, bias, mask, count) -> (y, mean, var)`` with an explicit JVP.
-
-  Statistics: one pass, the two sums ``sum d`` and ``sum d*d`` of
-  ``d = x - shift`` (a per-feature sample, so ``d`` is of the size of the
-  spread and ``var = sum(d*d)/n - (sum(d)/n)**2`` stays accurate when
-  ``|mean| >> std``), added across devices count-weighted. With
-  ``xhat = (x - mean) * inv``, ``inv = rsqrt(var + eps)`` and ``c = scale * inv``
-  the JVP is::
-
-      dmean = S(dx) / n,  b = S(xhat * dx) / n   # S: sum over selected positions (and devices)
-      dy    = c * dx + B(dbias - c * dmean) + xhat * B(dscale - c * b)   # B: broadcast
-      dvar  = 2 * b / inv
-
-  It is linear in the tangents, so reverse mode is its transpose: two batch
-  sums of the cotangent, ``sum g`` and ``sum g * xhat`` (the per-feature
-  factors are applied after summing), and one elementwise pass -- the classic
-  BatchNorm backward -- instead of autodiff through every step of the
-  statistics. The rule is plain jnp code, so it is itself differentiable
-  (higher orders, both modes). ``shift``, ``mask`` and ``count`` carry no
-  derivative (the outputs do not depend on ``shift``; ``mask``/``count`` are
-  not differentiable).
-
-  Batch sums, two ways, chosen by shape (measured on a 2-core CPU, jax 0.10,
-  against flax's fast-variance BatchNorm, forward+backward):
-
-  * ``use_dot`` (batch axes leading, not explicitly sharded, and no more batch
-    positions than features: a short, wide input): sums and broadcasts are
-    dots with a ones vector, which XLA:CPU runs several times faster than
-    column reductions there, so the transposed sums are dots too; the only
-    full-size temporaries are ``d`` and ``g * xhat``. (256, 16384): 0.62x.
-  * otherwise plain ``jnp.sum``, into which XLA fuses the elementwise
-    producers. Every full-size operand is written so that it has a single
-    consumer (``x - shift`` and ``x + (-shift)`` for the two statistics;
-    ``x - mean`` and ``x + (-mean)`` for the two uses of ``xhat`` in reverse
-    mode): a value shared by two reductions would be materialised, one per
-    reduction is fused into it, so forward+backward reads ``x`` and the
-    cotangent eight times in all and writes only ``y`` and ``dx``.
-    (8, 56, 56, 256): 0.71x; the dots gave 1.25x there.
-  """
-
-  def rsum(v):
-    if use_dot:
-      n = math.prod(v.shape[:len(reduction_axes)])
-      flat = v.reshape(n, -1)
-      out = lax.dot_general(jnp.ones((1, n), v.dtype), flat, (((1,), (0,)), ((), ())),
-                            precision=lax.Precision.HIGHEST, preferred_element_type=v.dtype)
-      return out.reshape((1,) * len(reduction_axes) + v.shape[len(reduction_axes):])
-    return jnp.sum(v, reduction_axes, keepdims=True)
-
-  def bcast(v, shape):
-    """Broadcast per-feature ``v`` over the reduced axes (as a dot where ``rsum`` is one,
-    so the transpose, a sum of the cotangent, is also a dot)."""
-    if use_dot:
-      n = math.prod(shape[:len(reduction_axes)])
-      out = lax.dot_general(jnp.ones((n, 1), v.dtype), v.reshape(1, -1), (((1,), (0,)), ((), ())),
-                            precision=lax.Precision.HIGHEST, preferred_element_type=v.dtype)
-      return out.reshape(shape)
-    return jnp.broadcast_to(v, shape)
-
-  def mean_shape(x):
-    return tuple(1 if a in reduction_axes else x.shape[a] for a in range(x.ndim))
-
-  def total(v, mask):
-    v = rsum(select(v, mask))
-    if axis_name is not None:
-      v = lax.psum(v, axis_name, axis_index_groups=axis_index_groups)
-    return v
-
-  def select(v, mask):
-    return v if mask is None else jnp.where(mask, v, 0)
-
-  def stats(x, shift, mask, count):
-    d = select(x - shift, mask)
-    if use_dot:  # a batched dot of d with itself: d is the only full-size temporary
-      s2 = jnp.einsum(d, tuple(range(x.ndim)), d, tuple(range(x.ndim)),
-                      tuple(range(len(reduction_axes), x.ndim)),
-                      precision=lax.Precision.HIGHEST, preferred_element_type=x.dtype)
-      s2 = s2.reshape(mean_shape(x))
-    else:  # one expression per reduction (see the docstring)
-      neg_d = select(x + (-shift), mask)
-      s2 = rsum(neg_d * neg_d)
-    return finish(rsum(d), s2, x, shift, mask, count)
-
-  def finish(s1, s2, x, shift, mask, count):
-    n = jnp.maximum(count, 1)
-    if axis_name is not None:
-      # Sums of deviations from *different* per-device shifts: add
-      # shift-independent quantities, sum x = s1 + c*shift and
-      # sum (x - m)**2 = s2 + 2*s1*(shift - m) + c*(shift - m)**2 with m the global mean.
-      local_count = _count(x, reduction_axes, mask, None, None)
-      sx = lax.psum(s1 + local_count * shift, axis_name, axis_index_groups=axis_index_groups)
-      mean = sx / n
-      delta = shift - mean
-      sq = s2 + 2 * s1 * delta + local_count * delta * delta
-      var = lax.psum(sq, axis_name, axis_index_groups=axis_index_groups) / n
-    else:
-      dm = s1 / n
-      mean = shift + dm
-      var = s2 / n - dm * dm
-    return mean, jnp.maximum(var, 0)
-
-  def forward(x, shift, scale, bias, mask, count):
-    mean, var = stats(x, shift, mask, count)
-    inv = lax.rsqrt(var + epsilon)
-    # The only values reverse mode keeps (see the jax.checkpoint in batch_norm).
-    mean, var, inv = (checkpoint_name(v, _STAT_NAME) for v in (mean, var, inv))
-    xhat = (x - mean) * inv
-    y = xhat if scale is None else xhat * scale
-    if bias is not None:
-      y = y + bias
-    return y, mean, var, xhat, inv
-
-  @jax.custom_jvp
-  def normalize(x, shift, scale, bias, mask, count):
-    return forward(x, shift, scale, bias, mask, count)[:3]
-
-  def is_zero(t):
-    return t is None or isinstance(t, jax.custom_derivatives.SymbolicZero)
-
-  @functools.partial(normalize.defjvp, symbolic_zeros=True)
-  def normalize_jvp(primals, tangents):
-    x, shift, scale, bias, mask, count = primals
-    dx, _, dscale, dbias, _, _ = tangents
-    y, mean, var, xhat, inv = forward(*primals)
-    if mask is not None:
-      # Masked-out positions may hold NaN/inf (padding). They never enter the
-      # statistics, and the tangent of a non-finite output is taken as 0 there,
-      # so a zero cotangent from them cannot turn into 0 * inf = NaN in reverse mode.
-      x = jnp.where(mask | jnp.isfinite(x), x, mean)
-      xhat = (x - mean) * inv
-    # dy = c*dx + bcast(dbias - c*dmean) + xhat * bcast(dscale - c*b), c = scale*inv:
-    # per-feature terms are combined *before* broadcasting, so the transpose
-    # (reverse mode) needs just two batch sums, sum(g) and sum(g * xhat).
-    c = inv if scale is None else inv * scale
-    dmean = jnp.zeros_like(mean)
-    dvar = jnp.zeros_like(var)
-    direct = None       # c * dx
-    offset = None       # per feature, broadcast over the batch
-    slope = None        # per feature, times xhat
-    if not is_zero(dx):
-      n = jnp.maximum(count, 1)
-      dmean = total(dx, mask) / n
-      if use_dot:
-        b = total(xhat * dx, mask) / n
-      else:  # `x + (-mean)` here, `x - mean` in the slope term: one consumer each
-        b = total((x + (-mean)) * dx, mask) * inv / n
-      dvar = 2 * b / inv
-      direct = c * dx
-      offset = -c * dmean
-      slope = -c * b
-    if scale is not None and not is_zero(dscale):
-      dscale = jnp.reshape(dscale, mean.shape)
-      slope = dscale if slope is None else slope + dscale
-    if bias is not None and not is_zero(dbias):
-      dbias = jnp.reshape(dbias, mean.shape)
-      offset = dbias if offset is None else offset + dbias
-    dy = jnp.zeros_like(y) if direct is None else direct
-    if offset is not None:
-      dy = dy + bcast(offset, y.shape)
-    if slope is not None:
-      if use_dot:
-        dy = dy + xhat * bcast(slope, y.shape)
-      else:
-        dy = dy + (x - mean) * (slope * inv)  # = xhat * slope
-    return (y, mean, var), (dy, dmean, dvar)
-
-  return normalize
-
-
 def batch_norm(
     x: jax.Array,
     batch_stats: Mapping[str, jax.Array],
@@ -324,7 +123,7 @@ def batch_norm(
       mu, var = mean(x), mean((x - mu)**2)            # biased variance
       y = scale * (x - mu) / sqrt(var + epsilon) + bias
       new_mean = momentum * mean_old + (1 - momentum) * mu
-      new_var  = momentum * var_old  + (1 - momentum) * var   # var * n/(n-1) if unbiased_running_var
+      new_var  = momentum * var_old  + (1 - momentum) * var  # var*n/(n-1) if unbiased_running_var
 
   Eval mode normalizes with ``batch_stats`` and returns them unchanged.
 
@@ -369,13 +168,12 @@ def batch_norm(
   check_inexact(x, op)
   deterministic = _checks.check_deterministic(deterministic, op)
   feature_axes = _checks.canonical_axes(axis, x.ndim, op)
-  reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
   feature_shape = tuple(x.shape[a] for a in feature_axes)
   _check_batch_stats(batch_stats, feature_shape, op)
   _check_feature_array(scale, "scale", feature_shape, op)
   _check_feature_array(bias, "bias", feature_shape, op)
   momentum = _checks.check_rate(momentum, op, "momentum", low=0.0, high=1.0, high_inclusive=True)
-  epsilon = check_epsilon(epsilon, op)
+  epsilon = _checks.check_epsilon(epsilon, op)
   if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
     raise TypeError(f"{op}: `dtype` must be a floating-point (or complex) dtype or None; "
                     f"got {dtype!r}.")
@@ -384,70 +182,66 @@ def batch_norm(
   out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
   stats_dtype = (jnp.promote_types(x.dtype, jnp.float32) if force_float32_reductions
                  else x.dtype)
+  # Per-feature arrays with the reduced axes kept as size 1, so they broadcast.
+  keep_shape = tuple(1 if a not in feature_axes else x.shape[a] for a in range(x.ndim))
 
-  # Shapes with the reduced axes kept as size 1, so per-feature arrays broadcast.
-  keep_shape = tuple(1 if a in reduction_axes else x.shape[a] for a in range(x.ndim))
-  as_keep = lambda v: jnp.reshape(v.astype(stats_dtype), keep_shape)
+  def as_keep(v):
+    return None if v is None else jnp.reshape(v.astype(stats_dtype), keep_shape)
+
   xf = x.astype(stats_dtype)
-
   if deterministic:
-    mean, var = as_keep(batch_stats["mean"]), as_keep(batch_stats["var"])
-    multiplier = lax.rsqrt(var + epsilon)  # per-feature factors once, then one pass over x
-    if scale is not None:
-      multiplier = multiplier * as_keep(scale)
-    y = (xf - mean) * multiplier
-    if bias is not None:
-      y = y + as_keep(bias)
-    return y.astype(out_dtype), batch_stats
-
-  batch_size = math.prod(x.shape[a] for a in reduction_axes)
-  if not reduction_axes and axis_name is None:
-    raise ValueError(
-        f"{op}: train mode needs a batch axis besides the feature axes {feature_axes}; "
-        f"got `x` of shape {x.shape}, so every statistic would come from one value. "
-        "Add a batch axis (x[None]), pass `axis` naming only the feature axes, or "
-        "normalize across devices with `axis_name`.")
-  if unbiased_running_var and mask is None and 0 < batch_size < 2 and axis_name is None:
-    raise ValueError(
-        f"{op}: `unbiased_running_var=True` needs more than one value per feature "
-        f"in train mode; got an input of shape {x.shape} with feature axes {feature_axes}.")
+    y = _eval_normalize(xf, as_keep(batch_stats["mean"]), as_keep(batch_stats["var"]),
+                        as_keep(scale), as_keep(bias), epsilon)
+    return y.astype(out_dtype), cast(BatchStats, batch_stats)
   if mask is not None:
     mask = jnp.broadcast_to(mask, x.shape)
-  count = _count(xf, reduction_axes, mask, axis_name, axis_index_groups)
-  scale_k = None if scale is None else as_keep(scale)
-  bias_k = None if bias is None else as_keep(bias)
-  if jnp.iscomplexobj(xf):
-    y, mean, var = _complex_normalize(xf, scale_k, bias_k, mask, count, reduction_axes,
-                                      axis_name, axis_index_groups, epsilon)
-  else:
-    # An empty batch has no sample to shift by (and nothing to sum by a dot).
-    shift = (jnp.zeros(keep_shape, stats_dtype) if batch_size == 0
-             else _shift(xf, reduction_axes, mask))
-    # Batch sums as products with a ones vector for short, wide inputs (see
-    # _make_train_normalize); not for a batch axis sharded in its type, where
-    # contracting it needs an explicit output sharding.
-    use_dot = (reduction_axes == tuple(range(len(reduction_axes)))
-               and 0 < batch_size <= math.prod(feature_shape)
-               and not _batch_axes_explicitly_sharded(xf, reduction_axes))
-    normalize = _make_train_normalize(reduction_axes, axis_name, axis_index_groups, epsilon,
-                                      use_dot)
-    # Reverse mode keeps only the per-feature statistics and recomputes the
-    # normalized input from x, instead of storing full-size intermediates.
-    normalize = jax.checkpoint(
-        normalize, policy=jax.checkpoint_policies.save_only_these_names(_STAT_NAME))
-    y, mean, var = normalize(xf, shift, scale_k, bias_k, mask, count)
+  cfg = _bn_kernel.make_config(tuple(a for a in range(x.ndim) if a not in feature_axes),
+                               axis_name, axis_index_groups, epsilon)
+  _check_train_shape(cfg, x.shape, feature_axes, unbiased_running_var and mask is None, op)
+  y, mean, var, count = _train_normalize(cfg, xf, as_keep(scale), as_keep(bias), mask,
+                                         math.prod(feature_shape))
   return y.astype(out_dtype), _updated_stats(
       batch_stats, mean, var, count, momentum, feature_shape, unbiased_running_var)
 
 
-def check_epsilon(epsilon, op: str) -> float:
-  is_number = isinstance(epsilon, (int, float, np.integer, np.floating)) and not isinstance(
-      epsilon, (bool, np.bool_))
-  if _checks.is_traced(epsilon) or not is_number or not (
-      epsilon > 0 and math.isfinite(epsilon)):
-    raise ValueError(f"{op}: `epsilon` must be a finite Python or NumPy number > 0; "
-                     f"got {epsilon!r}.")
-  return float(epsilon)
+def _eval_normalize(x, mean, var, scale, bias, epsilon: float):
+  """``(x - mean) * rsqrt(var + eps) * scale + bias`` with the running statistics."""
+  multiplier = lax.rsqrt(var + epsilon)  # per-feature factors once, then one pass over x
+  if scale is not None:
+    multiplier = multiplier * scale
+  y = (x - mean) * multiplier
+  return y if bias is None else y + bias
+
+
+def _check_train_shape(cfg: _bn_kernel.Config, shape, feature_axes, check_unbiased: bool,
+                       op: str) -> None:
+  """Train mode needs more than one value per feature (or a named axis to add devices)."""
+  if not cfg.reduction_axes and cfg.axis_name is None:
+    raise ValueError(
+        f"{op}: train mode needs a batch axis besides the feature axes {feature_axes}; "
+        f"got `x` of shape {shape}, so every statistic would come from one value. "
+        "Add a batch axis (x[None]), pass `axis` naming only the feature axes, or "
+        "normalize across devices with `axis_name`.")
+  batch_size = math.prod(shape[a] for a in cfg.reduction_axes)
+  if check_unbiased and 0 < batch_size < 2 and cfg.axis_name is None:
+    raise ValueError(
+        f"{op}: `unbiased_running_var=True` needs more than one value per feature "
+        f"in train mode; got an input of shape {shape} with feature axes {feature_axes}.")
+
+
+def _train_normalize(cfg: _bn_kernel.Config, x, scale, bias, mask, feature_size: int):
+  """``(y, mean, var, count)`` from the batch statistics (see :mod:`regjax._bn_kernel`)."""
+  count = _bn_kernel.count(x, cfg.reduction_axes, mask, cfg.axis_name, cfg.axis_index_groups)
+  if jnp.iscomplexobj(x):
+    return (*_bn_kernel.complex_normalize(cfg, x, scale, bias, mask, count), count)
+  if math.prod(x.shape[a] for a in cfg.reduction_axes) == 0:
+    # An empty batch has no sample to shift by.
+    keep_shape = tuple(1 if a in cfg.reduction_axes else d for a, d in enumerate(x.shape))
+    shift = jnp.zeros(keep_shape, x.dtype)
+  else:
+    shift = _bn_kernel.shift(x, cfg.reduction_axes, mask)
+  y, mean, var = _bn_kernel.normalize(cfg, x, shift, scale, bias, mask, count, feature_size)
+  return y, mean, var, count
 
 
 def _check_mask(mask, x_shape, op: str) -> None:
@@ -460,28 +254,6 @@ def _check_mask(mask, x_shape, op: str) -> None:
   if not broadcastable:
     raise ValueError(
         f"{op}: `mask` of shape {mask.shape} does not broadcast to `x` of shape {x_shape}.")
-
-
-def _complex_normalize(x, scale, bias, mask, count, reduction_axes, axis_name,
-                       axis_index_groups, epsilon):
-  """Complex input, as flax defines it: complex mean, real variance ``mean(|x - mu|**2)``.
-
-  Two plain passes differentiated by JAX (the custom JVP is for real input).
-  """
-  def total(v):
-    v = jnp.sum(v if mask is None else jnp.where(mask, v, 0), reduction_axes, keepdims=True)
-    return v if axis_name is None else lax.psum(v, axis_name, axis_index_groups=axis_index_groups)
-
-  n = jnp.maximum(count, 1)
-  mean = total(x) / n
-  centered = x - mean
-  var = total(lax.real(centered) ** 2 + lax.imag(centered) ** 2) / n
-  y = centered * lax.rsqrt(var + epsilon)
-  if scale is not None:
-    y = y * scale
-  if bias is not None:
-    y = y + bias
-  return y, mean, var
 
 
 def _updated_stats(batch_stats, mean, var, count, momentum, feature_shape,
@@ -506,7 +278,7 @@ def _updated_stats(batch_stats, mean, var, count, momentum, feature_shape,
     new = momentum * old_f + (1.0 - momentum) * jnp.reshape(batch_value, feature_shape)
     return jnp.where(has_values, new, old_f).astype(new_dtype)
 
-  new_stats = dict(batch_stats)
+  new_stats = cast(BatchStats, dict(batch_stats))  # extra entries are kept
   new_stats["mean"] = update(batch_stats["mean"], mean)
   new_stats["var"] = update(batch_stats["var"], var)
   return new_stats

@@ -6,9 +6,9 @@ variance ``v`` has variance ``v + s2 * (c**2 + v)`` in training and ``v`` in
 eval, so the BatchNorm's running variance overestimates the eval variance by
 that factor (the *variance shift*, Li et al. 2019)::
 
-    dropout(rate)           x * m / (1 - rate),  m ~ Bernoulli(1 - rate)   s2 = rate / (1 - rate)
-    gaussian_dropout(rate)  x * (1 + sqrt(rate / (1 - rate)) * e), e ~ N(0, 1)   s2 = rate / (1 - rate)
-    uout(beta)              x * (1 + r),  r ~ U(-beta, beta)               s2 = beta**2 / 3
+    dropout(rate)           x * m / (1 - rate), m ~ Bernoulli(1 - rate)   s2 = rate / (1 - rate)
+    gaussian_dropout(rate)  x * (1 + sqrt(s2) * e), e ~ N(0, 1)           s2 = rate / (1 - rate)
+    uout(beta)              x * (1 + r), r ~ U(-beta, beta)               s2 = beta**2 / 3
 
 Common contract: the key is explicit; ``deterministic=True`` or a zero rate
 returns ``x`` itself and needs no key; the output has ``x``'s shape and dtype
@@ -50,7 +50,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from regjax import _checks, _noise, random
+from regjax import _noise, _specs, random
 
 __all__ = [
     "dropout",
@@ -131,7 +131,11 @@ def dropout(
     key: PRNG key; required in train mode unless ``rate`` is concretely 0 or 1.
     deterministic: if True, return ``x`` unchanged.
     broadcast_dims: axes that share one mask draw (e.g. the spatial axes for
-      channel dropout), as in ``flax.linen.Dropout``.
+      channel dropout), as in ``flax.linen.Dropout``: the axes a draw is shared
+      over, not a channel axis (the channel is ``channel_axis`` in
+      :func:`regjax.channel_dropout`, which broadcasts the other axes, the
+      layout ``data_format`` in :func:`regjax.dropblock` and
+      :func:`regjax.cutout`, and the feature ``axis`` in :func:`regjax.batch_norm`).
     rng_impl: ``'hash'`` (default): the fused counter-hash generator, whose
       realised keep probability is ``round((1 - rate) * 2**16) / 2**16``
       (resolution ``2**-16``; a rate of ``1 - 2**-17`` or more drops everything)
@@ -145,15 +149,8 @@ def dropout(
     ``2**-17 / (1 - rate)`` relative). A traced ``rate`` gets a gradient only
     through that scale (the mask is piecewise constant in ``rate``).
   """
-  op = "regjax.dropout"
-  rng_impl = _noise.check_rng_impl(rng_impl, op)
-  deterministic, dims = _noise.prepare(x, key, deterministic, broadcast_dims, op)
-  rate = _checks.check_rate(rate, op, "rate", low=0.0, high=1.0, high_inclusive=True)
-  trivial = _noise.trivial_dropout(x, rate, deterministic)
-  if trivial is not None:
-    return trivial
-  _checks.check_key(key, op)
-  return _noise.apply(_Dropout(dims), x, rate, key, rng_impl)
+  return _noise.elementwise_op("regjax.dropout", _specs.DROPOUT, _Dropout, x, rate, key,
+                               deterministic, broadcast_dims, rng_impl)
 
 
 def gaussian_dropout(
@@ -182,14 +179,9 @@ def gaussian_dropout(
       are ``sqrt(2) * erf_inv`` of 24-bit uniforms, tails cut at ~5.4 sigma);
       ``'jax'``: ``jax.random.normal(key, shape)``.
   """
-  op = "regjax.gaussian_dropout"
-  rng_impl = _noise.check_rng_impl(rng_impl, op)
-  deterministic, dims = _noise.prepare(x, key, deterministic, broadcast_dims, op)
-  rate = _checks.check_rate(rate, op, "rate", low=0.0, high=1.0, high_inclusive=False)
-  if _noise.is_identity(rate, deterministic):
-    return x
-  _checks.check_key(key, op)
-  return _noise.apply(_GaussianDropout(dims), x, rate, key, rng_impl)
+  return _noise.elementwise_op("regjax.gaussian_dropout", _specs.GAUSSIAN_DROPOUT,
+                               _GaussianDropout, x, rate, key, deterministic, broadcast_dims,
+                               rng_impl)
 
 
 def uout(
@@ -222,14 +214,8 @@ def uout(
       ``beta`` times a uniform on the midpoints of a 24-bit grid of
       ``(-1, 1)``); ``'jax'``: ``jax.random.uniform(key, shape, minval=-1, maxval=1)``.
   """
-  op = "regjax.uout"
-  rng_impl = _noise.check_rng_impl(rng_impl, op)
-  deterministic, dims = _noise.prepare(x, key, deterministic, broadcast_dims, op)
-  beta = _checks.check_rate(beta, op, "beta", low=0.0, high=float("inf"), high_inclusive=False)
-  if _noise.is_identity(beta, deterministic):
-    return x
-  _checks.check_key(key, op)
-  return _noise.apply(_Uout(dims), x, beta, key, rng_impl)
+  return _noise.elementwise_op("regjax.uout", _specs.UOUT, _Uout, x, beta, key,
+                               deterministic, broadcast_dims, rng_impl)
 
 
 def dropout_noise_variance(rate):

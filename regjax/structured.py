@@ -25,12 +25,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from regjax import _checks, _noise, _random, random
+from regjax import _checks, _noise, _random, _specs, random
 from regjax.stochastic import dropout
 
 __all__ = [
@@ -45,10 +46,6 @@ __all__ = [
 _DATA_FORMATS = ("NHWC", "NCHW")
 _DROP_PATH_MODES = ("row", "batch")
 _DROP_PATH_CONVENTIONS = ("huang", "linspace")
-
-
-def _check_dropout_rate(rate, op):
-  return _checks.check_rate(rate, op, "rate", low=0.0, high=1.0, high_inclusive=True)
 
 
 def _check_int(value, op, name, *, low, high=None, high_text=None):
@@ -102,7 +99,11 @@ def channel_dropout(
       returns zeros. A traced rate is clipped to ``[0, 1]``; a traced NaN or +-inf returns ``x``.
     key: PRNG key; required in train mode unless ``rate`` is concretely 0 or 1.
     deterministic: if True, return ``x`` unchanged.
-    channel_axis: the channel axis (not 0, the batch axis).
+    channel_axis: the channel axis (not 0, the batch axis): an axis index, as
+      :func:`regjax.batch_norm`'s ``axis``, where :func:`regjax.dropblock` and
+      :func:`regjax.cutout` take the layout (``data_format``); the other axes
+      but 0 are what :func:`regjax.dropout` calls ``broadcast_dims`` (shared
+      by one draw).
     rng_impl: ``'hash'`` (default) or ``'jax'``, as in :func:`regjax.dropout`.
   """
   op = "regjax.channel_dropout"
@@ -117,11 +118,11 @@ def channel_dropout(
   (axis,) = _checks.canonical_axes(channel_axis, x.ndim, op, "channel_axis")
   if axis == 0:
     raise ValueError(f"{op}: `channel_axis` must not be 0, the batch axis; got {channel_axis}.")
-  rate = _check_dropout_rate(rate, op)
-  trivial = _noise.trivial_dropout(x, rate, deterministic)
+  rate = _specs.CHANNEL_DROPOUT.check(rate, op)
+  trivial = _specs.CHANNEL_DROPOUT.result_without_draw(x, rate, deterministic)
   if trivial is not None:
     return trivial
-  _checks.check_key(key, op)
+  key = _checks.check_key(key, op)
   spatial = tuple(a for a in range(1, x.ndim) if a != axis)
   return dropout(x, rate, key=key, broadcast_dims=spatial, rng_impl=rng_impl)
 
@@ -164,11 +165,11 @@ def drop_path(
     raise ValueError(f"{op}: `mode` must be one of {_DROP_PATH_MODES}; got {mode!r}.")
   if x.ndim < 1:
     raise ValueError(f"{op}: `x` must have a batch axis (rank >= 1); got shape {x.shape}.")
-  rate = _check_dropout_rate(rate, op)
-  trivial = _noise.trivial_dropout(x, rate, deterministic)
+  rate = _specs.DROP_PATH.check(rate, op)
+  trivial = _specs.DROP_PATH.result_without_draw(x, rate, deterministic)
   if trivial is not None:
     return trivial
-  _checks.check_key(key, op)
+  key = _checks.check_key(key, op)
   first = 1 if mode == "row" else 0
   return dropout(x, rate, key=key, broadcast_dims=tuple(range(first, x.ndim)),
                  rng_impl=rng_impl)
@@ -199,18 +200,18 @@ def drop_path_rates(num_blocks: int, max_rate: float, *,
   """
   op = "regjax.drop_path_rates"
   num_blocks = _check_int(num_blocks, op, "num_blocks", low=1)
-  max_rate = _checks.check_rate(max_rate, op, "max_rate", low=0.0, high=1.0,
-                                high_inclusive=True)
-  if _checks.is_traced(max_rate):
+  checked = _specs.DROP_PATH.check(max_rate, op, "max_rate")
+  if _checks.is_traced(checked):
     raise TypeError(f"{op}: `max_rate` must be a concrete number (the schedule is static).")
+  max_rate = float(checked)
   if convention not in _DROP_PATH_CONVENTIONS:
     raise ValueError(
         f"{op}: `convention` must be one of {_DROP_PATH_CONVENTIONS}; got {convention!r}.")
   if convention == "huang":
-    return tuple(l / num_blocks * max_rate for l in range(1, num_blocks + 1))
+    return tuple(block / num_blocks * max_rate for block in range(1, num_blocks + 1))
   if num_blocks == 1:
     return (0.0,)
-  return tuple(l / (num_blocks - 1) * max_rate for l in range(num_blocks))
+  return tuple(block / (num_blocks - 1) * max_rate for block in range(num_blocks))
 
 
 def _box_any(seeds: jax.Array, block_size: int, axes: tuple[int, int]) -> jax.Array:
@@ -269,8 +270,9 @@ def dropblock(
   ``block_size=7``. ``rate == 1`` is allowed and follows the same formula
   (it does not drop everything unless ``block_size`` is 1 or the map's size).
 
-  The paper ramps ``rate`` linearly from 0 (:func:`dropblock_rate_schedule`);
-  pass it as a traced scalar so the ramp does not recompile. A traced rate is
+  The paper ramps ``rate`` linearly from 0 (e.g.
+  ``optax.linear_schedule(0.0, final_rate, total_steps)(step)``); pass it as a
+  traced scalar so the ramp does not recompile. A traced rate is
   clipped to ``[0, 1]``; a traced NaN or +-inf returns ``x``.
 
   Generator (``rng_impl``): with ``'hash'`` (default) the seeds are
@@ -299,7 +301,10 @@ def dropblock(
     deterministic: if True, return ``x`` unchanged.
     block_size: side of the square blocks, in ``[1, min(H, W)]``.
     share_channels: one mask per sample, shared by its channels.
-    data_format: ``'NHWC'`` (flax's layout) or ``'NCHW'``.
+    data_format: ``'NHWC'`` (flax's layout) or ``'NCHW'``: the channel axis
+      is 3 or 1, what :func:`regjax.channel_dropout` calls ``channel_axis`` and
+      :func:`regjax.batch_norm` ``axis`` (``broadcast_dims`` of
+      :func:`regjax.dropout` names shared axes instead).
     rng_impl: ``'hash'`` (default): the fused counter-hash generator, whose
       realised seed probability is ``round(gamma * 2**16) / 2**16`` (no seeds
       when ``gamma <= 2**-17``) and whose backward recomputes the seeds from the
@@ -314,10 +319,11 @@ def dropblock(
                           high_text=f" (the feature map is {height} x {width})")
   if not isinstance(share_channels, (bool, np.bool_)):
     raise TypeError(f"{op}: `share_channels` must be a bool; got {share_channels!r}.")
-  rate = _check_dropout_rate(rate, op)
-  if _noise.is_identity(rate, deterministic):
-    return x
-  _checks.check_key(key, op)
+  rate = _specs.DROPBLOCK.check(rate, op)
+  trivial = _specs.DROPBLOCK.result_without_draw(x, rate, deterministic)
+  if trivial is not None:
+    return trivial
+  key = _checks.check_key(key, op)
   valid_h, valid_w = height - block_size + 1, width - block_size + 1
   # gamma <= rate for every block_size (b * (n - b + 1) >= n on [1, n]), so it is a probability.
   seed_rate_per_rate = height * width / (block_size**2 * valid_h * valid_w)
@@ -386,12 +392,18 @@ def _scale_by_mask(x, keep, count_axis):
 
 
 def dropblock_rate_schedule(step, total_steps: int, final_rate: float | jax.Array) -> jax.Array:
-  """The linear DropBlock ramp of Ghiasi et al.: ``final_rate * clip(step / total_steps, 0, 1)``.
+  """Deprecated: the linear DropBlock ramp, ``final_rate * clip(step / total_steps, 0, 1)``.
+
+  Use ``optax.linear_schedule(0.0, final_rate, total_steps)``, a schedule (a
+  function of the step) like the other optax schedules: its value at ``step``
+  is this one's up to float32 rounding (within one ulp of ``final_rate``).
+  Calling this function warns with a ``DeprecationWarning``; its values are
+  unchanged.
 
   Starts at 0, reaches ``final_rate`` at ``step == total_steps`` and stays
-  there. ``step`` may be traced (e.g. an optimizer step counter under ``jit``);
-  pass the result straight to :func:`dropblock`. Equivalent to
-  ``optax.linear_schedule(0.0, final_rate, total_steps)(step)``.
+  there (the ramp of Ghiasi et al.). ``step`` may be traced (e.g. an
+  optimizer step counter under ``jit``); pass the result straight to
+  :func:`dropblock`.
 
   Args:
     step: the current step (int or traced scalar).
@@ -402,13 +414,28 @@ def dropblock_rate_schedule(step, total_steps: int, final_rate: float | jax.Arra
     A float32 scalar array.
   """
   op = "regjax.dropblock_rate_schedule"
+  warnings.warn(
+      f"{op} is deprecated: use optax.linear_schedule(0.0, final_rate, total_steps)(step), "
+      "which gives the same values up to float32 rounding.", DeprecationWarning, stacklevel=2)
   total_steps = _check_int(total_steps, op, "total_steps", low=1)
-  final_rate = _checks.check_rate(final_rate, op, "final_rate", low=0.0, high=1.0,
-                                  high_inclusive=True)
+  final_rate = _specs.DROPBLOCK.check(final_rate, op, "final_rate")
   if np.shape(step) != ():
     raise ValueError(f"{op}: `step` must be a scalar; got shape {np.shape(step)}.")
   fraction = jnp.clip(jnp.asarray(step, jnp.float32) / total_steps, 0.0, 1.0)
   return jnp.clip(jnp.asarray(final_rate, jnp.float32), 0.0, 1.0) * fraction
+
+
+def _check_size(size, height: int, width: int, op: str) -> int | jax.Array:
+  """Cutout's ``size``: a Python int in ``[0, min(H, W)]``, or a traced integer scalar."""
+  if _checks.is_traced(size):
+    if np.shape(size) != () or not jnp.issubdtype(size.dtype, jnp.integer):
+      raise TypeError(f"{op}: `size` must be an integer scalar; got {size.dtype}{size.shape}.")
+    return size
+  if isinstance(size, (np.ndarray, jax.Array)) and size.shape == () and jnp.issubdtype(
+      size.dtype, jnp.integer):
+    size = int(size)
+  return _check_int(size, op, "size", low=0, high=min(height, width),
+                    high_text=f" (the image is {height} x {width})")
 
 
 def cutout(
@@ -438,24 +465,19 @@ def cutout(
       A traced integer size is clipped to that range.
     key: PRNG key; required in train mode unless ``size`` is concretely 0.
     deterministic: if True, return ``x`` unchanged.
-    data_format: ``'NHWC'`` or ``'NCHW'``.
+    data_format: ``'NHWC'`` or ``'NCHW'``, as in :func:`regjax.dropblock`
+      (the layout that ``channel_axis`` of :func:`regjax.channel_dropout` and
+      ``axis`` of :func:`regjax.batch_norm` give as an axis).
   """
   op = "regjax.cutout"
   deterministic = _noise.check_common(x, key, deterministic, op)
   h_axis, w_axis, _ = _spatial_axes(x, data_format, op)
   height, width = x.shape[h_axis], x.shape[w_axis]
-  if _checks.is_traced(size):
-    if np.shape(size) != () or not jnp.issubdtype(size.dtype, jnp.integer):
-      raise TypeError(f"{op}: `size` must be an integer scalar; got {size.dtype}{size.shape}.")
-  else:
-    if isinstance(size, (np.ndarray, jax.Array)) and size.shape == () and jnp.issubdtype(
-        size.dtype, jnp.integer):
-      size = int(size)
-    size = _check_int(size, op, "size", low=0, high=min(height, width),
-                      high_text=f" (the image is {height} x {width})")
-  if deterministic or (not _checks.is_traced(size) and size == 0):
-    return x
-  _checks.check_key(key, op)
+  size = _check_size(size, height, width, op)
+  trivial = _specs.CUTOUT.result_without_draw(x, size, deterministic)
+  if trivial is not None:
+    return trivial
+  key = _checks.check_key(key, op)
   size = jnp.clip(jnp.asarray(size, jnp.int32), 0, min(height, width))
   batch = x.shape[0]
   centres = jax.random.randint(key, (batch, 2), 0, jnp.array([height, width], jnp.int32))

@@ -1,35 +1,36 @@
-"""Smoke test of benchmarks/run.py: the harness runs in-process on a tiny size and the JSON
-it writes has the documented structure. Timings themselves are not checked.
+"""Smoke tests of the benchmarks package (run as ``python -m benchmarks.run`` from the
+repository root): the harness runs in-process on a tiny size and the JSON it writes has the
+documented structure; the timing statistics, targets and PractRand driver are checked on
+known inputs. Timings themselves are not checked.
 
 The ``trainstep`` section is left out of the run (compiling the two CNN train steps takes
-~15 s on 2 cores); its flax twin is checked against the example CNN's parameter shapes
+~15 s on 2 cores); its two models are checked against the example CNN's parameter shapes
 instead, without compiling."""
 
-import importlib.util
+import io
 import json
 import os
+import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
+import regjax
+from benchmarks import report, rng_quality, run, timing
+from benchmarks.cases import batch_norm, model_step
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAX_BN = batch_norm.FLAX_BN
 
 
-@pytest.fixture(scope="module")
-def bench():
-  spec = importlib.util.spec_from_file_location(
-      "regjax_benchmarks_run", os.path.join(ROOT, "benchmarks", "run.py"))
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # flax's dataclass transform looks the module up
-  spec.loader.exec_module(module)
-  return module
-
-
-def test_harness_writes_results(bench, tmp_path, capsys):
+def test_harness_writes_results(tmp_path, capsys):
   out = tmp_path / "results.json"
-  results = bench.main(["--sizes", "8x256", "--dtypes", "float32", "--rounds", "2", "--calls", "1",
-                        "--warmup", "1", "--ops", "regjax.dropout(0.5)",
-                        "--sections", "noise,batchnorm,memory", "--out", str(out)])
+  results = run.main(["--sizes", "8x256", "--dtypes", "float32", "--rounds", "2", "--calls", "1",
+                       "--warmup", "1", "--ops", "regjax.dropout(0.5)",
+                       "--sections", "noise,batchnorm,memory", "--out", str(out)])
   printed = capsys.readouterr().out
   assert "TARGETS" in printed and "MEMORY" in printed
   with open(out, encoding="utf-8") as f:
@@ -76,95 +77,116 @@ def test_harness_writes_results(bench, tmp_path, capsys):
       "verdict"] == "PASS"
 
 
-def test_flax_twin_matches_example_cnn(bench):
-  """The trainstep section's flax-only CNN has the example CNN's parameter tree."""
-  import jax
-  import jax.numpy as jnp
-
-  sys.path.insert(0, os.path.join(ROOT, "examples"))
-  import models
-
-  ours = models.default_cnn("mnist1d", 10, block_noise="dropout", block_noise_value=0.5)
-  twin = bench.FlaxCNN(features=ours.features, hidden=ours.hidden, num_classes=10,
-                       kernel_size=ours.kernel_size, bn_momentum=ours.bn_momentum, rate=0.5)
-  x = jnp.zeros((4, 40, 1))
-  shapes = lambda m: jax.tree.map(
-      lambda a: a.shape, jax.eval_shape(lambda: m.init(jax.random.key(0), x, train=False)))
-  assert shapes(ours) == shapes(twin)
+def shapes(model, x):
+  return jax.tree.map(lambda a: a.shape, jax.eval_shape(
+      lambda: model.init(jax.random.key(0), x, train=False)))
 
 
-def test_median_ci_is_the_binomial_order_statistic_interval(bench):
+def test_model_step_cnn_has_the_example_cnns_parameter_tree():
+  """The trainstep section's CNN, with regjax layers and with flax layers, has the
+  parameter tree of the example study's default_cnn('mnist1d')."""
+  import examples.models  # a namespace package: its models.py imports only regjax and flax
+
+  ours = examples.models.default_cnn("mnist1d", 10, block_noise="dropout",
+                                     block_noise_value=0.5)
+  x = jnp.zeros((4, model_step.LENGTH, 1))
+  assert shapes(model_step.BenchCNN("regjax"), x) == shapes(ours, x)
+  assert shapes(model_step.BenchCNN("flax"), x) == shapes(ours, x)
+
+
+def test_targets_file_holds_the_readme_bounds():
+  """targets.toml gives, per dtype run, the bounds benchmarks/README.md states."""
+  targets = report.evaluate_targets([], [], ["float32", "bfloat16"])
+  limits = {t["target"]: t["limit"] for t in targets}
+  assert len(targets) == 29 and all(t["verdict"] == "SKIP" for t in targets)
+  for size in ("small", "large"):
+    for mode in ("fwd", "fwd+bwd"):
+      assert limits[f"regjax.dropout(0.5) {mode} <= 1.5x copy floor [{size} float32]"] == 1.5
+      assert limits[f"regjax.dropout(0.5) {mode} <= 2.5x copy floor [{size} bfloat16]"] == 2.5
+      assert limits[f"regjax.uout(0.1) {mode} <= 1.6x copy floor [{size} float32]"] == 1.6
+      assert f"regjax.uout(0.1) {mode} <= 1.6x copy floor [{size} bfloat16]" not in limits
+      assert limits[f"regjax BatchNorm eval fwd <= 1x flax [{size} bfloat16]"] == 1.0
+    for op in ("regjax.gaussian_dropout(0.5)", "regjax.uout(0.1)"):
+      assert limits[f"{op} {mode} <= 0.5x straightforward [large float32]"] == 0.5
+  assert limits["regjax BatchNorm train fwd+bwd <= 0.5x flax default [large float32]"] == 0.5
+  assert limits["regjax BatchNorm train fwd+bwd <= 1x flax default [small float32]"] == 1.0
+  assert targets[-1]["target"] == "CNN train step, regjax layers <= 1x flax layers"
+  memory = [{"op": "regjax.dropout(0.5)", "size": "small", "dtype": "float16",
+             "residual_bytes": 65}]
+  t = report.evaluate_targets([], memory, [])[-1]
+  assert t["target"] == "regjax.dropout backward keeps <= 64 bytes in all [small float16]"
+  assert t["verdict"] == "FAIL" and t["unit"] == " B"
+
+
+@pytest.mark.parametrize("module, args, expect", [
+    ("benchmarks.run", ["--help"], "--sections"),
+    ("benchmarks.rng_quality", ["--list"], "bernoulli16"),
+])
+def test_runs_as_a_module_from_the_root(module, args, expect):
+  """``python -m`` from the repository root; benchmarks.run first re-runs itself with the
+  allocator settings (the same command line)."""
+  env = {k: v for k, v in os.environ.items() if k not in timing.STEADY_MALLOC}
+  proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert expect in proc.stdout
+
+
+def test_median_ci_is_the_binomial_order_statistic_interval():
   # n = 9: P(median outside (x_(2), x_(8))) = 2 * P(Bin(9, 1/2) <= 1) = 20/512 < 5 %,
   # while (x_(3), x_(7)) misses with 2 * 46/512 = 18 %.
-  assert bench.median_ci([float(v) for v in range(9, 0, -1)]) == (2.0, 8.0)
-  assert bench.median_ci([1.0, 2.0, 3.0, 4.0, 5.0]) is None  # 2/32 = 6.25 % > 5 %
-  assert bench.median_ci([float(v) for v in range(1, 7)]) == (1.0, 6.0)  # 2/64 = 3.1 %
+  assert timing.median_ci([float(v) for v in range(9, 0, -1)]) == (2.0, 8.0)
+  assert timing.median_ci([1.0, 2.0, 3.0, 4.0, 5.0]) is None  # 2/32 = 6.25 % > 5 %
+  assert timing.median_ci([float(v) for v in range(1, 7)]) == (1.0, 6.0)  # 2/64 = 3.1 %
 
 
-def test_target_verdicts_carry_the_interval(bench):
+def test_target_verdicts_carry_the_interval():
   rows = [{"group": "batchnorm", "op": op, "mode": "eval fwd", "ref": ref, "size": "large",
            "dtype": "float32", "times_s": [m] * 9, "round_medians_s": [m * f for f in fs]}
           for op, ref, m, fs in (
-              ("regjax BatchNorm", bench.FLAX_BN, 1.0, [1.0, 0.9, 1.1, 0.95, 1.05, 1, 1, 1, 1]),
-              (bench.FLAX_BN, None, 1.0, [1.0] * 9))]
-  bench.add_ratios(rows)
-  targets = {t["target"]: t for t in bench.evaluate_targets(rows, [], ["large"], ["float32"])}
+              ("regjax BatchNorm", FLAX_BN, 1.0, [1.0, 0.9, 1.1, 0.95, 1.05, 1, 1, 1, 1]),
+              (FLAX_BN, None, 1.0, [1.0] * 9))]
+  report.add_ratios(rows)
+  targets = {t["target"]: t for t in report.evaluate_targets(rows, [], ["float32"])}
   t = targets["regjax BatchNorm eval fwd <= 1x flax [large float32]"]
   assert t["verdict"] == "PASS" and t["measured"] == 1.0
   assert t["ci95"] == (0.95, 1.05) and t["decisive"] is False  # straddles the limit
-  assert "~" in bench.format_targets(list(targets.values()))
+  assert "~" in report.format_targets(list(targets.values()))
 
 
-def test_steady_malloc_environ(bench, monkeypatch):
-  for k in bench.STEADY_MALLOC:
+def test_steady_malloc_environ(monkeypatch):
+  for k in timing.STEADY_MALLOC:
     monkeypatch.delenv(k, raising=False)
-  env = bench.steady_malloc_environ()
-  assert env is not None and all(env[k] == v for k, v in bench.STEADY_MALLOC.items())
-  for k, v in bench.STEADY_MALLOC.items():
+  env = timing.steady_malloc_environ()
+  assert env is not None and all(env[k] == v for k, v in timing.STEADY_MALLOC.items())
+  for k, v in timing.STEADY_MALLOC.items():
     monkeypatch.setenv(k, v)
-  assert bench.steady_malloc_environ() is None  # already set: no re-run
+  assert timing.steady_malloc_environ() is None  # already set: no re-run
 
 
-def test_identical_program_passes_a_no_slower_target(bench):
+def test_identical_program_passes_a_no_slower_target():
   rows = [{"group": "batchnorm", "op": op, "mode": "eval fwd", "ref": ref, "size": "small",
            "dtype": "float32", "times_s": [1.0] * 5, "round_medians_s": [m] * 5,
            "same_program_as_ref": ref is not None}
-          for op, ref, m in (("regjax BatchNorm", bench.FLAX_BN, 1.2), (bench.FLAX_BN, None, 1.0))]
-  bench.add_ratios(rows)
-  targets = {t["target"]: t for t in bench.evaluate_targets(rows, [], ["small"], ["float32"])}
+          for op, ref, m in (("regjax BatchNorm", FLAX_BN, 1.2), (FLAX_BN, None, 1.0))]
+  report.add_ratios(rows)
+  targets = {t["target"]: t for t in report.evaluate_targets(rows, [], ["float32"])}
   t = targets["regjax BatchNorm eval fwd <= 1x flax [small float32]"]
   assert t["measured"] == pytest.approx(1.2) and t["same_program"] and t["verdict"] == "PASS"
 
 
-def test_program_text_ignores_source_locations(bench):
-  import jax.numpy as jnp
-  f = lambda x: x * 2 + 1
-  g = lambda x: (x * 2) + 1  # another source line, same program
+def test_program_text_ignores_source_locations():
+  # Lambdas, so that the XLA module names agree (a def's name is part of them).
+  same = [lambda x: x * 2 + 1,
+          lambda x: (x * 2) + 1]  # another source line, same program
   x = jnp.ones((4, 8))
-  assert bench.program_text(f, (x,)) == bench.program_text(g, (x,))
-  assert bench.program_text(f, (x,)) != bench.program_text(lambda x: x * 3 + 1, (x,))
+  assert timing.program_text(same[0], (x,)) == timing.program_text(same[1], (x,))
+  assert timing.program_text(same[0], (x,)) != timing.program_text(lambda x: x * 3 + 1, (x,))
 
 
-@pytest.fixture(scope="module")
-def rng_quality():
-  spec = importlib.util.spec_from_file_location(
-      "regjax_benchmarks_rng_quality", os.path.join(ROOT, "benchmarks", "rng_quality.py"))
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module
-  spec.loader.exec_module(module)
-  return module
-
-
-def test_rng_quality_streams_are_the_ops_words(rng_quality):
+def test_rng_quality_streams_are_the_ops_words():
   """The PractRand harness feeds exactly regjax.random's words (and threefry's, for the
   control); checked on the first bytes of each stream, without PractRand."""
-  import io
-
-  import jax
-  import numpy as np
-
-  import regjax
-
   key = jax.random.key(0)
   rng_quality.self_check(key)
   streams = rng_quality._streams()
@@ -190,7 +212,7 @@ def test_rng_quality_streams_are_the_ops_words(rng_quality):
                                 [int(regjax.random.bits(k, (12346,))[12345]) for k in keys])
 
 
-def test_rng_quality_reads_practrand_verdicts(rng_quality):
+def test_rng_quality_reads_practrand_verdicts():
   log = """rng=RNG_stdin32, seed=unknown
 length= 128 megabytes (2^27 bytes), time= 1.2 seconds
   no anomalies in 151 test result(s)

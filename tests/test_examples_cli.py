@@ -32,8 +32,15 @@ def digits():
 
 def _run(args, env=None):
   """Runs ``python *args`` in the examples directory; returns the CompletedProcess."""
-  return subprocess.run([sys.executable, *args], cwd=EXAMPLES, env=env, capture_output=True,
-                        text=True, timeout=SUBPROCESS_TIMEOUT, check=False)
+  return subprocess.run(
+    [sys.executable, *args],
+    cwd=EXAMPLES,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=SUBPROCESS_TIMEOUT,
+    check=False,
+  )
 
 
 def _empty_tfds_env(tmp_path):
@@ -185,7 +192,8 @@ def test_unknown_option_is_an_argparse_error(script):
   assert proc.returncode == 2
   assert "Traceback" not in proc.stderr
   assert proc.stderr.strip().splitlines()[-1] == (
-      f"{script}: error: unrecognized arguments: --no-such-option")
+    f"{script}: error: unrecognized arguments: --no-such-option"
+  )
 
 
 def test_training_without_arguments_prints_its_usage():

@@ -7,17 +7,29 @@ import regjax
 
 
 def test_functional_core_does_not_import_flax():
-  code = ("import sys, regjax, jax.numpy as jnp; "
-          "regjax.batch_norm(jnp.ones((4, 2)), regjax.init_batch_stats(2)); "
-          "print('flax' in sys.modules)")
+  code = (
+    "import sys, regjax, jax.numpy as jnp; "
+    "regjax.batch_norm(jnp.ones((4, 2)), regjax.init_batch_stats(2)); "
+    "print('flax' in sys.modules)"
+  )
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "False"
 
 
 def test_linen_is_importable_as_an_attribute():
   assert set(regjax.linen.__all__) == {
-      "BatchNorm", "Dropout", "GaussianDropout", "Uout", "AlphaDropout", "GaussianNoise",
-      "ChannelDropout", "DropPath", "DropBlock", "Cutout", "DropConnect"}
+    "BatchNorm",
+    "Dropout",
+    "GaussianDropout",
+    "Uout",
+    "AlphaDropout",
+    "GaussianNoise",
+    "ChannelDropout",
+    "DropPath",
+    "DropBlock",
+    "Cutout",
+    "DropConnect",
+  }
 
 
 def test_nnx_is_importable_as_an_attribute_and_mirrors_linen():
@@ -30,10 +42,10 @@ def test_nnx_is_importable_as_an_attribute_and_mirrors_linen():
 
 def test_linen_and_nnx_wrappers_import_the_core_never_each_other():
   for ours, other in (("linen", "nnx"), ("nnx", "linen")):
-    code = (f"import sys, regjax.{ours}; "
-            f"print(any(m.startswith('regjax.{other}') for m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
+    code = (
+      f"import sys, regjax.{ours}; print(any(m.startswith('regjax.{other}') for m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", (ours, other)
 
 
@@ -42,3 +54,9 @@ def test_public_names_exist_and_have_docstrings():
     obj = getattr(regjax, name)
     if callable(obj) and name != "BatchStats":
       assert obj.__doc__ and len(obj.__doc__) > 40, name
+
+
+def test_one_version_string():
+  import importlib.metadata
+
+  assert importlib.metadata.version("regjax") == regjax.__version__

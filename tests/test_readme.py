@@ -18,7 +18,10 @@ def test_readme_python_blocks_run():
 
 
 def test_ci_runs_the_readme_test_command():
-  install_and_test = re.search(r"# 2\. Install and run the tests.*\n(.*)\n", README).group(1)
+  install_and_test = re.search(r"# 2\. Install and run the checks.*\n(.*)\n", README).group(1)
   ci = (ROOT / ".ci" / "run").read_text()
-  for command in ('pip install -e ".[test,examples]"', "python -m pytest"):
+  for command in ('pip install -e ".[test,examples]"', "bash scripts/check.sh"):
     assert command in install_and_test and command in ci
+  checks = (ROOT / "scripts" / "check.sh").read_text()
+  for step in ("ruff check .", "ruff format --check .", "mypy", "python -m pytest"):
+    assert step in checks

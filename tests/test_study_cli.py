@@ -31,12 +31,16 @@ def test_defaults_quick_and_full():
   assert full.experiments == cli.ALL and full.seeds == 10 and full.order_seeds == 5
   # Recalibration reuses the headline's runs; --orders implies the order sweep.
   assert cli.parse_args(["--experiments", "recalibration"]).experiments == (
-      "headline", "recalibration")
+    "headline",
+    "recalibration",
+  )
   assert "orders" in cli.parse_args(["--experiments", "theory", "--orders", "all"]).experiments
   assert cli.parse_args(["--dataset", "digits"]).train_size is None
 
 
-@pytest.mark.parametrize("argv, needle", [
+@pytest.mark.parametrize(
+  "argv, needle",
+  [
     (["--orders", "conv-bogus"], "--orders"),
     (["--order-value", "-0.1"], "--order-value"),
     (["--order-value", "1.0"], "--order-value"),
@@ -50,7 +54,8 @@ def test_defaults_quick_and_full():
     (["--data-dir", "/nowhere"], "--data-dir"),
     (["--dataset", "imagenet"], "--dataset"),
     (["--bogus"], "--bogus"),
-])
+  ],
+)
 def test_bad_options_are_one_line_errors(argv, needle, capsys):
   with pytest.raises(SystemExit) as info:
     cli.parse_args(argv)
@@ -63,9 +68,23 @@ def test_bad_options_are_one_line_errors(argv, needle, capsys):
 def test_missing_tfds_dataset_is_one_line(tmp_path):
   """No --data-dir and nothing prepared in TFDS's default folder: one line, exit 2."""
   env = {**os.environ, "TFDS_DATA_DIR": str(tmp_path), "HOME": str(tmp_path)}
-  proc = subprocess.run([sys.executable, str(EXAMPLES / "compare_dropout.py"), "--dataset",
-                         "mnist", "--experiments", "headline", "--quick", "--no-progress"],
-                        capture_output=True, text=True, env=env, timeout=300, check=False)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      str(EXAMPLES / "compare_dropout.py"),
+      "--dataset",
+      "mnist",
+      "--experiments",
+      "headline",
+      "--quick",
+      "--no-progress",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+    check=False,
+  )
   assert proc.returncode == 2
   err = proc.stderr.strip()
   assert "Traceback" not in err and err.startswith("error: dataset 'mnist' is not prepared")
@@ -83,8 +102,17 @@ def _record(folder: pathlib.Path) -> dict:
   record = json.loads((folder / "results.json").read_text())
   assert (folder / "claims.md").read_text().startswith("# Claims tested")
   env = record["environment"]
-  for key in ("jax", "jaxlib", "flax", "numpy", "scipy", "cpu", "cpu_details", "cpu_count",
-              "xla_flags"):
+  for key in (
+    "jax",
+    "jaxlib",
+    "flax",
+    "numpy",
+    "scipy",
+    "cpu",
+    "cpu_details",
+    "cpu_count",
+    "xla_flags",
+  ):
     assert key in env
   return record
 
@@ -111,15 +139,19 @@ def test_quick_default_run(tmp_path, capsys):
   verdicts = {c["verdict"] for c in record["claims"]}
   assert verdicts <= {"reproduced", "contradicted", "inconclusive"}
   # Theory claims hold even in the small Monte Carlo.
-  theory = [c for c in record["claims"] if c["experiment"].startswith("theory")
-            and "closed form matches" in c["statement"]]
+  theory = [
+    c
+    for c in record["claims"]
+    if c["experiment"].startswith("theory") and "closed form matches" in c["statement"]
+  ]
   assert theory and all(c["verdict"] == "reproduced" for c in theory)
   _pngs(tmp_path, ["theory", "headline", "headline_contrasts", "recalibration"])
 
 
 def test_quick_dose_width_depth(tmp_path):
-  record = cli.main(["--quick", "--no-progress", "--experiments", "dose,width,depth",
-                     "--out-dir", str(tmp_path)])
+  record = cli.main(
+    ["--quick", "--no-progress", "--experiments", "dose,width,depth", "--out-dir", str(tmp_path)]
+  )
   exps = _record(tmp_path)["experiments"]
   assert set(exps) == {"dose", "width", "depth"} == set(record["experiments"])
   assert {t["placement"] for t in exps["dose"]["interaction"]} == {"direct", "weight", "pooled"}
@@ -134,16 +166,39 @@ def test_quick_dose_width_depth(tmp_path):
 
 def test_quick_orders_on_mock_mnist_and_digits(tmp_path):
   with tfds.testing.mock_data(num_examples=64):
-    cli.main(["--dataset", "mnist", "--quick", "--no-progress", "--experiments", "orders",
-              "--orders", f"{experiments.models.DEFAULT_ORDER},{experiments.IC_ORDER}",
-              "--out-dir", str(tmp_path / "orders")])
+    cli.main(
+      [
+        "--dataset",
+        "mnist",
+        "--quick",
+        "--no-progress",
+        "--experiments",
+        "orders",
+        "--orders",
+        f"{experiments.models.DEFAULT_ORDER},{experiments.IC_ORDER}",
+        "--out-dir",
+        str(tmp_path / "orders"),
+      ]
+    )
   orders = _record(tmp_path / "orders")["experiments"]["orders"]
-  assert [e["order"] for e in orders["summary"]] == [experiments.models.DEFAULT_ORDER,
-                                                     experiments.IC_ORDER]
+  assert [e["order"] for e in orders["summary"]] == [
+    experiments.models.DEFAULT_ORDER,
+    experiments.IC_ORDER,
+  ]
   assert any("IC" in c["name"] for c in orders["contrasts"])
   _pngs(tmp_path / "orders", ["orders"])
-  cli.main(["--dataset", "digits", "--quick", "--no-progress", "--experiments", "headline",
-            "--out-dir", str(tmp_path / "digits")])
+  cli.main(
+    [
+      "--dataset",
+      "digits",
+      "--quick",
+      "--no-progress",
+      "--experiments",
+      "headline",
+      "--out-dir",
+      str(tmp_path / "digits"),
+    ]
+  )
   digits = _record(tmp_path / "digits")
   assert digits["dataset"] == {"name": "digits", "train_size": 256, "test_size": 500}
 
@@ -151,8 +206,7 @@ def test_quick_orders_on_mock_mnist_and_digits(tmp_path):
 def test_claim_verdicts_respect_holm():
   from study import claims
 
-  diff = {"mean": 0.03, "low": 0.01, "high": 0.05, "n": 10, "p_holm": 0.2,
-          "reject_holm": False}
+  diff = {"mean": 0.03, "low": 0.01, "high": 0.05, "n": 10, "p_holm": 0.2, "reject_holm": False}
   # The raw interval excludes 0, but Holm does not reject: not a finding.
   assert claims.from_difference("s", "x", "e", diff, expected_sign=+1).verdict == "inconclusive"
   diff.update(p_holm=0.001, reject_holm=True)
@@ -160,6 +214,7 @@ def test_claim_verdicts_respect_holm():
   assert claims.from_difference("s", "x", "e", diff, expected_sign=-1).verdict == "contradicted"
   # "No difference" needs an equivalence test; an excluded 0 contradicts it.
   assert claims.from_difference("s", "x", "e", diff, equivalence=False).verdict == "contradicted"
-  table = claims.to_markdown([claims.from_difference("s", "a | b", "e", diff, expected_sign=+1)],
-                             "# h")
+  table = claims.to_markdown(
+    [claims.from_difference("s", "a | b", "e", diff, expected_sign=+1)], "# h"
+  )
   assert "a / b" in table and "1 reproduced, 0 contradicted, 0 inconclusive of 1 claims." in table

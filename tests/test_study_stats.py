@@ -28,7 +28,7 @@ from study import stats
 def _assert_plain(result):
   """Only Python scalars: json.dumps would fail on nothing, and no NumPy types leak."""
   json.dumps(result)
-  for value in (result.values() if isinstance(result, dict) else result):
+  for value in result.values() if isinstance(result, dict) else result:
     assert type(value) in (float, int, bool, dict), (value, type(value))
 
 
@@ -89,8 +89,10 @@ def test_paired_difference_sign_follows_a_minus_b():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.floats(-1, 1, allow_subnormal=False), min_size=2, max_size=12),
-       st.sampled_from([0.8, 0.9, 0.95, 0.99]))
+@given(
+  st.lists(st.floats(-1, 1, allow_subnormal=False), min_size=2, max_size=12),
+  st.sampled_from([0.8, 0.9, 0.95, 0.99]),
+)
 def test_interval_excludes_zero_iff_the_test_rejects(d, confidence):
   result = stats.paired_difference(d, np.zeros(len(d)), confidence)
   margin = 1e-9  # decisions right on the boundary may round either way
@@ -137,8 +139,9 @@ def test_holm_caps_at_one_and_passes_nan_through():
   # m = 3: the NaN is not a test.
   assert [r["p_adjusted"] for r in result[1:]] == pytest.approx([0.06, 1.0, 1.0])
   assert stats.holm([]) == []
-  assert stats.holm([math.nan]) == [{"p_adjusted": pytest.approx(math.nan, nan_ok=True),
-                                     "reject": False}]
+  assert stats.holm([math.nan]) == [
+    {"p_adjusted": pytest.approx(math.nan, nan_ok=True), "reject": False}
+  ]
   with pytest.raises(ValueError, match=r"\[0, 1\]"):
     stats.holm([0.5, 1.5])
 
@@ -159,7 +162,7 @@ def _step_down_rejections(p, alpha):
 def test_holm_is_monotone_and_matches_the_step_down_rule(p, alpha):
   result = stats.holm(p, alpha)
   adjusted = [r["p_adjusted"] for r in result]
-  assert all(p_i <= q <= 1.0 for p_i, q in zip(p, adjusted))
+  assert all(p_i <= q <= 1.0 for p_i, q in zip(p, adjusted, strict=True))
   for i in range(len(p)):
     for j in range(len(p)):
       if p[i] <= p[j]:
@@ -204,7 +207,7 @@ def test_tost_interval_rule_matches_p_value_rule():
     d = rng.normal(rng.uniform(-0.02, 0.02), rng.uniform(0.001, 0.02), size=n)
     alpha = float(rng.choice([0.025, 0.05, 0.1]))
     result = stats.tost_paired(d, np.zeros(n), margin=0.01, alpha=alpha)
-    inside = -0.01 < result["low"] and result["high"] < 0.01
+    inside = result["low"] > -0.01 and result["high"] < 0.01
     assert inside == result["equivalent"], result
     decisions.append(inside)
   assert 10 < sum(decisions) < 290  # both outcomes were exercised
@@ -263,8 +266,7 @@ def test_seeds_needed_grows_with_sd_and_shrinks_with_target():
 
 
 def _layout(levels_a, levels_b, seeds):
-  a, b, s = np.meshgrid(np.arange(levels_a), np.arange(levels_b), np.arange(seeds),
-                        indexing="ij")
+  a, b, s = np.meshgrid(np.arange(levels_a), np.arange(levels_b), np.arange(seeds), indexing="ij")
   return a.ravel(), b.ravel(), s.ravel()
 
 
@@ -381,7 +383,8 @@ def test_spearman_ties_use_average_ranks():
   hand = np.corrcoef([1, 2.5, 2.5, 4], [1, 2, 3, 4])[0, 1]
   assert result["rho"] == pytest.approx(hand) and hand < 1
   assert result["rho"] == pytest.approx(
-      scipy.stats.spearmanr([1, 2, 3, 4], [10, 20, 20, 30]).statistic)
+    scipy.stats.spearmanr([1, 2, 3, 4], [10, 20, 20, 30]).statistic
+  )
 
 
 def test_rank_rows_matches_scipy_spearmanr_column_by_column():
@@ -389,7 +392,7 @@ def test_rank_rows_matches_scipy_spearmanr_column_by_column():
   x = rng.integers(0, 4, size=(6, 40)).astype(float)  # many ties
   reference = np.array([3.0, 1.0, 1.0, 2.0, 5.0, 0.0])
   rhos = stats._rank_rows(x, reference)
-  for column, rho in zip(x.T, rhos):
+  for column, rho in zip(x.T, rhos, strict=True):
     if np.all(column == column[0]):
       assert math.isnan(rho)
     else:
@@ -441,7 +444,9 @@ def test_spearman_degenerate_inputs():
 # verdict
 
 
-@pytest.mark.parametrize("low,high,sign,expected", [
+@pytest.mark.parametrize(
+  "low,high,sign,expected",
+  [
     (0.01, 0.03, 1, "reproduced"),
     (-0.03, -0.01, 1, "contradicted"),
     (-0.01, 0.02, 1, "inconclusive"),
@@ -451,19 +456,23 @@ def test_spearman_degenerate_inputs():
     (-0.01, 0.02, -1, "inconclusive"),
     (math.nan, math.nan, 1, "inconclusive"),
     (math.nan, math.nan, -1, "inconclusive"),
-])
+  ],
+)
 def test_verdict_for_a_direction(low, high, sign, expected):
   assert stats.verdict(low, high, expected_sign=sign) == expected
 
 
-@pytest.mark.parametrize("low,high,equivalent,expected", [
+@pytest.mark.parametrize(
+  "low,high,equivalent,expected",
+  [
     (-0.001, 0.001, True, "reproduced"),
     (0.001, 0.002, True, "reproduced"),  # significant but inside the margin
     (0.01, 0.03, False, "contradicted"),
     (-0.03, -0.01, False, "contradicted"),
     (-0.02, 0.03, False, "inconclusive"),
     (math.nan, math.nan, False, "inconclusive"),
-])
+  ],
+)
 def test_verdict_for_no_difference(low, high, equivalent, expected):
   assert stats.verdict(low, high, equivalence=equivalent) == expected
 

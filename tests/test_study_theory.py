@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
-import models  # noqa: E402
-from study import theory  # noqa: E402
+import models
+from study import theory
 
 # Large enough for 5-SE separations below, small enough that the module fixture takes seconds.
 _N = 2**18
@@ -197,8 +197,19 @@ def test_extension_marks_exactly_uout_beyond_one(rows):
 
 
 def test_rows_are_json_and_finite(rows):
-  keys = {"check", "op", "s2", "params", "quantity", "predicted", "measured", "ci_low",
-          "ci_high", "agrees", "extension"}
+  keys = {
+    "check",
+    "op",
+    "s2",
+    "params",
+    "quantity",
+    "predicted",
+    "measured",
+    "ci_low",
+    "ci_high",
+    "agrees",
+    "extension",
+  }
   for row in rows:
     assert keys <= set(row)
     for name in ("s2", "measured", "ci_low", "ci_high"):

@@ -19,16 +19,16 @@ import pytest
 pytest.importorskip("mnist1d")  # the `examples` extra
 tfds = pytest.importorskip("tensorflow_datasets")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
-import data  # noqa: E402
-import models  # noqa: E402
-import train  # noqa: E402
-import training  # noqa: E402
+import data
+import models
+import train
+import training
 
 CHANCE_MARGIN = 0.1 + 5 * (0.1 * 0.9 / 512) ** 0.5  # 5 standard errors above chance
 
@@ -76,9 +76,9 @@ def test_batch_indices_deterministic_permutation_per_epoch():
     data.batch_indices(0, 0, n, n + 1)
 
 
-@pytest.mark.parametrize("name,shape", [("mnist", (28, 28, 1)),
-                                        ("fashion_mnist", (28, 28, 1)),
-                                        ("cifar10", (32, 32, 3))])
+@pytest.mark.parametrize(
+  "name,shape", [("mnist", (28, 28, 1)), ("fashion_mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))]
+)
 def test_tfds_datasets_with_mock_data(name, shape):
   with tfds.testing.mock_data(num_examples=24):
     d = data.load_dataset(name)
@@ -107,12 +107,18 @@ def _build_tiny_mnist(data_dir, n_train=40, n_test=20):
     def _examples(self, n, seed):
       rng = np.random.default_rng(seed)
       for i in range(n):  # PIL images: encoding numpy ones would need TensorFlow
-        yield i, {"image": Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)),
-                  "label": i % 10}
+        yield (
+          i,
+          {
+            "image": Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)),
+            "label": i % 10,
+          },
+        )
 
   builder = TinyMNIST(data_dir=str(data_dir), file_format="array_record")
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
+  )
 
 
 def test_tfds_reads_a_prepared_array_record_dataset(tmp_path):
@@ -138,8 +144,17 @@ def test_missing_tfds_dataset_raises_a_helpful_error(tmp_path):
 
 def test_cli_missing_dataset_exits_with_one_line(tmp_path, capsys):
   with pytest.raises(SystemExit) as info:
-    train.main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--no-progress",
-                "--out", str(tmp_path / "m.json")])
+    train.main(
+      [
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        str(tmp_path),
+        "--no-progress",
+        "--out",
+        str(tmp_path / "m.json"),
+      ]
+    )
   assert info.value.code != 0
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1, err
@@ -152,20 +167,40 @@ def test_cli_usage_errors(capsys):
     train.main(["--help"])
   assert info.value.code == 0
   out = capsys.readouterr().out
-  for flag in ("--dataset", "--data-dir", "--order", "--noise-value", "--placement",
-               "--devices", "--quick", "--no-progress"):
+  for flag in (
+    "--dataset",
+    "--data-dir",
+    "--order",
+    "--noise-value",
+    "--placement",
+    "--devices",
+    "--quick",
+    "--no-progress",
+  ):
     assert flag in out
-  for argv in (["--order", "bn-act"], ["--devices", "3"], ["--model", "mlp", "--order", "conv"],
-               ["--noise-value", "0.1"], ["--noise", "dropout", "--noise-value", "1.0"],
-               ["--noise", "uout", "--noise-value", "-0.1"],
-               ["--noise", "channel", "--placement", "head"]):
+  for argv in (
+    ["--order", "bn-act"],
+    ["--devices", "3"],
+    ["--model", "mlp", "--order", "conv"],
+    ["--noise-value", "0.1"],
+    ["--noise", "dropout", "--noise-value", "1.0"],
+    ["--noise", "uout", "--noise-value", "-0.1"],
+    ["--noise", "channel", "--placement", "head"],
+  ):
     with pytest.raises(SystemExit) as info:
       train.parse_args(argv)
     assert info.value.code == 2
   capsys.readouterr()
   with pytest.raises(SystemExit) as info:  # more devices than this process has
-    train.main(["--devices", str(len(jax.devices()) + 1), "--batch-size",
-                str(128 * (len(jax.devices()) + 1)), "--no-progress"])
+    train.main(
+      [
+        "--devices",
+        str(len(jax.devices()) + 1),
+        "--batch-size",
+        str(128 * (len(jax.devices()) + 1)),
+        "--no-progress",
+      ]
+    )
   assert info.value.code == 2
   assert "xla_force_host_platform_device_count" in capsys.readouterr().err
 
@@ -173,11 +208,17 @@ def test_cli_usage_errors(capsys):
 # ------------------------------------------------------------------------- models
 
 PUBLISHED_ORDERS = (  # as the public order experiment prints them
-    "conv - act - dropout - BN - pool", "conv - act - dropout - pool - BN",
-    "conv - act - BN - pool - dropout", "conv - act - BN - dropout - pool",
-    "conv - BN - act - dropout - pool", "conv - BN - act - pool - dropout",
-    "conv - BN - dropout - act - pool", "conv - dropout - act - BN - pool",
-    "conv - dropout - act - pool - BN", "conv - dropout - BN - act - pool")
+  "conv - act - dropout - BN - pool",
+  "conv - act - dropout - pool - BN",
+  "conv - act - BN - pool - dropout",
+  "conv - act - BN - dropout - pool",
+  "conv - BN - act - dropout - pool",
+  "conv - BN - act - pool - dropout",
+  "conv - BN - dropout - act - pool",
+  "conv - dropout - act - BN - pool",
+  "conv - dropout - act - pool - BN",
+  "conv - dropout - BN - act - pool",
+)
 
 
 def test_brief_orders_parse():
@@ -187,15 +228,22 @@ def test_brief_orders_parse():
   assert models.parse_order("conv") == ("conv",)
 
 
-@pytest.mark.parametrize("spec,match", [
-    ("bn-act-pool", "no 'conv'"), ("conv-bn-conv", "once"), ("conv-foo", "unknown token"),
-    ("", "unknown token"), ("conv--bn", "unknown token"), ("conv-bn-act-bn", "once")])
+@pytest.mark.parametrize(
+  "spec,match",
+  [
+    ("bn-act-pool", "no 'conv'"),
+    ("conv-bn-conv", "once"),
+    ("conv-foo", "unknown token"),
+    ("", "unknown token"),
+    ("conv--bn", "unknown token"),
+    ("conv-bn-act-bn", "once"),
+  ],
+)
 def test_bad_orders_raise(spec, match):
   with pytest.raises(ValueError, match=match):
     models.parse_order(spec)
   with pytest.raises(ValueError, match=match):  # and at build time
-    models.CNN(features=(2,), order=spec).init(jax.random.key(0), jnp.ones((2, 8, 1)),
-                                               train=False)
+    models.CNN(features=(2,), order=spec).init(jax.random.key(0), jnp.ones((2, 8, 1)), train=False)
 
 
 # One tiny architecture and two input shapes for all model tests: eager JAX
@@ -208,8 +256,9 @@ X2 = np.random.default_rng(1).standard_normal((4, 8, 8, 2)).astype(np.float32)
 def _build_and_run(model, x):
   """init (eval mode) + a train-mode apply + an eval apply."""
   variables = model.init(jax.random.key(0), x, train=False)
-  y_train, updates = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)},
-                                 mutable=["batch_stats"])
+  y_train, updates = model.apply(
+    variables, x, train=True, rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"]
+  )
   y_eval = model.apply(variables, x, train=False)
   return variables, updates, y_train, y_eval
 
@@ -222,7 +271,8 @@ def test_every_brief_order_builds_in_1d_and_2d(order):
   for x in (X1, X2):
     model = models.CNN(**TINY, order=order, block_noise="dropout", block_noise_value=0.2)
     variables, updates, y_train, y_eval = jax.eval_shape(
-        functools.partial(_build_and_run, model), x)
+      functools.partial(_build_and_run, model), x
+    )
     assert y_train.shape == y_eval.shape == (4, 3)
     assert set(variables["batch_stats"]) == {"bn0", "bn1", "head_bn"}
     assert set(updates["batch_stats"]) == {"bn0", "bn1", "head_bn"}
@@ -233,8 +283,14 @@ def _noise_modules(model, x=X1):
 
   def capture(x):
     variables = model.init(jax.random.key(0), x, train=False)
-    return model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)},
-                       capture_intermediates=True, mutable=["batch_stats", "intermediates"])[1]
+    return model.apply(
+      variables,
+      x,
+      train=True,
+      rngs={"dropout": jax.random.key(1)},
+      capture_intermediates=True,
+      mutable=["batch_stats", "intermediates"],
+    )[1]
 
   return {k for k in jax.eval_shape(capture, x)["intermediates"] if "noise" in k}
 
@@ -243,26 +299,45 @@ def _noise_modules(model, x=X1):
 def test_noise_placement(cls):
   assert _noise_modules(cls(**TINY)) == set()
   assert _noise_modules(cls(**TINY, block_noise="uout", block_noise_value=0.1)) == {
-      "noise0", "noise1"}
+    "noise0",
+    "noise1",
+  }
   assert _noise_modules(cls(**TINY, head_noise="uout", head_noise_value=0.1)) == {"head_noise"}
-  _, _, y_train, y_eval = _build_and_run(cls(**TINY, block_noise="dropout", block_noise_value=0.5,
-                                             head_noise="uout", head_noise_value=0.5), X1)
+  _, _, y_train, y_eval = _build_and_run(
+    cls(
+      **TINY, block_noise="dropout", block_noise_value=0.5, head_noise="uout", head_noise_value=0.5
+    ),
+    X1,
+  )
   assert bool(jnp.isfinite(y_train).all()) and not np.allclose(y_train, y_eval)
   if cls is models.CNN:  # an order without 'drop' has nowhere to put block noise
-    assert _noise_modules(cls(**TINY, order="conv-bn-act-pool", block_noise="dropout",
-                              block_noise_value=0.5)) == set()
+    assert (
+      _noise_modules(
+        cls(**TINY, order="conv-bn-act-pool", block_noise="dropout", block_noise_value=0.5)
+      )
+      == set()
+    )
 
 
 def test_eval_is_deterministic_and_needs_no_rngs():
-  model = models.CNN(**TINY, block_noise="dropout", block_noise_value=0.3,
-                     head_noise="gaussian", head_noise_value=0.3)
+  model = models.CNN(
+    **TINY,
+    block_noise="dropout",
+    block_noise_value=0.3,
+    head_noise="gaussian",
+    head_noise_value=0.3,
+  )
   variables = model.init(jax.random.key(0), X1, train=False)
   a, b = model.apply(variables, X1, train=False), model.apply(variables, X1, train=False)
   np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match="'dropout'"):
     model.apply(variables, X1, train=True, mutable=["batch_stats"])
-  train_out = [model.apply(variables, X1, train=True, rngs={"dropout": jax.random.key(k)},
-                           mutable=["batch_stats"])[0] for k in (1, 2)]
+  train_out = [
+    model.apply(
+      variables, X1, train=True, rngs={"dropout": jax.random.key(k)}, mutable=["batch_stats"]
+    )[0]
+    for k in (1, 2)
+  ]
   assert not np.allclose(train_out[0], train_out[1])
 
 
@@ -272,8 +347,9 @@ def test_every_noise_op_in_blocks_and_head(noise):
   assert field in cls.__dataclass_fields__
   value = models.DEFAULT_NOISE_VALUE[noise]
   head = "none" if noise in models.SPATIAL_NOISE else noise
-  model = models.CNN(**TINY, block_noise=noise, block_noise_value=value, head_noise=head,
-                     head_noise_value=value)
+  model = models.CNN(
+    **TINY, block_noise=noise, block_noise_value=value, head_noise=head, head_noise_value=value
+  )
   _, _, y_train, _ = _build_and_run(model, X1)
   assert bool(jnp.isfinite(y_train).all())
   assert jax.eval_shape(functools.partial(_build_and_run, model), X2)[2].shape == (4, 3)
@@ -324,7 +400,7 @@ def test_cli_quick_on_mnist1d(tmp_path):
   saved = json.loads(out.read_text())
   assert saved["final"] == metrics["final"]
   assert saved["config"]["dataset"] == "mnist1d" and saved["config"]["noise_value"] == 0.1
-  assert saved["noise_variance"] == pytest.approx(0.1 ** 2 / 3)
+  assert saved["noise_variance"] == pytest.approx(0.1**2 / 3)
   assert len(saved["history"]) == 2 and len(saved["step_loss"]) == 2 * (1024 // 128)
   assert saved["final"]["test_acc"] > CHANCE_MARGIN
 
@@ -332,9 +408,22 @@ def test_cli_quick_on_mnist1d(tmp_path):
 def test_cli_quick_on_mock_mnist_2d(tmp_path):
   out = tmp_path / "metrics.json"
   with tfds.testing.mock_data(num_examples=64):
-    metrics = train.main(["--dataset", "mnist", "--quick", "--batch-size", "32",
-                          "--noise", "dropout", "--placement", "head", "--no-progress",
-                          "--out", str(out)])
+    metrics = train.main(
+      [
+        "--dataset",
+        "mnist",
+        "--quick",
+        "--batch-size",
+        "32",
+        "--noise",
+        "dropout",
+        "--placement",
+        "head",
+        "--no-progress",
+        "--out",
+        str(out),
+      ]
+    )
   assert metrics["model"]["fields"]["head_noise"] == "dropout"
   assert metrics["model"]["fields"]["block_noise"] == "none"
   assert len(metrics["step_loss"]) == 2 * 2 and np.isfinite(metrics["step_loss"]).all()
@@ -377,10 +466,14 @@ def data_parallel_run(request):
   if not any(item.name == DATA_PARALLEL_TEST for item in request.session.items):
     yield None
     return
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  proc = subprocess.Popen([sys.executable, "-c", _DATA_PARALLEL_SCRIPT, str(EXAMPLES)],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  proc = subprocess.Popen(
+    [sys.executable, "-c", _DATA_PARALLEL_SCRIPT, str(EXAMPLES)],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    env=env,
+  )
   yield proc
   if proc.poll() is None:
     proc.kill()
@@ -390,8 +483,8 @@ def data_parallel_run(request):
 def test_data_parallel_matches_single_device(data_parallel_run):
   stdout, stderr = data_parallel_run.communicate(timeout=300)
   assert data_parallel_run.returncode == 0, stderr[-3000:]
-  line = next(l for l in stdout.splitlines() if l.startswith("RESULT"))
-  result = json.loads(line[len("RESULT"):])
+  line = next(row for row in stdout.splitlines() if row.startswith("RESULT"))
+  result = json.loads(line[len("RESULT") :])
   one, four = result["1"], result["4"]
   assert one["devices"] == 1 and four["devices"] == 4  # replicated over the mesh
   assert len(one["step_loss"]) == 2 * (256 // 64)

@@ -27,13 +27,22 @@ class Claim:
 def _points(d: dict) -> str:
   if math.isnan(d["low"]):
     return f"{100 * d['mean']:+.1f} points (n = {d['n']}, no interval)"
-  return (f"{100 * d['mean']:+.1f} points [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] "
-          f"(n = {d['n']}, Holm p = {d.get('p_holm', float('nan')):.2g})")
+  return (
+    f"{100 * d['mean']:+.1f} points [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] "
+    f"(n = {d['n']}, Holm p = {d.get('p_holm', float('nan')):.2g})"
+  )
 
 
-def from_difference(source: str, statement: str, experiment: str, diff: dict, *,
-                    expected_sign: int | None = None, equivalence: bool | None = None,
-                    note: str = "") -> Claim:
+def from_difference(
+  source: str,
+  statement: str,
+  experiment: str,
+  diff: dict,
+  *,
+  expected_sign: int | None = None,
+  equivalence: bool | None = None,
+  note: str = "",
+) -> Claim:
   """A claim about a paired difference (a ``contrast`` dict), judged by its 95 % interval.
 
   With a Holm-adjusted p-value present, an interval that excludes 0 counts only if
@@ -47,14 +56,17 @@ def from_difference(source: str, statement: str, experiment: str, diff: dict, *,
 
 
 def to_markdown(claims: list[Claim], header: str) -> str:
-  lines = [header, "",
-           "| # | claim | source | experiment | estimate [95 % interval] | verdict | note |",
-           "|---|---|---|---|---|---|---|"]
+  lines = [
+    header,
+    "",
+    "| # | claim | source | experiment | estimate [95 % interval] | verdict | note |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for i, c in enumerate(claims, 1):
-    cells = [str(i), c.statement, c.source, c.experiment, c.estimate, f"**{c.verdict}**",
-             c.note]
+    cells = [str(i), c.statement, c.source, c.experiment, c.estimate, f"**{c.verdict}**", c.note]
     lines.append("| " + " | ".join(x.replace("|", "/") for x in cells) + " |")
-  counts = {v: sum(c.verdict == v for c in claims)
-            for v in ("reproduced", "contradicted", "inconclusive")}
+  counts = {
+    v: sum(c.verdict == v for c in claims) for v in ("reproduced", "contradicted", "inconclusive")
+  }
   lines += ["", ", ".join(f"{n} {v}" for v, n in counts.items()) + f" of {len(claims)} claims."]
   return "\n".join(lines) + "\n"

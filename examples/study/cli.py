@@ -22,11 +22,21 @@ from study.runner import Settings
 ALL = ("theory", "headline", "recalibration", "dose", "width", "depth", "orders")
 DEFAULT = ("theory", "headline", "recalibration")
 DEFAULT_TRAIN_SIZE = {"mnist1d": 1000}  # fewer samples than MNIST-1D's 4000: room to overfit
-QUICK = {"seeds": 2, "epochs": 2, "train_size": 256, "theory_samples": 2**14,
-         "order_epochs": 1, "aux_seeds": 2, "order_seeds": 2}
+QUICK = {
+  "seeds": 2,
+  "epochs": 2,
+  "train_size": 256,
+  "theory_samples": 2**14,
+  "order_epochs": 1,
+  "aux_seeds": 2,
+  "order_seeds": 2,
+}
 # --quick also shrinks the grids, so every experiment runs in seconds.
-QUICK_GRIDS = {"dose": {"levels": (0.1, 1.0)}, "width": {"widths": (8, 64)},
-               "depth": {"depths": (2, 3)}}
+QUICK_GRIDS = {
+  "dose": {"levels": (0.1, 1.0)},
+  "width": {"widths": (8, 64)},
+  "depth": {"depths": (2, 3)},
+}
 FULL = {"seeds": 10, "aux_seeds": 3, "order_seeds": 5}
 
 
@@ -39,53 +49,111 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
   p = _Parser(
-      prog="compare_dropout.py",
-      description="Uout vs Gaussian vs standard dropout around BatchNorm: theory checks, "
-      "training experiments, and claims.md with a verdict per claim. Nothing is downloaded.",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    prog="compare_dropout.py",
+    description="Uout vs Gaussian vs standard dropout around BatchNorm: theory checks, "
+    "training experiments, and claims.md with a verdict per claim. Nothing is downloaded.",
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
   a = p.add_argument
-  a("--dataset", default="mnist1d", choices=tuple(data_lib.DATASETS),
-    help="mnist1d and digits are built in; the others need a prepared TFDS --data-dir")
+  a(
+    "--dataset",
+    default="mnist1d",
+    choices=tuple(data_lib.DATASETS),
+    help="mnist1d and digits are built in; the others need a prepared TFDS --data-dir",
+  )
   a("--data-dir", default=None, help="TFDS data directory (mnist, fashion_mnist, cifar10)")
-  a("--train-size", type=int, default=None,
-    help="training examples used (default: 1000 for mnist1d, all otherwise)")
-  a("--experiments", default=None,
-    help=f"comma list from {','.join(ALL)} (default: {','.join(DEFAULT)}; --full: all)")
+  a(
+    "--train-size",
+    type=int,
+    default=None,
+    help="training examples used (default: 1000 for mnist1d, all otherwise)",
+  )
+  a(
+    "--experiments",
+    default=None,
+    help=f"comma list from {','.join(ALL)} (default: {','.join(DEFAULT)}; --full: all)",
+  )
   a("--full", action="store_true", help="every experiment, with more seeds")
-  a("--seeds", type=int, default=None,
-    help="seeds per configuration of the headline (default 5, --full 10, --quick 2)")
-  a("--aux-seeds", type=int, default=None,
-    help="seeds per configuration of dose, width and depth (default 3, --quick 2)")
+  a(
+    "--seeds",
+    type=int,
+    default=None,
+    help="seeds per configuration of the headline (default 5, --full 10, --quick 2)",
+  )
+  a(
+    "--aux-seeds",
+    type=int,
+    default=None,
+    help="seeds per configuration of dose, width and depth (default 3, --quick 2)",
+  )
   a("--epochs", type=int, default=None, help="training epochs (default 60, --quick 2)")
   a("--batch-size", type=int, default=64, help="training batch size")
   a("--lr", type=float, default=3e-3, help="peak AdamW learning rate (cosine decay to 0)")
   a("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-  a("--activation", default="relu", choices=sorted(models.ACTIVATIONS),
-    help="activation of the headline, dose, width and depth networks")
-  a("--orders", default=None,
+  a(
+    "--activation",
+    default="relu",
+    choices=sorted(models.ACTIVATIONS),
+    help="activation of the headline, dose, width and depth networks",
+  )
+  a(
+    "--orders",
+    default=None,
     help="block orders of the order sweep: 'all' (the quoted table's ten and the IC order) "
     "or a comma list such as conv-bn-act-drop-pool,act-bn-drop-conv-pool; implies the "
-    "orders experiment")
-  a("--order-noise", default="dropout", choices=experiments.METHODS,
-    help="noise op of the order sweep")
-  a("--order-value", type=float, default=0.25,
-    help="its rate (in [0, 1)) or, for uout, its beta (>= 0)")
+    "orders experiment",
+  )
+  a(
+    "--order-noise",
+    default="dropout",
+    choices=experiments.METHODS,
+    help="noise op of the order sweep",
+  )
+  a(
+    "--order-value",
+    type=float,
+    default=0.25,
+    help="its rate (in [0, 1)) or, for uout, its beta (>= 0)",
+  )
   a("--order-seeds", type=int, default=None, help="seeds per order (default 3, --full 5)")
-  a("--order-epochs", type=int, default=None,
+  a(
+    "--order-epochs",
+    type=int,
+    default=None,
     help="epochs of the order sweep, on the full training set, batch 128, ELU (default 20, "
-    "--quick 1)")
-  a("--margin", type=float, default=1.0,
-    help="equivalence margin in accuracy points for 'no difference' claims (TOST)")
-  a("--target", type=float, default=2.0,
-    help="interval half-width in points the output computes seed counts for")
-  a("--theory-samples", type=int, default=None,
-    help="Monte Carlo samples per theory check (default 2**20, --quick 2**14)")
+    "--quick 1)",
+  )
+  a(
+    "--margin",
+    type=float,
+    default=1.0,
+    help="equivalence margin in accuracy points for 'no difference' claims (TOST)",
+  )
+  a(
+    "--target",
+    type=float,
+    default=2.0,
+    help="interval half-width in points the output computes seed counts for",
+  )
+  a(
+    "--theory-samples",
+    type=int,
+    default=None,
+    help="Monte Carlo samples per theory check (default 2**20, --quick 2**14)",
+  )
   a("--out-dir", default=None, help="run folder (default runs/compare_dropout/<time>)")
-  a("--quick", action="store_true",
+  a(
+    "--quick",
+    action="store_true",
     help="smoke run: 2 seeds, 2 epochs, 256 training samples, small Monte Carlo (explicit "
-    "options win)")
-  a("--vmap", action=argparse.BooleanOptionalAction, default=None,
-    help="train a group's runs in one jax.vmap (default: on for GPU/TPU, off on CPU)")
+    "options win)",
+  )
+  a(
+    "--vmap",
+    action=argparse.BooleanOptionalAction,
+    default=None,
+    help="train a group's runs in one jax.vmap (default: on for GPU/TPU, off on CPU)",
+  )
   a("--no-progress", action="store_true", help="no progress bar")
   return p
 
@@ -100,8 +168,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   for k, v in (FULL if args.full else {}).items():
     if getattr(args, k) is None:
       setattr(args, k, v)
-  defaults = {"seeds": 5, "aux_seeds": 3, "epochs": 60, "order_seeds": 3, "order_epochs": 20,
-              "theory_samples": 2**20}
+  defaults = {
+    "seeds": 5,
+    "aux_seeds": 3,
+    "epochs": 60,
+    "order_seeds": 3,
+    "order_epochs": 20,
+    "theory_samples": 2**20,
+  }
   for k, v in defaults.items():
     if getattr(args, k) is None:
       setattr(args, k, v)
@@ -111,6 +185,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   _check(p, args)
   if args.vmap is None:
     import jax  # pylint: disable=import-outside-toplevel
+
     args.vmap = jax.default_backend() != "cpu"
   return args
 
@@ -131,8 +206,15 @@ def _experiment_list(p, args) -> tuple[str, ...]:
 
 
 def _check(p, args) -> None:
-  for name in ("seeds", "aux_seeds", "epochs", "order_seeds", "order_epochs", "batch_size",
-               "theory_samples"):
+  for name in (
+    "seeds",
+    "aux_seeds",
+    "epochs",
+    "order_seeds",
+    "order_epochs",
+    "batch_size",
+    "theory_samples",
+  ):
     if getattr(args, name) < 1:
       p.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
   if args.data_dir is not None and args.dataset in data_lib.BUILT_IN_DATASETS:
@@ -168,9 +250,9 @@ def _load(args):
       args.train_size = min(args.train_size, n)
     if args.train_size > n:
       raise data_lib.DatasetUnavailableError(
-          f"--train-size {args.train_size} exceeds the {n} training examples of {args.dataset}")
-    subset = data_lib.load_dataset(args.dataset, data_dir=args.data_dir,
-                                   train_size=args.train_size)
+        f"--train-size {args.train_size} exceeds the {n} training examples of {args.dataset}"
+      )
+    subset = data_lib.load_dataset(args.dataset, data_dir=args.data_dir, train_size=args.train_size)
     return subset, data
   return data, data
 
@@ -180,18 +262,24 @@ def _run_epochs(args, n_orders: int) -> int:
     return len(fn(*QUICK_GRIDS[name].values()) if args.quick else fn())
 
   aux = args.aux_seeds * args.epochs
-  counts = {"headline": len(experiments.headline_configs()) * args.seeds * args.epochs,
-            "dose": grid("dose", experiments.dose_configs) * aux,
-            "width": grid("width", experiments.width_configs) * aux,
-            "depth": grid("depth", experiments.depth_configs) * aux,
-            "orders": n_orders * args.order_seeds * args.order_epochs}
+  counts = {
+    "headline": len(experiments.headline_configs()) * args.seeds * args.epochs,
+    "dose": grid("dose", experiments.dose_configs) * aux,
+    "width": grid("width", experiments.width_configs) * aux,
+    "depth": grid("depth", experiments.depth_configs) * aux,
+    "orders": n_orders * args.order_seeds * args.order_epochs,
+  }
   return sum(v for k, v in counts.items() if k in args.experiments)
 
 
 def run(args) -> dict:
   t0 = time.perf_counter()
-  record: dict = {"args": {k: v for k, v in vars(args).items()}, "experiments": {},
-                  "environment": environment.describe(), "timings": {}}
+  record: dict = {
+    "args": {k: v for k, v in vars(args).items()},
+    "experiments": {},
+    "environment": environment.describe(),
+    "timings": {},
+  }
   claims = []
   if "theory" in args.experiments:
     t = time.perf_counter()
@@ -202,17 +290,36 @@ def run(args) -> dict:
   training = [e for e in args.experiments if e != "theory"]
   if training:
     data, full = _load(args)
-    record["dataset"] = {"name": data["name"], "train_size": len(data["x_train"]),
-                         "test_size": len(data["x_test"])}
-    settings = Settings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                        weight_decay=args.weight_decay, activation=args.activation,
-                        vmap=args.vmap)
+    record["dataset"] = {
+      "name": data["name"],
+      "train_size": len(data["x_train"]),
+      "test_size": len(data["x_test"]),
+    }
+    settings = Settings(
+      epochs=args.epochs,
+      batch_size=args.batch_size,
+      lr=args.lr,
+      weight_decay=args.weight_decay,
+      activation=args.activation,
+      vmap=args.vmap,
+    )
     from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-    with tqdm(total=_run_epochs(args, len(args.order_list)), desc="training (run-epochs)",
-              disable=args.no_progress, file=sys.stderr) as bar:
-      ctx = experiments.Context(data, list(range(args.seeds)), settings, bar,
-                                margin=args.margin / 100, target_half_width=args.target / 100,
-                                shift_batches=experiments._shift_batches(data))
+
+    with tqdm(
+      total=_run_epochs(args, len(args.order_list)),
+      desc="training (run-epochs)",
+      disable=args.no_progress,
+      file=sys.stderr,
+    ) as bar:
+      ctx = experiments.Context(
+        data,
+        list(range(args.seeds)),
+        settings,
+        bar,
+        margin=args.margin / 100,
+        target_half_width=args.target / 100,
+        shift_batches=experiments._shift_batches(data),
+      )
       claims += _train_experiments(args, ctx, full, record)
   record["claims"] = [c.__dict__ for c in claims]
   record["elapsed_seconds"] = time.perf_counter() - t0
@@ -231,13 +338,23 @@ def _train_experiments(args, ctx, full, record) -> list:
     elif name == "recalibration":
       out = experiments.run_recalibration(ctx, results["headline"])
     elif name == "orders":
-      order_settings = Settings(epochs=args.order_epochs,
-                                batch_size=min(128, len(full["x_train"])), lr=args.lr,
-                                weight_decay=args.weight_decay, activation="elu",
-                                vmap=args.vmap)
-      out = experiments.run_orders(ctx, args.order_list, args.order_noise, args.order_value,
-                                   data=full, settings=order_settings,
-                                   seeds=list(range(args.order_seeds)))
+      order_settings = Settings(
+        epochs=args.order_epochs,
+        batch_size=min(128, len(full["x_train"])),
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        activation="elu",
+        vmap=args.vmap,
+      )
+      out = experiments.run_orders(
+        ctx,
+        args.order_list,
+        args.order_noise,
+        args.order_value,
+        data=full,
+        settings=order_settings,
+        seeds=list(range(args.order_seeds)),
+      )
     else:
       grid = QUICK_GRIDS[name] if args.quick else {}
       out = experiments.EXPERIMENTS[name](ctx, seeds=aux, **grid)
@@ -252,8 +369,13 @@ def write(result: dict, run_dir: str) -> list[str]:
   os.makedirs(run_dir, exist_ok=True)
   with open(os.path.join(run_dir, "results.json"), "w", encoding="utf-8") as f:
     json.dump(record, f, indent=1, default=_json_default)
-  rows = [r for name, e in record["experiments"].items() if name != "theory"
-          for r in e.get("rows", []) if "test_acc" in r]
+  rows = [
+    r
+    for name, e in record["experiments"].items()
+    if name != "theory"
+    for r in e.get("rows", [])
+    if "test_acc" in r
+  ]
   if rows:
     with open(os.path.join(run_dir, "results.csv"), "w", newline="", encoding="utf-8") as f:
       fields = [k for k in rows[0] if not isinstance(rows[0][k], (dict, list))]
@@ -262,15 +384,18 @@ def write(result: dict, run_dir: str) -> list[str]:
       writer.writerows(rows)
   env = record["environment"]
   cpu = env.get("cpu_details") or {}
-  header = (f"# Claims tested by `compare_dropout.py`\n\nRun of {record['date']} on "
-            f"{env['cpu']} (family {cpu.get('family')} model {cpu.get('model')}, "
-            f"{' '.join(cpu.get('simd', []))}; {env['cpu_count']} cores), {env['backend']}, "
-            f"jax {env['jax']}, "
-            f"flax {env['flax']}, regjax {env['regjax']}; {record['elapsed_seconds']:.0f} s. "
-            f"Experiments: {', '.join(record['experiments'])}.")
+  header = (
+    f"# Claims tested by `compare_dropout.py`\n\nRun of {record['date']} on "
+    f"{env['cpu']} (family {cpu.get('family')} model {cpu.get('model')}, "
+    f"{' '.join(cpu.get('simd', []))}; {env['cpu_count']} cores), {env['backend']}, "
+    f"jax {env['jax']}, "
+    f"flax {env['flax']}, regjax {env['regjax']}; {record['elapsed_seconds']:.0f} s. "
+    f"Experiments: {', '.join(record['experiments'])}."
+  )
   with open(os.path.join(run_dir, "claims.md"), "w", encoding="utf-8") as f:
     f.write(to_markdown(claims, header))
   from study import plots  # pylint: disable=import-outside-toplevel
+
   return plots.plot_all(record, run_dir)
 
 
@@ -294,7 +419,8 @@ def main(argv=None) -> dict:
   record = result["record"]
   record["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
   run_dir = args.out_dir or os.path.join(
-      "runs", "compare_dropout", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    "runs", "compare_dropout", datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+  )
   plots = write(result, run_dir)
   print_report(record, run_dir, plots)
   return record
@@ -310,6 +436,8 @@ def print_report(record, run_dir, plots) -> None:
   print(f"\nclaims: {run_dir}/claims.md")
   with open(os.path.join(run_dir, "claims.md"), encoding="utf-8") as f:
     print(f.read())
-  print(f"results: {run_dir}/results.json, results.csv; plots: "
-        + ", ".join(os.path.basename(p) for p in plots))
+  print(
+    f"results: {run_dir}/results.json, results.csv; plots: "
+    + ", ".join(os.path.basename(p) for p in plots)
+  )
   print(f"total {record['elapsed_seconds']:.0f} s")

@@ -28,17 +28,17 @@ CUSTOMARY = {"dropout": 0.5, "gaussian": 0.5, "uout": 0.1}
 MATCHED_S2 = models.noise_variance("uout", models.UOUT_PUBLISHED_MAX_BETA)
 
 BLOCK_ORDERS = {
-    "direct": "conv-act-drop-bn-pool",
-    "weight": "conv-bn-act-pool-drop",
-    "pooled": models.DEFAULT_ORDER,
+  "direct": "conv-act-drop-bn-pool",
+  "weight": "conv-bn-act-pool-drop",
+  "pooled": models.DEFAULT_ORDER,
 }
 PLACEMENT_NAMES = {
-    "none": "no noise",
-    "direct": "noise -> BN (case a)",
-    "weight": "noise -> conv -> BN (case b)",
-    "pooled": "noise -> pool -> conv -> BN",
-    "head": "after the last BN",
-    "order": "block order sweep",
+  "none": "no noise",
+  "direct": "noise -> BN (case a)",
+  "weight": "noise -> conv -> BN (case b)",
+  "pooled": "noise -> pool -> conv -> BN",
+  "head": "after the last BN",
+  "order": "block order sweep",
 }
 
 
@@ -78,8 +78,9 @@ class Config:
     else:
       knob = "beta" if self.method == "uout" else "rate"
       text = f"{self.method} {knob}={self.value:.3g} {self.placement}"
-    if self.placement == "order" or (self.order != models.DEFAULT_ORDER
-                                     and self.placement not in BLOCK_ORDERS):
+    if self.placement == "order" or (
+      self.order != models.DEFAULT_ORDER and self.placement not in BLOCK_ORDERS
+    ):
       text += f" [{self.order}]"
     return text + (f" {self.tag}" if self.tag else "")
 

@@ -6,8 +6,18 @@ import importlib.metadata
 import os
 import platform
 
-PACKAGES = ("regjax", "jax", "jaxlib", "flax", "optax", "numpy", "scipy", "mnist1d",
-            "scikit-learn", "matplotlib")
+PACKAGES = (
+  "regjax",
+  "jax",
+  "jaxlib",
+  "flax",
+  "optax",
+  "numpy",
+  "scipy",
+  "mnist1d",
+  "scikit-learn",
+  "matplotlib",
+)
 
 
 def _version(name: str) -> str | None:
@@ -19,8 +29,21 @@ def _version(name: str) -> str | None:
 
 # Vector extensions XLA's CPU code generator may use: two CPUs with the same name but
 # different extensions can round differently.
-SIMD_FLAGS = ("sse4_1", "sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl",
-              "avx512_bf16", "amx_bf16", "neon", "asimd", "sve")
+SIMD_FLAGS = (
+  "sse4_1",
+  "sse4_2",
+  "avx",
+  "avx2",
+  "fma",
+  "avx512f",
+  "avx512bw",
+  "avx512vl",
+  "avx512_bf16",
+  "amx_bf16",
+  "neon",
+  "asimd",
+  "sve",
+)
 
 
 def _cpuinfo() -> dict[str, str]:
@@ -47,20 +70,29 @@ def cpu_details() -> dict:
   """Family, model and stepping, and which of ``SIMD_FLAGS`` the CPU has."""
   info = _cpuinfo()
   flags = set((info.get("flags") or info.get("Features") or "").split())
-  return {"family": info.get("cpu family"), "model": info.get("model"),
-          "stepping": info.get("stepping"), "simd": [f for f in SIMD_FLAGS if f in flags]}
+  return {
+    "family": info.get("cpu family"),
+    "model": info.get("model"),
+    "stepping": info.get("stepping"),
+    "simd": [f for f in SIMD_FLAGS if f in flags],
+  }
 
 
 def describe() -> dict:
   import jax  # pylint: disable=import-outside-toplevel
 
   versions = {name: _version(name) for name in PACKAGES}
-  return {**{k.replace("-", "_"): v for k, v in versions.items()},
-          "python": platform.python_version(), "platform": platform.platform(),
-          "cpu": cpu_model(), "cpu_details": cpu_details(), "cpu_count": os.cpu_count(),
-          "backend": jax.default_backend(),
-          "devices": [d.device_kind for d in jax.devices()],
-          "xla_flags": os.environ.get("XLA_FLAGS", ""),
-          "jax_flags": {k: os.environ[k] for k in sorted(os.environ) if k.startswith("JAX_")},
-          "default_prng_impl": str(jax.config.jax_default_prng_impl),
-          "enable_x64": bool(jax.config.jax_enable_x64)}
+  return {
+    **{k.replace("-", "_"): v for k, v in versions.items()},
+    "python": platform.python_version(),
+    "platform": platform.platform(),
+    "cpu": cpu_model(),
+    "cpu_details": cpu_details(),
+    "cpu_count": os.cpu_count(),
+    "backend": jax.default_backend(),
+    "devices": [d.device_kind for d in jax.devices()],
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "jax_flags": {k: os.environ[k] for k in sorted(os.environ) if k.startswith("JAX_")},
+    "default_prng_impl": str(jax.config.jax_default_prng_impl),
+    "enable_x64": bool(jax.config.jax_enable_x64),
+  }

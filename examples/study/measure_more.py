@@ -47,6 +47,7 @@ def _ema_step(model):
   def step(variables, x):
     _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
     return updates["batch_stats"]
+
   return jax.jit(step)
 
 
@@ -56,8 +57,10 @@ def ema(model, params, batch_stats, x_train: np.ndarray, batch_size: int, passes
   steps = x_train.shape[0] // batch_size
   for _ in range(passes):
     for i in range(steps):
-      batch_stats = step({"params": params, "batch_stats": batch_stats},
-                         x_train[i * batch_size:(i + 1) * batch_size])
+      batch_stats = step(
+        {"params": params, "batch_stats": batch_stats},
+        x_train[i * batch_size : (i + 1) * batch_size],
+      )
   return batch_stats
 
 
@@ -65,12 +68,15 @@ def ema(model, params, batch_stats, x_train: np.ndarray, batch_size: int, passes
 def _train_mode_probs(model, batch_size: int):
   def probs(variables, x, key):
     def one(xb, k):
-      logits, _ = model.apply(variables, xb, train=True, rngs={"dropout": k},
-                              mutable=["batch_stats"])
+      logits, _ = model.apply(
+        variables, xb, train=True, rngs={"dropout": k}, mutable=["batch_stats"]
+      )
       return jax.nn.softmax(logits)
+
     xb = x.reshape((-1, batch_size) + x.shape[1:])
     keys = jax.random.split(key, xb.shape[0])
     return jax.lax.map(lambda a: one(*a), (xb, keys)).reshape(x.shape[0], -1)
+
   return jax.jit(probs)
 
 
@@ -89,14 +95,19 @@ def train_mode_accuracy(model, variables, x, y, key, passes: int, batch_size: in
 def accuracy(model, state, batch_stats, data) -> float:
   """Eval-mode test accuracy with ``batch_stats`` in place of the trained ones."""
   evaluate_jit = eval_fns(model)[1]
-  return float(evaluate_jit(state.replace(batch_stats=batch_stats), data["x_test"],
-                            data["y_test"])["acc"])
+  return float(
+    evaluate_jit(state.replace(batch_stats=batch_stats), data["x_test"], data["y_test"])["acc"]
+  )
 
 
 def captured_input(model, variables, x, layer: str, activation) -> np.ndarray:
   """``activation(output of layer)`` in eval mode, float64 (the units a noise sees)."""
-  _, state = model.apply(variables, x, train=False, capture_intermediates=(
-      lambda module, name: module.name == layer and name == "__call__"),
-                         mutable=["intermediates"])
+  _, state = model.apply(
+    variables,
+    x,
+    train=False,
+    capture_intermediates=(lambda module, name: module.name == layer and name == "__call__"),
+    mutable=["intermediates"],
+  )
   out = state["intermediates"][layer]["__call__"][0]
   return np.asarray(activation(out), np.float64)

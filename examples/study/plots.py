@@ -25,16 +25,17 @@ METHOD_COLORS = {"dropout": "C0", "gaussian": "C1", "uout": "C2", "none": "0.3"}
 # Named after the path from the noise to the next BatchNorm (see study.configs); kept here
 # so the figures do not need the model code (and jax) to be importable.
 PLACEMENT_NAMES = {
-    "none": "no noise",
-    "direct": "direct: noise -> BN (case a)",
-    "weight": "weight: noise -> conv -> BN (case b)",
-    "pooled": "before BN: noise -> pool -> conv -> BN",
-    "head": "after the last BN",
+  "none": "no noise",
+  "direct": "direct: noise -> BN (case a)",
+  "weight": "weight: noise -> conv -> BN (case b)",
+  "pooled": "before BN: noise -> pool -> conv -> BN",
+  "head": "after the last BN",
 }
 BLOCK_PATTERN = re.compile(r"(\d+) blocks(?:, (\w+))?")
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 def _num(value) -> float:
   """A float from a record value; None and non-numbers become NaN."""
@@ -64,22 +65,38 @@ def _fmt(value, digits: int = 3) -> str:
 def _pyplot():
   """matplotlib.pyplot on the Agg backend, chosen here so importing this module is cheap."""
   import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  plt.rcParams.update({"font.size": 9, "axes.titlesize": 9, "axes.labelsize": 9,
-                       "legend.fontsize": 8, "xtick.labelsize": 8, "ytick.labelsize": 8,
-                       "figure.titlesize": 11})
+
+  plt.rcParams.update(
+    {
+      "font.size": 9,
+      "axes.titlesize": 9,
+      "axes.labelsize": 9,
+      "legend.fontsize": 8,
+      "xtick.labelsize": 8,
+      "ytick.labelsize": 8,
+      "figure.titlesize": 11,
+    }
+  )
   return plt
 
 
 def _seed_count(exp: dict) -> int | None:
   """How many seeds an experiment's numbers rest on, read from its own data."""
-  counts = [len(s["seeds"]) for s in exp.get("summary") or [] if isinstance(s, dict)
-            and isinstance(s.get("seeds"), list)]
+  counts = [
+    len(s["seeds"])
+    for s in exp.get("summary") or []
+    if isinstance(s, dict) and isinstance(s.get("seeds"), list)
+  ]
   if counts:
     return max(counts)
-  seeds = {r.get("seed") for r in (exp.get("rows") or exp.get("checks") or [])
-           if isinstance(r, dict) and "seed" in r}
+  seeds = {
+    r.get("seed")
+    for r in (exp.get("rows") or exp.get("checks") or [])
+    if isinstance(r, dict) and "seed" in r
+  }
   return len(seeds) or None
 
 
@@ -107,11 +124,11 @@ def footer_text(record: dict, experiment: str | None = None) -> str:
   env = record.get("environment") or {}
   software = ", ".join(f"{k} {env[k]}" for k in ("regjax", "jax", "flax") if env.get(k))
   cores = env.get("cpu_count")
-  machine = ", ".join(str(x) for x in (env.get("cpu"), f"{cores} cores" if cores else None,
-                                       env.get("backend")) if x)
+  machine = ", ".join(
+    str(x) for x in (env.get("cpu"), f"{cores} cores" if cores else None, env.get("backend")) if x
+  )
   date = str(record.get("date") or "")[:10]
-  parts = [software, machine, _settings_text(record, experiment),
-           f"run of {date}" if date else ""]
+  parts = [software, machine, _settings_text(record, experiment), f"run of {date}" if date else ""]
   return "; ".join(p for p in parts if p)
 
 
@@ -131,8 +148,16 @@ def _save(fig, record: dict, experiment: str, path: str, note: str = "") -> str:
   width, height = fig.get_figwidth(), fig.get_figheight()
   text = footer_text(record, experiment) + (f"\n{note}" if note else "")
   # Below the lowest artist (legends included), so the footer never covers data.
-  fig.text(box.x0 / width, box.y0 / height - 0.1 / height, text, ha="left", va="top",
-           fontsize=FOOTER_SIZE, color="0.35", linespacing=1.4)
+  fig.text(
+    box.x0 / width,
+    box.y0 / height - 0.1 / height,
+    text,
+    ha="left",
+    va="top",
+    fontsize=FOOTER_SIZE,
+    color="0.35",
+    linespacing=1.4,
+  )
   fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.1)
   plt.close(fig)
   return path
@@ -142,7 +167,7 @@ def _legend_below(fig, axes, ncols: int = 4, extra=()) -> None:
   """One figure legend below the axes, deduplicated by label, so it never covers data."""
   handles, labels = [], []
   for ax in np.ravel(axes):
-    for h, lab in zip(*ax.get_legend_handles_labels()):
+    for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
       if lab not in labels and not lab.startswith("_"):
         handles.append(h)
         labels.append(lab)
@@ -150,8 +175,9 @@ def _legend_below(fig, axes, ncols: int = 4, extra=()) -> None:
     handles.append(h)
     labels.append(lab)
   if handles:
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(ncols, len(handles)),
-               frameon=False)
+    fig.legend(
+      handles, labels, loc="outside lower center", ncols=min(ncols, len(handles)), frameon=False
+    )
 
 
 def _strip_placement(config: str, placement: str) -> str:
@@ -186,8 +212,10 @@ def _ref_line(ax, base: dict | None, key: str, vertical: bool, label: str) -> No
 
 # ---------------------------------------------------------------------------- headline
 
-def _zoom_limits(points: list[tuple[float, float]], ref: float,
-                 window: float = 12.0) -> tuple[float, float]:
+
+def _zoom_limits(
+  points: list[tuple[float, float]], ref: float, window: float = 12.0
+) -> tuple[float, float]:
   """An x range around the top cluster: (mean, sd) within ``window`` points of the reference."""
   pts = [(m, sd) for m, sd in points if not math.isnan(m)]
   if not pts:
@@ -203,19 +231,30 @@ def _zoom_limits(points: list[tuple[float, float]], ref: float,
 def _accuracy_dots(ax, entries: list[dict], placement: str, limits=None) -> None:
   """Trained and recalibrated accuracy per configuration, one row each."""
   for i, s in enumerate(entries):
-    for key, dy, style in (("test_acc", -0.15, {"fmt": "o", "color": "C0"}),
-                           ("recal_test_acc", 0.15, {"fmt": "s", "color": "C3", "mfc": "white"})):
+    for key, dy, style in (
+      ("test_acc", -0.15, {"fmt": "o", "color": "C0"}),
+      ("recal_test_acc", 0.15, {"fmt": "s", "color": "C3", "mfc": "white"}),
+    ):
       x = _pct(s.get(key))
       label = "trained statistics" if key == "test_acc" else "after recalibration"
-      ax.errorbar(x, i + dy, xerr=_sd(s.get(f"{key}_sd"), 100), capsize=2, ms=5, lw=1,
-                  label=label, **style)
+      ax.errorbar(
+        x, i + dy, xerr=_sd(s.get(f"{key}_sd"), 100), capsize=2, ms=5, lw=1, label=label, **style
+      )
       if limits and x < limits[0]:
         # Off the zoomed range: mark the value at the left edge instead of dropping it.
-        ax.annotate(f"\u25c0 {x:.1f}", (limits[0], i + dy), xytext=(2, 0),
-                    textcoords="offset points", va="center", fontsize=7, color=style["color"])
+        ax.annotate(
+          f"\u25c0 {x:.1f}",
+          (limits[0], i + dy),
+          xytext=(2, 0),
+          textcoords="offset points",
+          va="center",
+          fontsize=7,
+          color=style["color"],
+        )
   ax.set_yticks(range(len(entries)))
-  ax.set_yticklabels([f"{_strip_placement(s['config'], placement)} (s\u00b2={_fmt(s.get('s2'))})"
-                      for s in entries])
+  ax.set_yticklabels(
+    [f"{_strip_placement(s['config'], placement)} (s\u00b2={_fmt(s.get('s2'))})" for s in entries]
+  )
   ax.set_ylim(len(entries) - 0.5, -0.5)
   ax.grid(axis="x", color="0.92")
 
@@ -227,30 +266,46 @@ def plot_headline(record: dict, run_dir: str) -> list[str]:
   base = _baseline(summary)
   places = _placements(summary, ("pooled", "head"))
   groups = [[s for s in summary if s.get("placement") == p] for p in places]
-  values = [(_pct(s.get(k)), _sd(s.get(f"{k}_sd"), 100)) for s in summary
-            for k in ("test_acc", "recal_test_acc")]
+  values = [
+    (_pct(s.get(k)), _sd(s.get(f"{k}_sd"), 100))
+    for s in summary
+    for k in ("test_acc", "recal_test_acc")
+  ]
   limits = _zoom_limits(values, _pct(base["test_acc"]) if base else math.nan)
-  fig, axes = plt.subplots(max(1, len(places)), 2, squeeze=False, layout="constrained",
-                           figsize=(10, 1.6 + 0.42 * max(1, len(summary))),
-                           gridspec_kw={"height_ratios": [max(1, len(g)) for g in groups] or [1],
-                                        "width_ratios": (1, 1.5)})
-  for row, (place, group) in enumerate(zip(places, groups)):
+  fig, axes = plt.subplots(
+    max(1, len(places)),
+    2,
+    squeeze=False,
+    layout="constrained",
+    figsize=(10, 1.6 + 0.42 * max(1, len(summary))),
+    gridspec_kw={
+      "height_ratios": [max(1, len(g)) for g in groups] or [1],
+      "width_ratios": (1, 1.5),
+    },
+  )
+  for row, (place, group) in enumerate(zip(places, groups, strict=True)):
     full, zoom = axes[row]
     for ax, lim in ((full, (0, 100)), (zoom, limits)):
       _ref_line(ax, base, "test_acc", True, "no noise (trained) \u00b1 sd")
       if base is not None:
-        ax.axvline(_pct(base.get("recal_test_acc")), color="C3", ls=":", lw=1,
-                   label="no noise (recalibrated)")
+        ax.axvline(
+          _pct(base.get("recal_test_acc")),
+          color="C3",
+          ls=":",
+          lw=1,
+          label="no noise (recalibrated)",
+        )
       _accuracy_dots(ax, group, place, lim if ax is zoom else None)
       ax.set_xlim(*lim)
     full.set_title(PLACEMENT_NAMES.get(place, place), loc="left")
-    zoom.set_title("same, zoomed near the baseline (\u25c0 = value off to the left)",
-                   loc="left")
+    zoom.set_title("same, zoomed near the baseline (\u25c0 = value off to the left)", loc="left")
     zoom.set_yticklabels([])
   for ax in axes[-1]:
     ax.set_xlabel("test accuracy (%)")
-  fig.suptitle("Headline: test accuracy with the trained BN statistics and after recalibration"
-               "\n(mean over seeds, error bars = 1 sd over seeds; left: full 0-100 % range)")
+  fig.suptitle(
+    "Headline: test accuracy with the trained BN statistics and after recalibration"
+    "\n(mean over seeds, error bars = 1 sd over seeds; left: full 0-100 % range)"
+  )
   _legend_below(fig, axes, ncols=4)
   path = os.path.join(run_dir, "headline.png")
   return [_save(fig, record, "headline", path, _nan_note(summary))]
@@ -267,17 +322,31 @@ def plot_contrasts(record: dict, run_dir: str) -> list[str]:
   """Forest plot of the headline's paired contrasts, one panel per family."""
   plt = _pyplot()
   from matplotlib.lines import Line2D  # pylint: disable=import-outside-toplevel
+
   contrasts = record["experiments"]["headline"].get("contrasts") or []
   if not contrasts:
     return []
   families = list(dict.fromkeys(c.get("family") or "contrasts" for c in contrasts))
   groups = [[c for c in contrasts if (c.get("family") or "contrasts") == f] for f in families]
-  fig, axes = plt.subplots(len(families), 1, sharex=True, squeeze=False, layout="constrained",
-                           figsize=(10, 1.4 + 0.26 * len(contrasts) + 0.35 * len(families)),
-                           gridspec_kw={"height_ratios": [len(g) for g in groups]})
-  extent = max([abs(100 * _num(c.get(k))) for c in contrasts for k in ("low", "high")
-                if not math.isnan(_num(c.get(k)))] + [1.0])
-  for ax, family, group in zip(axes[:, 0], families, groups):
+  fig, axes = plt.subplots(
+    len(families),
+    1,
+    sharex=True,
+    squeeze=False,
+    layout="constrained",
+    figsize=(10, 1.4 + 0.26 * len(contrasts) + 0.35 * len(families)),
+    gridspec_kw={"height_ratios": [len(g) for g in groups]},
+  )
+  extent = max(
+    [
+      abs(100 * _num(c.get(k)))
+      for c in contrasts
+      for k in ("low", "high")
+      if not math.isnan(_num(c.get(k)))
+    ]
+    + [1.0]
+  )
+  for ax, family, group in zip(axes[:, 0], families, groups, strict=True):
     _forest_panel(ax, group)
     metric = {c.get("metric") for c in group} - {"test_acc", None}
     suffix = f" (metric: {', '.join(sorted(metric))})" if metric else ""
@@ -287,12 +356,15 @@ def plot_contrasts(record: dict, run_dir: str) -> list[str]:
       ax.set_xscale("symlog", linthresh=5, linscale=1.5)
   _contrast_ticks(axes[-1, 0], extent)
   scale = "; symmetric-log scale beyond \u00b15 points" if extent > 20 else ""
-  axes[-1, 0].set_xlabel("paired difference (first - second named) in accuracy, "
-                         f"percentage points{scale}")
+  axes[-1, 0].set_xlabel(
+    f"paired difference (first - second named) in accuracy, percentage points{scale}"
+  )
   n = max((c.get("n") or 0) for c in contrasts) or "?"
   fig.suptitle(f"Headline contrasts: mean paired difference and 95 % interval (n = {n} seeds)")
-  marks = [(Line2D([], [], marker="o", color="k", ls=""), "rejected at 5 % after Holm over all panels"),
-           (Line2D([], [], marker="o", color="k", mfc="white", ls=""), "not rejected after Holm")]
+  marks = [
+    (Line2D([], [], marker="o", color="k", ls=""), "rejected at 5 % after Holm over all panels"),
+    (Line2D([], [], marker="o", color="k", mfc="white", ls=""), "not rejected after Holm"),
+  ]
   _legend_below(fig, [], ncols=2, extra=marks)
   path = os.path.join(run_dir, "headline_contrasts.png")
   return [_save(fig, record, "headline", path)]
@@ -311,6 +383,7 @@ def _contrast_ticks(ax, extent: float) -> None:
 def _ticker():
   """matplotlib.ticker, imported with the backend already chosen."""
   import matplotlib.ticker  # pylint: disable=import-outside-toplevel
+
   return matplotlib.ticker
 
 
@@ -328,8 +401,17 @@ def _forest_panel(ax, group: list[dict]) -> None:
   for i, c in enumerate(group):
     mean, low, high = (100 * _num(c.get(k)) for k in ("mean", "low", "high"))
     err = [[max(0.0, mean - low)], [max(0.0, high - mean)]] if not math.isnan(low) else None
-    ax.errorbar(mean, i, xerr=err, fmt="o", color="k", ms=5, capsize=2, lw=1,
-                mfc="k" if c.get("reject_holm") else "white")
+    ax.errorbar(
+      mean,
+      i,
+      xerr=err,
+      fmt="o",
+      color="k",
+      ms=5,
+      capsize=2,
+      lw=1,
+      mfc="k" if c.get("reject_holm") else "white",
+    )
   ax.axvline(0, color="C3", lw=1)
   ax.set_yticks(range(len(group)))
   ax.set_yticklabels([c.get("name", "?") for c in group])
@@ -338,6 +420,7 @@ def _forest_panel(ax, group: list[dict]) -> None:
 
 
 # ------------------------------------------------------------------------------ theory
+
 
 def plot_theory(record: dict, run_dir: str) -> list[str]:
   """Closed forms vs Monte Carlo, and the pooled path against its linear prediction."""
@@ -348,10 +431,12 @@ def plot_theory(record: dict, run_dir: str) -> list[str]:
   fig, axes = plt.subplots(2, 2, layout="constrained", figsize=(10, 7.5))
   _theory_identity(axes[0, 0], closed)
   _theory_residuals(axes[0, 1], closed)
-  for ax, quantity in zip(axes[1], ("Delta", "mean inflation")):
+  for ax, quantity in zip(axes[1], ("Delta", "mean inflation"), strict=True):
     _theory_pooled(ax, [r for r in pooled if r.get("quantity") == quantity], quantity)
-  fig.suptitle("Theory checks: variance shift Delta = Var_test / Var_train, "
-               "closed form vs Monte Carlo (error bars = 95 % interval)")
+  fig.suptitle(
+    "Theory checks: variance shift Delta = Var_test / Var_train, "
+    "closed form vs Monte Carlo (error bars = 95 % interval)"
+  )
   _legend_below(fig, axes, ncols=3)
   path = os.path.join(run_dir, "theory.png")
   return [_save(fig, record, "theory", path)]
@@ -360,8 +445,10 @@ def plot_theory(record: dict, run_dir: str) -> list[str]:
 def _ci(r: dict) -> list[list[float]]:
   """A row's 95 % interval as errorbar arguments (zero where it is missing)."""
   m, lo, hi = _num(r.get("measured")), _num(r.get("ci_low")), _num(r.get("ci_high"))
-  return [[0.0 if math.isnan(lo) else max(0.0, m - lo)],
-          [0.0 if math.isnan(hi) else max(0.0, hi - m)]]
+  return [
+    [0.0 if math.isnan(lo) else max(0.0, m - lo)],
+    [0.0 if math.isnan(hi) else max(0.0, hi - m)],
+  ]
 
 
 def _op_marker(r: dict) -> dict:
@@ -398,7 +485,7 @@ def _theory_residuals(ax, closed: list[dict]) -> None:
   ends = starts[1:] + [len(closed)]
   for end in ends[:-1]:
     ax.axvline(end - 0.5, color="0.85", lw=0.8)
-  ax.set_xticks([(a + b - 1) / 2 for a, b in zip(starts, ends)])
+  ax.set_xticks([(a + b - 1) / 2 for a, b in zip(starts, ends, strict=True)])
   ax.set_xticklabels(checks, rotation=90, fontsize=7)
   ax.set_xlim(-0.7, len(closed) - 0.3)
   ax.set_ylabel("measured - predicted Delta")
@@ -415,11 +502,13 @@ def _theory_pooled(ax, rows: list[dict], quantity: str) -> None:
     for k, op in enumerate(ops):
       for r in (r for r in at if r.get("op") == op):
         # Dots, not bars: the axis is zoomed onto the few-percent differences between ops.
-        ax.errorbar(j - 0.4 + width * (k + 0.5), r["measured"], yerr=_ci(r), capsize=3, ms=6,
-                    **_op_marker(r))
+        ax.errorbar(
+          j - 0.4 + width * (k + 0.5), r["measured"], yerr=_ci(r), capsize=3, ms=6, **_op_marker(r)
+        )
     linear = _num(at[0].get("linear")) if at else math.nan
-    ax.hlines(linear, j - 0.45, j + 0.45, color="k", lw=1.5, ls="--",
-              label="linear prediction (shape-free)")
+    ax.hlines(
+      linear, j - 0.45, j + 0.45, color="k", lw=1.5, ls="--", label="linear prediction (shape-free)"
+    )
   vals = [_num(r.get(k)) for r in rows for k in ("measured", "linear")]
   if vals and not np.all(np.isnan(vals)):
     lo, hi = np.nanmin(vals), np.nanmax(vals)
@@ -434,6 +523,7 @@ def _theory_pooled(ax, rows: list[dict], quantity: str) -> None:
 
 # ---------------------------------------------------------------------- variance shift
 
+
 def plot_variance_shift(record: dict, run_dir: str) -> list[str]:
   """paper_shift per BN layer, one panel per placement, one line per configuration."""
   plt = _pyplot()
@@ -443,17 +533,35 @@ def plot_variance_shift(record: dict, run_dir: str) -> list[str]:
   places = _placements(summary, ("pooled", "head")) or ["none"]
   base = _baseline(summary)
   layers = list(summary[0]["layers"])
-  fig, axes = plt.subplots(1, len(places), sharey=True, squeeze=False, layout="constrained",
-                           figsize=(4.6 * len(places) + 0.6, 4.2))
+  fig, axes = plt.subplots(
+    1,
+    len(places),
+    sharey=True,
+    squeeze=False,
+    layout="constrained",
+    figsize=(4.6 * len(places) + 0.6, 4.2),
+  )
   styles = _line_styles(summary)
-  for ax, place in zip(axes[0], places):
+  for ax, place in zip(axes[0], places, strict=True):
     for s in [s for s in summary if s.get("placement") == place]:
       name = _strip_placement(s["config"], place)
-      ax.plot(range(len(layers)), [_layer_shift(s, p) for p in layers], marker="o", ms=4,
-              label=name, **styles[name])
+      ax.plot(
+        range(len(layers)),
+        [_layer_shift(s, p) for p in layers],
+        marker="o",
+        ms=4,
+        label=name,
+        **styles[name],
+      )
     if base is not None:
-      ax.plot(range(len(layers)), [_layer_shift(base, p) for p in layers], color="k", ls="--",
-              lw=1.2, label="no noise")
+      ax.plot(
+        range(len(layers)),
+        [_layer_shift(base, p) for p in layers],
+        color="k",
+        ls="--",
+        lw=1.2,
+        label="no noise",
+      )
     ax.set_yscale("log")
     _plain_log(ax)
     ax.set_xticks(range(len(layers)))
@@ -481,12 +589,15 @@ def _line_styles(summary: list[dict]) -> dict[str, dict]:
       continue
     method = s.get("method", "none")
     k = seen[method] = seen.get(method, -1) + 1
-    styles[name] = {"color": METHOD_COLORS.get(method, "k"),
-                    "ls": ("-", ":", "-.", (0, (5, 1)))[k % 4]}
+    styles[name] = {
+      "color": METHOD_COLORS.get(method, "k"),
+      "ls": ("-", ":", "-.", (0, (5, 1)))[k % 4],
+    }
   return styles
 
 
 # ----------------------------------------------------------------------- recalibration
+
 
 def plot_recalibration(record: dict, run_dir: str) -> list[str]:
   """Per configuration, test accuracy under each way of re-estimating the BN statistics."""
@@ -500,16 +611,23 @@ def plot_recalibration(record: dict, run_dir: str) -> list[str]:
   base = _baseline(headline) if headline else None
   ncols = min(3, len(table))
   nrows = math.ceil(len(table) / ncols)
-  fig, axes = plt.subplots(nrows, ncols, squeeze=False, layout="constrained",
-                           figsize=(3.6 * ncols + 1.6, 0.28 * len(variants) * nrows + 1.6))
+  fig, axes = plt.subplots(
+    nrows,
+    ncols,
+    squeeze=False,
+    layout="constrained",
+    figsize=(3.6 * ncols + 1.6, 0.28 * len(variants) * nrows + 1.6),
+  )
   for i, ax in enumerate(axes.flat):
     if i >= len(table):
       ax.set_visible(False)
       continue
     _recal_panel(ax, table[i], variants, base, show_labels=i % ncols == 0)
     ax.set_xlabel("test accuracy (%)")
-  fig.suptitle("Recalibration: test accuracy under each BN-statistics variant "
-               "(mean, error bars = 1 sd over seeds)")
+  fig.suptitle(
+    "Recalibration: test accuracy under each BN-statistics variant "
+    "(mean, error bars = 1 sd over seeds)"
+  )
   _legend_below(fig, axes, ncols=3)
   return [_save(fig, record, "recalibration", os.path.join(run_dir, "recalibration.png"))]
 
@@ -519,9 +637,16 @@ def _recal_panel(ax, row: dict, variants: list[str], base, show_labels: bool) ->
   _ref_line(ax, base, "test_acc", True, "no noise (trained) \u00b1 sd")
   for j, v in enumerate(variants):
     trained = j == 0
-    ax.errorbar(_pct(row.get(v)), j, xerr=_sd(row.get(f"{v} sd"), 100), capsize=2, ms=5,
-                fmt="o" if trained else "s", color="C0" if trained else "C3",
-                label="trained statistics" if trained else "recalibrated variant")
+    ax.errorbar(
+      _pct(row.get(v)),
+      j,
+      xerr=_sd(row.get(f"{v} sd"), 100),
+      capsize=2,
+      ms=5,
+      fmt="o" if trained else "s",
+      color="C0" if trained else "C3",
+      label="trained statistics" if trained else "recalibrated variant",
+    )
   ax.set_yticks(range(len(variants)))
   ax.set_yticklabels(variants if show_labels else [])
   ax.set_ylim(len(variants) - 0.5, -0.5)
@@ -534,6 +659,7 @@ def _recal_panel(ax, row: dict, variants: list[str], base, show_labels: bool) ->
 
 # -------------------------------------------------------------------------------- dose
 
+
 def plot_dose(record: dict, run_dir: str) -> list[str]:
   """Accuracy and variance shift against the noise variance, one column per placement."""
   plt = _pyplot()
@@ -541,8 +667,15 @@ def plot_dose(record: dict, run_dir: str) -> list[str]:
   places = _placements(summary, ("direct", "weight", "pooled"))
   if not places:
     return []
-  fig, axes = plt.subplots(2, len(places), sharex=True, sharey="row", squeeze=False,
-                           layout="constrained", figsize=(3.9 * len(places) + 0.8, 6.6))
+  fig, axes = plt.subplots(
+    2,
+    len(places),
+    sharex=True,
+    sharey="row",
+    squeeze=False,
+    layout="constrained",
+    figsize=(3.9 * len(places) + 0.8, 6.6),
+  )
   for col, place in enumerate(places):
     entries = [s for s in summary if s.get("placement") == place]
     base = _baseline(summary, f"({place})")
@@ -551,14 +684,18 @@ def plot_dose(record: dict, run_dir: str) -> list[str]:
     axes[1, col].set_xlabel("noise variance s\u00b2 (log)")
   axes[0, 0].set_ylabel("test accuracy (%)")
   axes[1, 0].set_ylabel("variance shift, mean over BN layers (log)")
-  fig.suptitle("Dose response: solid = trained statistics, dashed = recalibrated "
-               "(error bars = 1 sd over seeds)")
+  fig.suptitle(
+    "Dose response: solid = trained statistics, dashed = recalibrated "
+    "(error bars = 1 sd over seeds)"
+  )
   from matplotlib.lines import Line2D  # pylint: disable=import-outside-toplevel
-  extra = [(Line2D([], [], color="k"), "trained statistics"),
-           (Line2D([], [], color="k", ls="--"), "recalibrated")]
+
+  extra = [
+    (Line2D([], [], color="k"), "trained statistics"),
+    (Line2D([], [], color="k", ls="--"), "recalibrated"),
+  ]
   if any(s.get("extension") for s in summary):
-    extra.append((Line2D([], [], marker="*", color="k", ms=9, ls=""),
-                  "Uout beta > 1 (extension)"))
+    extra.append((Line2D([], [], marker="*", color="k", ms=9, ls=""), "Uout beta > 1 (extension)"))
   _legend_below(fig, axes, ncols=7, extra=extra)
   return [_save(fig, record, "dose", os.path.join(run_dir, "dose.png"))]
 
@@ -573,15 +710,35 @@ def _dose_panels(acc_ax, shift_ax, entries: list[dict], base) -> None:
     color = METHOD_COLORS.get(method, "k")
     s2 = [_num(s.get("s2")) for s in pts]
     for key, ls in (("test_acc", "-"), ("recal_test_acc", "--")):
-      acc_ax.errorbar(s2, [_pct(s.get(key)) for s in pts], ls=ls, marker="o", ms=4,
-                      yerr=[_sd(s.get(f"{key}_sd"), 100) for s in pts], capsize=2,
-                      color=color, label=method if key == "test_acc" else None)
+      acc_ax.errorbar(
+        s2,
+        [_pct(s.get(key)) for s in pts],
+        ls=ls,
+        marker="o",
+        ms=4,
+        yerr=[_sd(s.get(f"{key}_sd"), 100) for s in pts],
+        capsize=2,
+        color=color,
+        label=method if key == "test_acc" else None,
+      )
     shift_ax.plot(s2, [_num(s.get("paper_shift")) for s in pts], color=color, marker="o", ms=4)
-    for ax, key, scale in ((acc_ax, "test_acc", 100), (acc_ax, "recal_test_acc", 100),
-                           (shift_ax, "paper_shift", 1)):
+    for ax, key, scale in (
+      (acc_ax, "test_acc", 100),
+      (acc_ax, "recal_test_acc", 100),
+      (shift_ax, "paper_shift", 1),
+    ):
       ext = [s for s in pts if s.get("extension")]
-      ax.plot([_num(s.get("s2")) for s in ext], [scale * _num(s.get(key)) for s in ext],
-              ls="", marker="*", ms=11, color=color, mec="k", mew=0.5, zorder=5)
+      ax.plot(
+        [_num(s.get("s2")) for s in ext],
+        [scale * _num(s.get(key)) for s in ext],
+        ls="",
+        marker="*",
+        ms=11,
+        color=color,
+        mec="k",
+        mew=0.5,
+        zorder=5,
+      )
   acc_ax.set_xscale("log")
   _plain_log(acc_ax, "x")
   shift_ax.set_yscale("log")
@@ -592,6 +749,7 @@ def _dose_panels(acc_ax, shift_ax, entries: list[dict], base) -> None:
 
 # ------------------------------------------------------------------------------- width
 
+
 def plot_width(record: dict, run_dir: str) -> list[str]:
   """Delta against the layer width d: Eq. 12, exact linear, Monte Carlo, BN measured."""
   plt = _pyplot()
@@ -601,14 +759,23 @@ def plot_width(record: dict, run_dir: str) -> list[str]:
     return []
   fig, ax = plt.subplots(layout="constrained", figsize=(6.4, 4.4))
   d = [_num(t.get("d")) for t in table]
-  for key, label, style in (("eq12", "Eq. 12 (Li et al.)", {"color": "k", "ls": "--"}),
-                            ("exact_linear", "exact, linear layer", {"color": "C0"}),
-                            ("monte_carlo", "Monte Carlo", {"color": "C1", "ls": ":"}),
-                            ("measured_bn", "measured at the trained BN", {"color": "C3"})):
+  for key, label, style in (
+    ("eq12", "Eq. 12 (Li et al.)", {"color": "k", "ls": "--"}),
+    ("exact_linear", "exact, linear layer", {"color": "C0"}),
+    ("monte_carlo", "Monte Carlo", {"color": "C1", "ls": ":"}),
+    ("measured_bn", "measured at the trained BN", {"color": "C3"}),
+  ):
     ax.plot(d, [_num(t.get(key)) for t in table], marker="o", ms=4, label=label, **style)
   checks = exp.get("checks") or []
-  ax.plot([_num(c.get("d")) for c in checks], [_num(c.get("measured_bn")) for c in checks],
-          ls="", marker=".", color="C3", alpha=0.4, label="measured, per seed")
+  ax.plot(
+    [_num(c.get("d")) for c in checks],
+    [_num(c.get("measured_bn")) for c in checks],
+    ls="",
+    marker=".",
+    color="C3",
+    alpha=0.4,
+    label="measured, per seed",
+  )
   ax.set_xscale("log", base=2)
   ax.set_xticks(d)
   ax.set_xticklabels([f"{v:g}" for v in d])
@@ -616,14 +783,17 @@ def plot_width(record: dict, run_dir: str) -> list[str]:
   ax.set_ylabel("Delta = Var_test / Var_train (dimensionless)")
   ax.grid(color="0.92")
   rho = exp.get("rank_correlation") or {}
-  fig.suptitle(f"Width: variance shift vs layer width (Spearman rho(d, Delta) = "
-               f"{_fmt(rho.get('rho'), 2)} [{_fmt(rho.get('low'), 2)}, "
-               f"{_fmt(rho.get('high'), 2)}])")
+  fig.suptitle(
+    f"Width: variance shift vs layer width (Spearman rho(d, Delta) = "
+    f"{_fmt(rho.get('rho'), 2)} [{_fmt(rho.get('low'), 2)}, "
+    f"{_fmt(rho.get('high'), 2)}])"
+  )
   _legend_below(fig, [ax], ncols=3)
   return [_save(fig, record, "width", os.path.join(run_dir, "width.png"))]
 
 
 # ------------------------------------------------------------------------------- depth
+
 
 def _depth_points(exp: dict) -> dict[str, list[tuple[int, dict]]]:
   """Entries keyed by noise extent (all / first / no noise), with their block count."""
@@ -633,16 +803,22 @@ def _depth_points(exp: dict) -> dict[str, list[tuple[int, dict]]]:
     if not match:
       continue
     which = match.group(2) or "all"
-    extent = ("no noise" if s.get("placement") == "none"
-              else "noise in first block" if which == "first" else f"noise in {which} blocks")
+    extent = (
+      "no noise"
+      if s.get("placement") == "none"
+      else "noise in first block"
+      if which == "first"
+      else f"noise in {which} blocks"
+    )
     out.setdefault(extent, []).append((int(match.group(1)), s))
   return {k: sorted(v, key=lambda p: p[0]) for k, v in out.items()}
 
 
 def _last_block_shift(entry: dict) -> float:
   """paper_shift at the last block's BN (the head BN is reported separately)."""
-  names = sorted((k for k in (entry.get("layers") or {}) if re.fullmatch(r"bn\d+", k)),
-                 key=lambda k: int(k[2:]))
+  names = sorted(
+    (k for k in (entry.get("layers") or {}) if re.fullmatch(r"bn\d+", k)), key=lambda k: int(k[2:])
+  )
   return _layer_shift(entry, names[-1]) if names else math.nan
 
 
@@ -657,11 +833,20 @@ def plot_depth(record: dict, run_dir: str) -> list[str]:
   for k, (extent, pts) in enumerate(points.items()):
     # A small sideways offset per curve keeps error bars at the same depth apart.
     blocks = [b + 0.04 * (k - (len(points) - 1) / 2) for b, _ in pts]
-    style = {"color": colors.get(extent, "C2"), "marker": "o", "ms": 5,
-             "ls": "--" if extent == "no noise" else "-"}
+    style = {
+      "color": colors.get(extent, "C2"),
+      "marker": "o",
+      "ms": 5,
+      "ls": "--" if extent == "no noise" else "-",
+    }
     shift_ax.plot(blocks, [_last_block_shift(s) for _, s in pts], label=extent, **style)
-    acc_ax.errorbar(blocks, [_pct(s.get("test_acc")) for _, s in pts], capsize=2,
-                    yerr=[_sd(s.get("test_acc_sd"), 100) for _, s in pts], **style)
+    acc_ax.errorbar(
+      blocks,
+      [_pct(s.get("test_acc")) for _, s in pts],
+      capsize=2,
+      yerr=[_sd(s.get("test_acc_sd"), 100) for _, s in pts],
+      **style,
+    )
   shift_ax.set_yscale("log")
   _plain_log(shift_ax)
   shift_ax.set_ylabel("variance shift at the last block's BN (log)")
@@ -678,9 +863,11 @@ def plot_depth(record: dict, run_dir: str) -> list[str]:
 
 # ------------------------------------------------------------------------------ orders
 
+
 def _published_losses() -> dict[str, float]:
   """The per-order losses quoted by the literature the sweep replicates."""
   import models  # pylint: disable=import-outside-toplevel
+
   return dict(models.PUBLISHED_ORDER_LOSSES)
 
 
@@ -707,8 +894,15 @@ def plot_orders(record: dict, run_dir: str) -> list[str]:
   fig, ax = plt.subplots(layout="constrained", figsize=(8.4, 5.2))
   xs = [quoted[s["order"]] for s in known]
   ys = [_num(s["test_loss"]) for s in known]
-  ax.errorbar(xs, ys, yerr=[_sd(s.get("test_loss_sd")) for s in known], fmt="o", color="C0",
-              capsize=2, label="order with a quoted loss (mean \u00b1 1 sd over seeds)")
+  ax.errorbar(
+    xs,
+    ys,
+    yerr=[_sd(s.get("test_loss_sd")) for s in known],
+    fmt="o",
+    color="C0",
+    capsize=2,
+    label="order with a quoted loss (mean \u00b1 1 sd over seeds)",
+  )
   ax.set_xlabel("quoted test loss (published, cross-entropy)")
   ax.set_ylabel("our test loss (cross-entropy)")
   ax.grid(color="0.92")
@@ -718,19 +912,24 @@ def plot_orders(record: dict, run_dir: str) -> list[str]:
   # No quoted value to pair with: named in the key, off the axes, so the y range stays
   # on the orders that can be compared.
   from matplotlib.lines import Line2D  # pylint: disable=import-outside-toplevel
+
   extra = [(Line2D([], [], ls=""), _unquoted_note(s)) for s in others]
   rho = exp.get("rank_correlation") or {}
-  fig.suptitle(f"Block orders: our test loss vs the quoted one (Spearman rho = "
-               f"{_fmt(rho.get('rho'), 2)} [{_fmt(rho.get('low'), 2)}, "
-               f"{_fmt(rho.get('high'), 2)}], p = {_fmt(rho.get('p_value'), 2)})")
+  fig.suptitle(
+    f"Block orders: our test loss vs the quoted one (Spearman rho = "
+    f"{_fmt(rho.get('rho'), 2)} [{_fmt(rho.get('low'), 2)}, "
+    f"{_fmt(rho.get('high'), 2)}], p = {_fmt(rho.get('p_value'), 2)})"
+  )
   _legend_below(fig, [ax], ncols=1, extra=extra)
   return [_save(fig, record, "orders", os.path.join(run_dir, "orders.png"))]
 
 
 def _unquoted_note(entry: dict) -> str:
   """The key line for an order without a quoted loss (the IC order)."""
-  return (f"not quoted, not plotted: {entry['order']}, our loss "
-          f"{_fmt(entry['test_loss'], 4)} \u00b1 {_fmt(entry.get('test_loss_sd'), 2)}")
+  return (
+    f"not quoted, not plotted: {entry['order']}, our loss "
+    f"{_fmt(entry['test_loss'], 4)} \u00b1 {_fmt(entry.get('test_loss_sd'), 2)}"
+  )
 
 
 def _label_points(ax, xs: list[float], ys: list[float], names: list[str]) -> None:
@@ -745,25 +944,31 @@ def _label_points(ax, xs: list[float], ys: list[float], names: list[str]) -> Non
   for side in (-1, 1):
     idx = [i for i, x in enumerate(xs) if (x <= mid) == (side < 0)]
     column = min(xs) - reach if side < 0 else max(xs) + reach
-    for i, h in zip(idx, _spread_labels([ys[i] for i in idx], gap)):
-      ax.annotate(names[i], (xs[i], ys[i]), xytext=(column, h), va="center", fontsize=7,
-                  ha="right" if side < 0 else "left",
-                  arrowprops={"arrowstyle": "-", "color": "0.7", "lw": 0.6, "shrinkB": 4})
+    for i, h in zip(idx, _spread_labels([ys[i] for i in idx], gap), strict=True):
+      ax.annotate(
+        names[i],
+        (xs[i], ys[i]),
+        xytext=(column, h),
+        va="center",
+        fontsize=7,
+        ha="right" if side < 0 else "left",
+        arrowprops={"arrowstyle": "-", "color": "0.7", "lw": 0.6, "shrinkB": 4},
+      )
 
 
 # -------------------------------------------------------------------------- entry points
 
 # (experiment, figure) in drawing order; the headline feeds three figures.
 FIGURES: tuple[tuple[str, Callable[[dict, str], list[str]]], ...] = (
-    ("theory", plot_theory),
-    ("headline", plot_headline),
-    ("headline", plot_contrasts),
-    ("headline", plot_variance_shift),
-    ("recalibration", plot_recalibration),
-    ("dose", plot_dose),
-    ("width", plot_width),
-    ("depth", plot_depth),
-    ("orders", plot_orders),
+  ("theory", plot_theory),
+  ("headline", plot_headline),
+  ("headline", plot_contrasts),
+  ("headline", plot_variance_shift),
+  ("recalibration", plot_recalibration),
+  ("dose", plot_dose),
+  ("width", plot_width),
+  ("depth", plot_depth),
+  ("orders", plot_orders),
 )
 
 
@@ -781,8 +986,11 @@ def plot_all(record: dict, run_dir: str, only=None) -> list[str]:
       continue
     try:
       paths += draw(record, run_dir)
-    except Exception as err:  # noqa: BLE001  # any failure: the run's results come first
-      print(f"plots: {name} figure {draw.__name__} skipped ({type(err).__name__}: {err})", file=sys.stderr)
+    except Exception as err:  # any failure: the run's results come first
+      print(
+        f"plots: {name} figure {draw.__name__} skipped ({type(err).__name__}: {err})",
+        file=sys.stderr,
+      )
       _pyplot().close("all")
   return paths
 
@@ -797,12 +1005,16 @@ def regenerate(results_json: str, out_dir: str, only=None) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
   """Command line: ``python -m study.plots RESULTS_JSON OUT_DIR``."""
   parser = argparse.ArgumentParser(
-      prog="python -m study.plots",
-      description="Redraw the figures of a compare_dropout.py run from its results.json.")
+    prog="python -m study.plots",
+    description="Redraw the figures of a compare_dropout.py run from its results.json.",
+  )
   parser.add_argument("results_json", metavar="RESULTS_JSON", help="the run's results.json")
   parser.add_argument("out_dir", metavar="OUT_DIR", help="folder for the PNGs (created if missing)")
-  parser.add_argument("--experiments", default=None,
-                      help="comma list of the experiments whose figures to draw (default: all)")
+  parser.add_argument(
+    "--experiments",
+    default=None,
+    help="comma list of the experiments whose figures to draw (default: all)",
+  )
   args = parser.parse_args(argv)
   only = args.experiments.split(",") if args.experiments else None
   for path in regenerate(args.results_json, args.out_dir, only):

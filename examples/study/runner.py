@@ -41,9 +41,14 @@ def build_model(data: dict, config: Config, block_value, head_value, activation:
   """The network of ``config`` with noise strengths ``block_value``, ``head_value``."""
   arch = dict(config.arch)
   kind = arch.pop("model", "cnn")
-  noise = {"block_noise": _noise_name(config), "block_noise_value": block_value,
-           "head_noise": _noise_name(config), "head_noise_value": head_value,
-           "activation": activation, **arch}
+  noise = {
+    "block_noise": _noise_name(config),
+    "block_noise_value": block_value,
+    "head_noise": _noise_name(config),
+    "head_noise_value": head_value,
+    "activation": activation,
+    **arch,
+  }
   if kind == "mlp":
     return models.default_mlp(data["name"], data["num_classes"], **noise)
   return models.default_cnn(data["name"], data["num_classes"], order=config.order, **noise)
@@ -52,8 +57,9 @@ def build_model(data: dict, config: Config, block_value, head_value, activation:
 def eval_model(data: dict, config: Config, activation: str):
   """The noise-free network of ``config``: noise layers hold no variables and are
   the identity in eval mode, so it evaluates every config of the group."""
-  return build_model(data, dataclasses.replace(config, method="none", value=0.0), 0.0, 0.0,
-                     activation)
+  return build_model(
+    data, dataclasses.replace(config, method="none", value=0.0), 0.0, 0.0, activation
+  )
 
 
 def _noise_name(config: Config) -> str:
@@ -74,8 +80,13 @@ class Trained:
     return jax.tree.map(lambda a: a[r], self.states)
 
 
-def train_group(configs: Sequence[Config], seeds: Sequence[int], data: dict,
-                settings: Settings, on_epoch: Callable[[int], None]) -> Trained:
+def train_group(
+  configs: Sequence[Config],
+  seeds: Sequence[int],
+  data: dict,
+  settings: Settings,
+  on_epoch: Callable[[int], None],
+) -> Trained:
   """Trains every (config, seed); ``on_epoch(k)`` is called as k run-epochs finish."""
   runs = [(c, s) for c in configs for s in seeds]
   strengths = jnp.asarray([c.strengths for c, _ in runs], jnp.float32)
@@ -90,8 +101,9 @@ def train_group(configs: Sequence[Config], seeds: Sequence[int], data: dict,
     return build_model(data, template, strength[0], strength[1], settings.activation)
 
   def init(key_data, strength):
-    return init_state(model(strength), tx, init_key(jax.random.wrap_key_data(key_data)),
-                      x_train[:2])
+    return init_state(
+      model(strength), tx, init_key(jax.random.wrap_key_data(key_data)), x_train[:2]
+    )
 
   def step(state, strength, idx, key_data, step_index):
     key = noise_key(jax.random.wrap_key_data(key_data), step_index)
@@ -104,8 +116,9 @@ def train_group(configs: Sequence[Config], seeds: Sequence[int], data: dict,
     states, history = vinit(keys[sl], strengths[sl]), []
     run_seeds = [seed for _, seed in runs[sl]]
     for epoch in range(settings.epochs):
-      order = np.stack([batch_indices(seed, epoch, n, settings.batch_size)
-                        for seed in run_seeds], 1)
+      order = np.stack(
+        [batch_indices(seed, epoch, n, settings.batch_size) for seed in run_seeds], 1
+      )
       losses = []
       for i in range(steps):
         states, metrics = vstep(states, strengths[sl], order[i], keys[sl], epoch * steps + i)
@@ -129,7 +142,10 @@ def train_group(configs: Sequence[Config], seeds: Sequence[int], data: dict,
 def eval_fns(model):
   """Eval-mode apply and jitted evaluate, once per model, so every run of it reuses
   the diagnostics' and the evaluation's compilations."""
-  apply_fn = lambda v, x: model.apply(v, x, train=False)
+
+  def apply_fn(v, x):
+    return model.apply(v, x, train=False)
+
   evaluate_jit = jax.jit(lambda state, x, y: evaluate(model, state, x, y, batch_size=500))
   return apply_fn, evaluate_jit
 
@@ -146,8 +162,12 @@ def layer_summary(layer: diagnostics.LayerShift) -> dict[str, float]:
   """
   ratio = float(np.mean(layer.real_var) / np.mean(layer.moving_var))
   offset = np.abs(layer.moving_mean - layer.real_mean) / np.sqrt(layer.real_var)
-  return {"shift": layer.mean_shift, "paper_shift": max(ratio, 1 / ratio), "delta": ratio,
-          "mean_offset": float(np.mean(offset))}
+  return {
+    "shift": layer.mean_shift,
+    "paper_shift": max(ratio, 1 / ratio),
+    "delta": ratio,
+    "mean_offset": float(np.mean(offset)),
+  }
 
 
 def measure(trained: Trained, data: dict, settings: Settings, shift_batches) -> list[dict]:
@@ -165,15 +185,25 @@ def measure(trained: Trained, data: dict, settings: Settings, shift_batches) -> 
     shifts = trained.shifts[r] = diagnostics.variance_shift(apply_fn, variables, shift_batches)
     recal = diagnostics.recalibrate_batch_stats(apply_fn, variables, shift_batches)
     recal_test = evaluate_jit(state.replace(batch_stats=recal), data["x_test"], data["y_test"])
-    rows.append({
-        "config": config.label, "method": config.method, "placement": config.placement,
-        "value": config.value, "s2": config.s2, "order": config.order, "tag": config.tag,
-        "extension": config.extension, "seed": seed,
-        "test_acc": float(test["acc"]), "test_loss": float(test["loss"]),
-        "train_acc": float(train["acc"]), "train_loss": float(train["loss"]),
+    rows.append(
+      {
+        "config": config.label,
+        "method": config.method,
+        "placement": config.placement,
+        "value": config.value,
+        "s2": config.s2,
+        "order": config.order,
+        "tag": config.tag,
+        "extension": config.extension,
+        "seed": seed,
+        "test_acc": float(test["acc"]),
+        "test_loss": float(test["loss"]),
+        "train_acc": float(train["acc"]),
+        "train_loss": float(train["loss"]),
         "recal_test_acc": float(recal_test["acc"]),
         "recal_test_loss": float(recal_test["loss"]),
         "layers": {path: layer_summary(s) for path, s in shifts.items()},
         "loss_per_epoch": trained.loss_per_epoch[r],
-    })
+      }
+    )
   return rows

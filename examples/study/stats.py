@@ -104,16 +104,32 @@ def paired_difference(a, b, confidence: float = 0.95) -> dict:
   mean, sd = mean_sd(d)
   n = int(d.size)
   if n < 2:
-    return {"mean": mean, "sd": sd, "n": n, "half_width": math.nan, "low": math.nan,
-            "high": math.nan, "p_value": math.nan, "excludes_zero": False}
+    return {
+      "mean": mean,
+      "sd": sd,
+      "n": n,
+      "half_width": math.nan,
+      "low": math.nan,
+      "high": math.nan,
+      "p_value": math.nan,
+      "excludes_zero": False,
+    }
   half_width = t_half_width(sd, n, confidence)
   if sd == 0.0:
     p_value = 0.0 if mean != 0.0 else 1.0
   else:
     p_value = float(scipy.stats.ttest_1samp(d, 0.0).pvalue)
   low, high = mean - half_width, mean + half_width
-  return {"mean": mean, "sd": sd, "n": n, "half_width": half_width, "low": low, "high": high,
-          "p_value": p_value, "excludes_zero": bool(low > 0.0 or high < 0.0)}
+  return {
+    "mean": mean,
+    "sd": sd,
+    "n": n,
+    "half_width": half_width,
+    "low": low,
+    "high": high,
+    "p_value": p_value,
+    "excludes_zero": bool(low > 0.0 or high < 0.0),
+  }
 
 
 def holm(p_values: Sequence[float], alpha: float = 0.05) -> list[dict]:
@@ -163,8 +179,14 @@ def tost_paired(a, b, margin: float, alpha: float = 0.05) -> dict:
   n = int(d.size)
   result = {"mean": mean, "sd": sd, "n": n, "margin": float(margin)}
   if n < 2:
-    return result | {"p_lower": math.nan, "p_upper": math.nan, "p_value": math.nan,
-                     "low": math.nan, "high": math.nan, "equivalent": False}
+    return result | {
+      "p_lower": math.nan,
+      "p_upper": math.nan,
+      "p_value": math.nan,
+      "low": math.nan,
+      "high": math.nan,
+      "equivalent": False,
+    }
   if sd == 0.0:
     p_lower = 0.0 if mean > -margin else 1.0
     p_upper = 0.0 if mean < margin else 1.0
@@ -173,13 +195,19 @@ def tost_paired(a, b, margin: float, alpha: float = 0.05) -> dict:
     p_upper = float(scipy.stats.ttest_1samp(d, margin, alternative="less").pvalue)
   half_width = t_half_width(sd, n, 1.0 - 2.0 * alpha)
   p_value = max(p_lower, p_upper)
-  return result | {"p_lower": p_lower, "p_upper": p_upper, "p_value": p_value,
-                   "low": mean - half_width, "high": mean + half_width,
-                   "equivalent": bool(p_value < alpha)}
+  return result | {
+    "p_lower": p_lower,
+    "p_upper": p_upper,
+    "p_value": p_value,
+    "low": mean - half_width,
+    "high": mean + half_width,
+    "equivalent": bool(p_value < alpha),
+  }
 
 
-def seeds_needed(sd: float, target_half_width: float, confidence: float = 0.95,
-                 max_seeds: int = 10_000) -> int:
+def seeds_needed(
+  sd: float, target_half_width: float, confidence: float = 0.95, max_seeds: int = 10_000
+) -> int:
   """Smallest n >= 2 with t_{n-1}(1 - (1 - c)/2) * sd / sqrt(n) <= target_half_width.
 
   sd is the (planned or pilot) sd of the paired per-seed differences; the half-width
@@ -242,28 +270,40 @@ def interaction_test(values, factor_a, factor_b, block=None) -> dict:
   for name, labels in factors:
     if len(labels) != y.size:
       raise ValueError(f"{name} has {len(labels)} labels for {y.size} values")
-  cells = list(zip(factor_a, factor_b))
+  cells = list(zip(factor_a, factor_b, strict=True))
   additive = np.hstack([np.ones((y.size, 1))] + [_one_hot(labels) for _, labels in factors])
   full = np.hstack([additive, _one_hot(cells)])
   rss_add, rank_add = _residual_ss(additive, y)
   rss_full, rank_full = _residual_ss(full, y)
   df_num, df_den = rank_full - rank_add, y.size - rank_full
   if df_den <= 0:
-    raise ValueError(f"no residual degrees of freedom (N = {y.size}, rank of the full model "
-                     f"= {rank_full}): the interaction needs replicates within cells or blocks")
+    raise ValueError(
+      f"no residual degrees of freedom (N = {y.size}, rank of the full model "
+      f"= {rank_full}): the interaction needs replicates within cells or blocks"
+    )
   if df_num <= 0:
-    raise ValueError("the interaction has no degrees of freedom: each factor needs two "
-                     "levels crossed in at least one 2 x 2 set of cells")
+    raise ValueError(
+      "the interaction has no degrees of freedom: each factor needs two "
+      "levels crossed in at least one 2 x 2 set of cells"
+    )
   # Rounding leaves RSS ~ (eps * |y|)^2 * cond; below this floor it counts as zero.
   floor = (1e3 * np.finfo(np.float64).eps) ** 2 * float(y @ y) * y.size
   numerator = max(rss_add - rss_full, 0.0)
   if rss_full <= floor:
     exact = numerator <= floor
-    return {"F": math.nan if exact else math.inf, "df_num": df_num, "df_den": df_den,
-            "p_value": math.nan if exact else 0.0}
+    return {
+      "F": math.nan if exact else math.inf,
+      "df_num": df_num,
+      "df_den": df_den,
+      "p_value": math.nan if exact else 0.0,
+    }
   f_stat = (numerator / df_num) / (rss_full / df_den)
-  return {"F": float(f_stat), "df_num": df_num, "df_den": df_den,
-          "p_value": float(scipy.stats.f.sf(f_stat, df_num, df_den))}
+  return {
+    "F": float(f_stat),
+    "df_num": df_num,
+    "df_den": df_den,
+    "p_value": float(scipy.stats.f.sf(f_stat, df_num, df_den)),
+  }
 
 
 def _rank_rows(x: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -279,9 +319,13 @@ def _rank_rows(x: np.ndarray, reference: np.ndarray) -> np.ndarray:
   return np.clip(rho, -1.0, 1.0)  # rounding can step just past +-1
 
 
-def spearman_bootstrap(per_seed: Mapping[Hashable, Sequence[float]],
-                       reference: Mapping[Hashable, float], n_boot: int = 2000,
-                       confidence: float = 0.95, seed: int = 0) -> dict:
+def spearman_bootstrap(
+  per_seed: Mapping[Hashable, Sequence[float]],
+  reference: Mapping[Hashable, float],
+  n_boot: int = 2000,
+  confidence: float = 0.95,
+  seed: int = 0,
+) -> dict:
   """Spearman rank correlation of per-label means over seeds with reference values.
 
   rho = scipy.stats.spearmanr(mean over seeds of per_seed[label], reference[label])
@@ -307,8 +351,14 @@ def spearman_bootstrap(per_seed: Mapping[Hashable, Sequence[float]],
   if len(lengths) > 1 or 0 in lengths:
     raise ValueError(f"every label needs the same, nonzero number of seeds, got {lengths}")
   n_seeds = lengths.pop() if lengths else 0
-  result = {"rho": math.nan, "low": math.nan, "high": math.nan, "n_labels": len(labels),
-            "n_seeds": int(n_seeds), "p_value": math.nan}
+  result = {
+    "rho": math.nan,
+    "low": math.nan,
+    "high": math.nan,
+    "n_labels": len(labels),
+    "n_seeds": int(n_seeds),
+    "p_value": math.nan,
+  }
   if len(labels) < 3:
     return result
   values = np.stack(rows)
@@ -329,8 +379,9 @@ def spearman_bootstrap(per_seed: Mapping[Hashable, Sequence[float]],
   return result
 
 
-def verdict(low: float, high: float, *, expected_sign: int | None = None,
-            equivalence: bool | None = None) -> str:
+def verdict(
+  low: float, high: float, *, expected_sign: int | None = None, equivalence: bool | None = None
+) -> str:
   """Decide "reproduced", "contradicted" or "inconclusive" for one claim.
 
   (low, high) is a confidence interval of the paired difference a - b (e.g. from

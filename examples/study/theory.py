@@ -42,18 +42,18 @@ import regjax
 from study.configs import METHODS
 
 __all__ = [
-    "OPS",
-    "d_cos2",
-    "format_theory",
-    "mean_correlation",
-    "relu_moments",
-    "run_theory_checks",
-    "shift_direct",
-    "shift_dropout_eq8",
-    "shift_linear_exact",
-    "shift_uout_eq15",
-    "shift_weighted",
-    "sign_flip_fraction",
+  "OPS",
+  "d_cos2",
+  "format_theory",
+  "mean_correlation",
+  "relu_moments",
+  "run_theory_checks",
+  "shift_direct",
+  "shift_dropout_eq8",
+  "shift_linear_exact",
+  "shift_uout_eq15",
+  "shift_weighted",
+  "sign_flip_fraction",
 ]
 
 OPS = METHODS  # the ops the study compares, in its order
@@ -208,8 +208,8 @@ def _pooled(mean_var):
 
 def _ratio_of_variances(batches, eval_col, train_col):
   """Pooled ``Var_eval / Var_train`` from the ``(mean, var)`` column pairs at the two offsets."""
-  var_eval = _pooled(batches[:, eval_col:eval_col + 2])[1]
-  return var_eval / _pooled(batches[:, train_col:train_col + 2])[1]
+  var_eval = _pooled(batches[:, eval_col : eval_col + 2])[1]
+  return var_eval / _pooled(batches[:, train_col : train_col + 2])[1]
 
 
 def _ratio_of_means(batches, num_col, den_col):
@@ -226,7 +226,8 @@ def _jackknife(statistic, batches):
 
 
 def _row(
-    check, op, s2, params, quantity, predicted, estimate_se, samples, extension=False, **extra):
+  check, op, s2, params, quantity, predicted, estimate_se, samples, extension=False, **extra
+):
   """One result row: the 95 % t interval and the 5-SE verdict of the module docstring.
 
   ``samples`` counts the values the statistic was measured on (all batches together).
@@ -235,10 +236,20 @@ def _row(
   half = float(scipy.stats.t.ppf(0.975, _BATCHES - 1)) * se
   agrees = None if predicted is None else bool(abs(predicted - estimate) <= _TOLERANCE_SE * se)
   return {
-      "check": check, "op": op, "s2": float(s2), "params": params, "quantity": quantity,
-      "predicted": None if predicted is None else float(predicted), "measured": estimate,
-      "se": float(se), "ci_low": estimate - half, "ci_high": estimate + half, "agrees": agrees,
-      "samples": int(samples), "extension": bool(extension), **extra,
+    "check": check,
+    "op": op,
+    "s2": float(s2),
+    "params": params,
+    "quantity": quantity,
+    "predicted": None if predicted is None else float(predicted),
+    "measured": estimate,
+    "se": float(se),
+    "ci_low": estimate - half,
+    "ci_high": estimate + half,
+    "agrees": agrees,
+    "samples": int(samples),
+    "extension": bool(extension),
+    **extra,
   }
 
 
@@ -259,8 +270,9 @@ def _direct_rows(key, n, check, op, strength, c, v):
   s2 = noise_variance(op, strength)
   rows_per_batch = n // _BATCHES
   batches = np.asarray(
-      _weighted_batches(key, OPS.index(op), strength, c, v, 0.0, jnp.ones(1), rows=rows_per_batch),
-      np.float64)
+    _weighted_batches(key, OPS.index(op), strength, c, v, 0.0, jnp.ones(1), rows=rows_per_batch),
+    np.float64,
+  )
   samples = rows_per_batch * _BATCHES
   params = {"c": c, "v": v, ("beta" if op == "uout" else "rate"): strength}
   extension = op == "uout" and strength > 1.0
@@ -275,12 +287,13 @@ def _direct_rows(key, n, check, op, strength, c, v):
 
 
 def _case_a_rows(key, n):
-  settings = [("Eq. 8 case (a)", "dropout", q, c, v)
-              for q in (0.25, 0.5) for c, v in ((0.0, 1.0), (2.0, 1.0))]
+  settings = [
+    ("Eq. 8 case (a)", "dropout", q, c, v) for q in (0.25, 0.5) for c, v in ((0.0, 1.0), (2.0, 1.0))
+  ]
   settings += [("case (a) Gaussian", "gaussian", q, 2.0, 1.0) for q in (0.25, 0.5)]
   settings += [("Eq. 15 Uout", "uout", beta, 2.0, 1.0) for beta in (0.1, 0.5, 1.0, math.sqrt(3))]
   keys = jax.random.split(key, len(settings))
-  return [row for k, s in zip(keys, settings) for row in _direct_rows(k, n, *s)]
+  return [row for k, s in zip(keys, settings, strict=True) for row in _direct_rows(k, n, *s)]
 
 
 def _weights(rng, d, kind):
@@ -293,12 +306,17 @@ def _weights(rng, d, kind):
 
 def _case_b_rows(key, n, rng):
   c, v = 0.5, 1.0
-  settings = [(op, strength, d, rho, kind)
-              for op, strength in (("dropout", 0.5), ("uout", 1.0))
-              for d in (1, 16, 256) for rho in (0.0, 0.3)
-              for kind in (("positive",) if d == 1 else ("random signs", "positive"))]
+  settings = [
+    (op, strength, d, rho, kind)
+    for op, strength in (("dropout", 0.5), ("uout", 1.0))
+    for d in (1, 16, 256)
+    for rho in (0.0, 0.3)
+    for kind in (("positive",) if d == 1 else ("random signs", "positive"))
+  ]
   keys = jax.random.split(key, len(settings))
-  return [_weighted_row(k, n, rng, c, v, *setting) for k, setting in zip(keys, settings)]
+  return [
+    _weighted_row(k, n, rng, c, v, *setting) for k, setting in zip(keys, settings, strict=True)
+  ]
 
 
 def _weighted_row(key, n, rng, c, v, op, strength, d, rho, kind):
@@ -308,19 +326,39 @@ def _weighted_row(key, n, rng, c, v, op, strength, d, rho, kind):
   per_batch = min(n, _WEIGHTED_ELEMENTS * n // d) // _BATCHES
   w32 = jnp.asarray(w, jnp.float32)
   batches = np.asarray(
-      _weighted_batches(key, OPS.index(op), strength, c, v, rho, w32, rows=per_batch), np.float64)
-  params = {"c": c, "v": v, "rho": rho, "d": d, "d_cos2": dc2, "weights": kind,
-            ("beta" if op == "uout" else "rate"): strength}
+    _weighted_batches(key, OPS.index(op), strength, c, v, rho, w32, rows=per_batch), np.float64
+  )
+  params = {
+    "c": c,
+    "v": v,
+    "rho": rho,
+    "d": d,
+    "d_cos2": dc2,
+    "weights": kind,
+    ("beta" if op == "uout" else "rate"): strength,
+  }
   delta = _jackknife(lambda b: _ratio_of_variances(b, 0, 2), batches)
-  return _row("Eq. 12 case (b)", op, s2, params, "Delta", shift_weighted(s2, c, v, rho, dc2),
-              delta, per_batch * _BATCHES)
+  return _row(
+    "Eq. 12 case (b)",
+    op,
+    s2,
+    params,
+    "Delta",
+    shift_weighted(s2, c, v, rho, dc2),
+    delta,
+    per_batch * _BATCHES,
+  )
 
 
 def _pooled_rows(key, n):
   """ReLU -> noise -> max-pool(2) for every op at ``s2`` in {1/3, 1}."""
   settings = [(op, s2) for s2 in (1.0 / 3.0, 1.0) for op in OPS]
   keys = jax.random.split(key, len(settings))
-  return [row for k, (op, s2) in zip(keys, settings) for row in _pooled_setting_rows(k, n, op, s2)]
+  return [
+    row
+    for k, (op, s2) in zip(keys, settings, strict=True)
+    for row in _pooled_setting_rows(k, n, op, s2)
+  ]
 
 
 def _pooled_setting_rows(key, n, op, s2):
@@ -334,14 +372,41 @@ def _pooled_setting_rows(key, n, op, s2):
   params = {"c": c, "v": v, ("beta" if op == "uout" else "rate"): strength, "pool": 2}
   linear = shift_direct(s2, c, v)
   return [
-      _row("relu case (a)", op, s2, params, "Delta", linear,
-           _jackknife(lambda b: _ratio_of_variances(b, 0, 2), batches), 2 * pooled, extension),
-      _row("pooled path", op, s2, params, "mean inflation", None,
-           _jackknife(lambda b: _ratio_of_means(b, 6, 4), batches), pooled, extension,
-           linear=1.0),
-      _row("pooled path", op, s2, params, "Delta", None,
-           _jackknife(lambda b: _ratio_of_variances(b, 4, 6), batches), pooled, extension,
-           linear=linear),
+    _row(
+      "relu case (a)",
+      op,
+      s2,
+      params,
+      "Delta",
+      linear,
+      _jackknife(lambda b: _ratio_of_variances(b, 0, 2), batches),
+      2 * pooled,
+      extension,
+    ),
+    _row(
+      "pooled path",
+      op,
+      s2,
+      params,
+      "mean inflation",
+      None,
+      _jackknife(lambda b: _ratio_of_means(b, 6, 4), batches),
+      pooled,
+      extension,
+      linear=1.0,
+    ),
+    _row(
+      "pooled path",
+      op,
+      s2,
+      params,
+      "Delta",
+      None,
+      _jackknife(lambda b: _ratio_of_variances(b, 4, 6), batches),
+      pooled,
+      extension,
+      linear=linear,
+    ),
   ]
 
 
@@ -366,15 +431,33 @@ def run_theory_checks(seed: int = 0, n: int = 2**20) -> list[dict]:
 
 # --- report --------------------------------------------------------------------------------------
 
-_HEADER = ("check", "op", "s2", "params", "quantity", "predicted",
-           "measured [95 % interval]", "agrees", "note")
+_HEADER = (
+  "check",
+  "op",
+  "s2",
+  "params",
+  "quantity",
+  "predicted",
+  "measured [95 % interval]",
+  "agrees",
+  "note",
+)
 _WIDTHS = (18, 8, 8, 58, 14, 9, 30, 6, 0)
 _PARAM_ORDER = ("rate", "beta", "c", "v", "d", "rho", "d_cos2", "weights", "pool")
 
 
 def _format_params(params):
-  shown = {"c": "c", "v": "v", "d": "d", "rho": "rho", "d_cos2": "dcos2", "rate": "q",
-           "beta": "beta", "weights": "w", "pool": "pool"}
+  shown = {
+    "c": "c",
+    "v": "v",
+    "d": "d",
+    "rho": "rho",
+    "d_cos2": "dcos2",
+    "rate": "q",
+    "beta": "beta",
+    "weights": "w",
+    "pool": "pool",
+  }
   parts = []
   for name in _PARAM_ORDER:
     if name in params:
@@ -392,20 +475,31 @@ def _format_row(row):
     notes.append(f"linear {row['linear']:.5f}")
   if row["extension"]:
     notes.append("extension: beyond the published beta <= 1")
-  cells = (row["check"], row["op"], f"{row['s2']:.4g}", _format_params(row["params"]),
-           row["quantity"], predicted, interval, agrees, "; ".join(notes))
+  cells = (
+    row["check"],
+    row["op"],
+    f"{row['s2']:.4g}",
+    _format_params(row["params"]),
+    row["quantity"],
+    predicted,
+    interval,
+    agrees,
+    "; ".join(notes),
+  )
   return _join(cells)
 
 
 def _join(cells):
-  return "  ".join(f"{cell:<{width}}" for cell, width in zip(cells, _WIDTHS)).rstrip()
+  return "  ".join(f"{cell:<{width}}" for cell, width in zip(cells, _WIDTHS, strict=False)).rstrip()
 
 
 def format_theory(rows) -> str:
   """Fixed-width table, predicted vs measured [95 % interval], with a header and a legend."""
-  legend = (f"Delta = Var_eval / Var_train of the BN input; interval: 95 % t over {_BATCHES} "
-            f"batches (jackknife SE); agrees: |predicted - measured| <= {_TOLERANCE_SE:g} SE; "
-            "linear: case (a) prediction without the pool.")
+  legend = (
+    f"Delta = Var_eval / Var_train of the BN input; interval: 95 % t over {_BATCHES} "
+    f"batches (jackknife SE); agrees: |predicted - measured| <= {_TOLERANCE_SE:g} SE; "
+    "linear: case (a) prediction without the pool."
+  )
   return "\n".join([_join(_HEADER), *(_format_row(row) for row in rows), legend])
 
 

@@ -1,8 +1,8 @@
 """Flax linen modules wrapping the regjax functions (drop-in for flax.linen)."""
 
+from regjax.linen.affine_noise import AlphaDropout, GaussianNoise
 from regjax.linen.normalization import BatchNorm
 from regjax.linen.stochastic import Dropout, GaussianDropout, Uout
-from regjax.linen.affine_noise import AlphaDropout, GaussianNoise
 from regjax.linen.structured import ChannelDropout, Cutout, DropBlock, DropPath
 from regjax.linen.weights import DropConnect
 

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
+from regjax import _specs
 from regjax import affine_noise as F
-from regjax._checks import is_concretely
-from regjax.linen.stochastic import noise_key
+from regjax.linen._common import apply_noise
 
 
 class AlphaDropout(nn.Module):
@@ -37,10 +37,9 @@ class AlphaDropout(nn.Module):
   @nn.compact
   def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
                rng: jax.Array | None = None) -> jax.Array:
-    deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-    key = noise_key(self, deterministic, rng, is_concretely(self.rate, 0.0, 1.0))
-    return F.alpha_dropout(inputs, self.rate, key=key, deterministic=deterministic,
-                           broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)
+    return apply_noise(self, F.alpha_dropout, _specs.ALPHA_DROPOUT, self.rate, inputs,
+                       deterministic, rng, broadcast_dims=self.broadcast_dims,
+                       rng_impl=self.rng_impl)
 
 
 class GaussianNoise(nn.Module):
@@ -64,7 +63,6 @@ class GaussianNoise(nn.Module):
   @nn.compact
   def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
                rng: jax.Array | None = None) -> jax.Array:
-    deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-    key = noise_key(self, deterministic, rng, is_concretely(self.stddev, 0.0))
-    return F.gaussian_noise(inputs, self.stddev, key=key, deterministic=deterministic,
-                            broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)
+    return apply_noise(self, F.gaussian_noise, _specs.GAUSSIAN_NOISE, self.stddev, inputs,
+                       deterministic, rng, broadcast_dims=self.broadcast_dims,
+                       rng_impl=self.rng_impl)

@@ -13,7 +13,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.linen import dtypes
 from jax.nn import initializers
 
 from regjax import normalization as F
@@ -69,8 +68,7 @@ class BatchNorm(nn.Module):
     feature_axes = canonical_axes(self.axis, x.ndim, "BatchNorm")
     feature_shape = tuple(x.shape[a] for a in feature_axes)
 
-    # flax's rule: float32 statistics unless float32 reductions are turned off.
-    stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+    stats_dtype = F.running_stats_dtype(self.param_dtype, self.force_float32_reductions)
     ra_mean = self.variable("batch_stats", "mean",
                             lambda s: jnp.zeros(s, stats_dtype), feature_shape)
     ra_var = self.variable("batch_stats", "var",
@@ -92,9 +90,7 @@ class BatchNorm(nn.Module):
         unbiased_running_var=self.unbiased_running_var,
         mask=mask,
         force_float32_reductions=self.force_float32_reductions,
-        # flax's rule: the result dtype is inferred from input and params.
-        dtype=dtypes.canonicalize_dtype(
-            *(a for a in (x, scale, bias) if a is not None), dtype=self.dtype),
+        dtype=F.output_dtype(x, scale, bias, self.dtype),
     )
     if not deterministic and not initializing:
       ra_mean.value = new_stats["mean"]

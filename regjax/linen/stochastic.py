@@ -1,7 +1,8 @@
 """Linen wrappers of the noise ops, drop-in for ``flax.linen.Dropout``.
 
 Unlike flax, a module in train mode with no ``rng_collection`` stream raises
-instead of silently drawing its mask from the ``'params'`` stream.
+instead of silently drawing its mask from the ``'params'`` stream (see
+:mod:`regjax.linen._common`).
 """
 
 from __future__ import annotations
@@ -11,29 +12,10 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
+from regjax import _specs
 from regjax import stochastic as F
-from regjax._checks import check_deterministic, is_concretely
-
-
-def noise_key(module: nn.Module, deterministic: bool, rng, trivial: bool):
-  """The key for a train-mode draw, or None where no draw is made.
-
-  ``deterministic`` is checked first (a traced value raises regjax's
-  ``TypeError``, not jax's ``TracerBoolConversionError``).
-  """
-  deterministic = check_deterministic(deterministic, f"regjax.linen.{type(module).__name__}")
-  if deterministic or trivial:
-    return None
-  if rng is not None:
-    return rng
-  if not module.has_rng(module.rng_collection):
-    raise ValueError(
-        f"{type(module).__name__} in train mode (deterministic=False) needs the "
-        f"'{module.rng_collection}' PRNG stream: pass "
-        f"`rngs={{'{module.rng_collection}': key}}` to init/apply or `rng=key` at the "
-        "call, or set deterministic=True. (regjax never falls back to the 'params' "
-        "stream, which would reuse initialization randomness as noise.)")
-  return module.make_rng(module.rng_collection)
+from regjax.linen._common import apply_noise
+from regjax.linen._common import noise_key as noise_key  # importable from its former home
 
 
 class Dropout(nn.Module):
@@ -41,7 +23,8 @@ class Dropout(nn.Module):
 
   Attributes:
     rate: probability of dropping a unit (not the keep rate).
-    broadcast_dims: axes that share one mask.
+    broadcast_dims: axes that share one mask (flax's name: the shared axes, not
+      a channel axis as :class:`ChannelDropout`'s ``channel_axis``).
     deterministic: eval mode if True; may be given at call instead.
     rng_collection: the PRNG stream the mask is drawn from.
     rng_impl: ``'hash'`` (fused counter hash, default) or ``'jax'``
@@ -58,10 +41,8 @@ class Dropout(nn.Module):
   @nn.compact
   def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
                rng: jax.Array | None = None) -> jax.Array:
-    deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-    key = noise_key(self, deterministic, rng, is_concretely(self.rate, 0.0, 1.0))
-    return F.dropout(inputs, self.rate, key=key, deterministic=deterministic,
-                     broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)
+    return apply_noise(self, F.dropout, _specs.DROPOUT, self.rate, inputs, deterministic, rng,
+                       broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)
 
 
 class GaussianDropout(nn.Module):
@@ -76,10 +57,9 @@ class GaussianDropout(nn.Module):
   @nn.compact
   def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
                rng: jax.Array | None = None) -> jax.Array:
-    deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-    key = noise_key(self, deterministic, rng, is_concretely(self.rate, 0.0))
-    return F.gaussian_dropout(inputs, self.rate, key=key, deterministic=deterministic,
-                              broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)
+    return apply_noise(self, F.gaussian_dropout, _specs.GAUSSIAN_DROPOUT, self.rate, inputs,
+                       deterministic, rng, broadcast_dims=self.broadcast_dims,
+                       rng_impl=self.rng_impl)
 
 
 class Uout(nn.Module):
@@ -94,7 +74,5 @@ class Uout(nn.Module):
   @nn.compact
   def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
                rng: jax.Array | None = None) -> jax.Array:
-    deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-    key = noise_key(self, deterministic, rng, is_concretely(self.beta, 0.0))
-    return F.uout(inputs, self.beta, key=key, deterministic=deterministic,
-                  broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)
+    return apply_noise(self, F.uout, _specs.UOUT, self.beta, inputs, deterministic, rng,
+                       broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
+from regjax import _specs
 from regjax import structured as F
-from regjax._checks import is_concretely
-from regjax.linen.stochastic import noise_key
+from regjax.linen._common import apply_noise
 
 
 class ChannelDropout(nn.Module):
@@ -24,7 +24,10 @@ class ChannelDropout(nn.Module):
 
   Attributes:
     rate: probability of dropping a channel.
-    channel_axis: the channel axis (-1, channels-last, by default; 1 for channels-first).
+    channel_axis: the channel axis (-1, channels-last, by default; 1 for channels-first):
+      an index, as ``BatchNorm``'s ``axis``, where :class:`DropBlock` and
+      :class:`Cutout` take a ``data_format``; the other axes but 0 share one draw
+      (``Dropout``'s ``broadcast_dims``).
     deterministic: eval mode if True; may be given at call instead.
     rng_collection: the PRNG stream the mask is drawn from.
     rng_impl: ``'hash'`` (fused counter hash, default) or ``'jax'``
@@ -40,10 +43,9 @@ class ChannelDropout(nn.Module):
   @nn.compact
   def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
                rng: jax.Array | None = None) -> jax.Array:
-    deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-    key = noise_key(self, deterministic, rng, is_concretely(self.rate, 0.0, 1.0))
-    return F.channel_dropout(inputs, self.rate, key=key, deterministic=deterministic,
-                             channel_axis=self.channel_axis, rng_impl=self.rng_impl)
+    return apply_noise(self, F.channel_dropout, _specs.CHANNEL_DROPOUT, self.rate, inputs,
+                       deterministic, rng, channel_axis=self.channel_axis,
+                       rng_impl=self.rng_impl)
 
 
 class DropPath(nn.Module):
@@ -70,20 +72,20 @@ class DropPath(nn.Module):
   @nn.compact
   def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
                rng: jax.Array | None = None) -> jax.Array:
-    deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-    key = noise_key(self, deterministic, rng, is_concretely(self.rate, 0.0, 1.0))
-    return F.drop_path(inputs, self.rate, key=key, deterministic=deterministic, mode=self.mode,
-                       rng_impl=self.rng_impl)
+    return apply_noise(self, F.drop_path, _specs.DROP_PATH, self.rate, inputs, deterministic,
+                       rng, mode=self.mode, rng_impl=self.rng_impl)
 
 
 class DropBlock(nn.Module):
   """Drops contiguous ``block_size x block_size`` regions; see :func:`regjax.dropblock`.
 
   Attributes:
-    rate: nominal drop rate (ramp it with :func:`regjax.dropblock_rate_schedule`).
+    rate: nominal drop rate (ramp it with e.g.
+      ``optax.linear_schedule(0.0, final_rate, total_steps)``).
     block_size: side of the square blocks.
     share_channels: one mask per sample, shared by its channels.
-    data_format: ``'NHWC'`` or ``'NCHW'``.
+    data_format: ``'NHWC'`` or ``'NCHW'``: the layout, where
+      :class:`ChannelDropout` takes a ``channel_axis`` (see :func:`regjax.dropblock`).
     deterministic: eval mode if True; may be given at call instead.
     rng_collection: the PRNG stream the mask is drawn from.
     rng_impl: ``'hash'`` (fused counter hash, default) or ``'jax'``
@@ -101,10 +103,8 @@ class DropBlock(nn.Module):
   @nn.compact
   def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
                rng: jax.Array | None = None) -> jax.Array:
-    deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-    key = noise_key(self, deterministic, rng, is_concretely(self.rate, 0.0))
-    return F.dropblock(inputs, self.rate, key=key, deterministic=deterministic,
-                       block_size=self.block_size, share_channels=self.share_channels,
+    return apply_noise(self, F.dropblock, _specs.DROPBLOCK, self.rate, inputs, deterministic,
+                       rng, block_size=self.block_size, share_channels=self.share_channels,
                        data_format=self.data_format, rng_impl=self.rng_impl)
 
 
@@ -126,7 +126,5 @@ class Cutout(nn.Module):
   @nn.compact
   def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
                rng: jax.Array | None = None) -> jax.Array:
-    deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-    key = noise_key(self, deterministic, rng, is_concretely(self.size, 0))
-    return F.cutout(inputs, self.size, key=key, deterministic=deterministic,
-                    data_format=self.data_format)
+    return apply_noise(self, F.cutout, _specs.CUTOUT, self.size, inputs, deterministic, rng,
+                       data_format=self.data_format)

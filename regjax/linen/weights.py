@@ -17,9 +17,9 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from flax.typing import Dtype, Initializer, PrecisionLike
 
+from regjax import _specs
 from regjax import weights as F
-from regjax._checks import is_concretely
-from regjax.linen.stochastic import noise_key
+from regjax.linen._common import noise_key
 
 
 class DropConnect(nn.Module):
@@ -64,11 +64,10 @@ class DropConnect(nn.Module):
     bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
     inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-    if self.dot_general_cls is not None:
-      dot_general = self.dot_general_cls()
-    else:
-      dot_general = self.dot_general  # None: jax.lax.dot_general
-    key = noise_key(self, deterministic, rng, is_concretely(self.rate, 0.0, 1.0))
+    # dot_general None: jax.lax.dot_general
+    dot_general = (self.dot_general_cls() if self.dot_general_cls is not None
+                   else self.dot_general)
+    key = noise_key(self, deterministic, rng, _specs.DROPCONNECT.needs_no_draw(self.rate))
     return F.dropconnect_dense(inputs, kernel, bias, self.rate, key=key,
                                deterministic=deterministic, precision=self.precision,
                                dot_general=dot_general, rng_impl=self.rng_impl)

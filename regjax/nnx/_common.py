@@ -1,4 +1,9 @@
-"""What every regjax NNX noise module shares: its stream, its mode, its key.
+"""What every regjax NNX noise module shares: its checks, its stream, its mode, its key.
+
+A module's constructor keeps its own signature (``flax.nnx.Dropout``'s, so
+that it is a drop-in) and checks its strength with the op's spec
+(:mod:`regjax._specs`, the bounds the op itself applies); its ``__call__``
+hands the op, the spec and its arguments to :meth:`NoiseModule._call_noise`.
 
 Conventions of ``flax.nnx.Dropout`` (flax 0.12): the constructor takes
 ``deterministic`` (default ``False``), ``rng_collection`` (default
@@ -21,10 +26,12 @@ A Python-float rate is static, as in flax: changing it recompiles.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 from flax import nnx
 
-from regjax import _checks
+from regjax import _checks, _noise, _specs
 
 RngsArg = nnx.Rngs | nnx.RngStream | jax.Array | None
 
@@ -50,13 +57,27 @@ def hashable(value):
 class NoiseModule(nnx.Module):
   """Base of the regjax NNX noise modules (not exported)."""
 
+  def _op_name(self) -> str:
+    return f"regjax.nnx.{type(self).__name__}"
+
+  def _strength(self, spec: _specs.Strength, value):
+    """``value`` checked against ``spec`` and returned as given.
+
+    Not converted: a JAX scalar stays pytree data (traced under ``nnx.jit``).
+    """
+    spec.check(value, self._op_name())
+    return value
+
+  def _rng_impl(self, rng_impl) -> str:
+    return _noise.check_rng_impl(rng_impl, self._op_name())
+
   def _init_noise(self, deterministic: bool | None, rng_collection: str,
                   rngs: nnx.Rngs | nnx.RngStream | None) -> None:
     name = type(self).__name__
     if not isinstance(rng_collection, str):
       raise TypeError(f"{name}: `rng_collection` must be a str; got {rng_collection!r}.")
     if deterministic is not None:
-      _checks.check_deterministic(deterministic, f"regjax.nnx.{name}")
+      _checks.check_deterministic(deterministic, self._op_name())
     self.deterministic = deterministic
     self.rng_collection = rng_collection
     self.rngs = nnx.data(own_stream(name, rngs, rng_collection))
@@ -68,7 +89,7 @@ class NoiseModule(nnx.Module):
       deterministic: if True, no noise is applied (eval mode).
     """
     if deterministic is not None:
-      _checks.check_deterministic(deterministic, f"regjax.nnx.{type(self).__name__}")
+      _checks.check_deterministic(deterministic, self._op_name())
       self.deterministic = deterministic
 
   def _deterministic(self, deterministic: bool | None) -> bool:
@@ -79,7 +100,7 @@ class NoiseModule(nnx.Module):
           f"{type(self).__name__}: no `deterministic` value: pass it to the constructor, "
           "at call, or switch the model with model.train() / model.eval() or "
           "nnx.view(model, deterministic=...).")
-    return _checks.check_deterministic(value, f"regjax.nnx.{type(self).__name__}")
+    return _checks.check_deterministic(value, self._op_name())
 
   def _key(self, deterministic: bool, rngs: RngsArg, trivial: bool):
     """The key for a train-mode draw, or None where no draw is made.
@@ -117,3 +138,15 @@ class NoiseModule(nnx.Module):
     raise TypeError(
         f"{name}: `rngs` at call must be a PRNG key, an nnx.RngStream or an nnx.Rngs; "
         f"got {type(rngs).__name__}.")
+
+  def _call_noise(self, op: Callable[..., jax.Array], spec: _specs.Strength, strength,
+                  inputs: jax.Array, deterministic: bool | None, rngs: RngsArg,
+                  **kwargs) -> jax.Array:
+    """``op(inputs, strength, key=..., deterministic=..., **kwargs)`` for this module.
+
+    ``deterministic`` and the key as :meth:`_deterministic` and :meth:`_key`
+    give them; no key is asked for where ``spec`` says the strength needs no draw.
+    """
+    deterministic = self._deterministic(deterministic)
+    key = self._key(deterministic, rngs, spec.needs_no_draw(strength))
+    return op(inputs, strength, key=key, deterministic=deterministic, **kwargs)

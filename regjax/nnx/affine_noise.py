@@ -6,15 +6,13 @@ a train-mode module never draws from a stream other than its ``rng_collection``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import jax
 from flax import nnx
 
-from regjax import _checks
+from regjax import _specs
 from regjax import affine_noise as F
-from regjax._noise import check_rng_impl
 from regjax.nnx._common import NoiseModule, RngsArg, hashable
 
 
@@ -36,20 +34,17 @@ class AlphaDropout(NoiseModule):
   def __init__(self, rate: float, *, broadcast_dims: Sequence[int] = (),
                deterministic: bool | None = False, rng_collection: str = "dropout",
                rng_impl: str = "hash", rngs: nnx.Rngs | nnx.RngStream | None = None):
-    _checks.check_rate(rate, "regjax.nnx.AlphaDropout", "rate", low=0.0, high=1.0,
-                       high_inclusive=True)
-    self.rate = rate
+    self.rate = self._strength(_specs.ALPHA_DROPOUT, rate)
     self.broadcast_dims = hashable(broadcast_dims)
-    self.rng_impl = check_rng_impl(rng_impl, f"regjax.nnx.{type(self).__name__}")
+    self.rng_impl = self._rng_impl(rng_impl)
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
                rngs: RngsArg = None) -> jax.Array:
     """Applies alpha dropout; ``rngs`` (a key, stream or Rngs) overrides the kept stream."""
-    deterministic = self._deterministic(deterministic)
-    key = self._key(deterministic, rngs, _checks.is_concretely(self.rate, 0.0, 1.0))
-    return F.alpha_dropout(inputs, self.rate, key=key, deterministic=deterministic,
-                           broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)
+    return self._call_noise(F.alpha_dropout, _specs.ALPHA_DROPOUT, self.rate, inputs,
+                            deterministic, rngs, broadcast_dims=self.broadcast_dims,
+                            rng_impl=self.rng_impl)
 
 
 class GaussianNoise(NoiseModule):
@@ -63,17 +58,14 @@ class GaussianNoise(NoiseModule):
   def __init__(self, stddev: float, *, broadcast_dims: Sequence[int] = (),
                deterministic: bool | None = False, rng_collection: str = "dropout",
                rng_impl: str = "hash", rngs: nnx.Rngs | nnx.RngStream | None = None):
-    _checks.check_rate(stddev, "regjax.nnx.GaussianNoise", "stddev", low=0.0, high=math.inf,
-                       high_inclusive=False)
-    self.stddev = stddev
+    self.stddev = self._strength(_specs.GAUSSIAN_NOISE, stddev)
     self.broadcast_dims = hashable(broadcast_dims)
-    self.rng_impl = check_rng_impl(rng_impl, f"regjax.nnx.{type(self).__name__}")
+    self.rng_impl = self._rng_impl(rng_impl)
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
                rngs: RngsArg = None) -> jax.Array:
     """Adds the noise; ``rngs`` overrides the kept stream."""
-    deterministic = self._deterministic(deterministic)
-    key = self._key(deterministic, rngs, _checks.is_concretely(self.stddev, 0.0))
-    return F.gaussian_noise(inputs, self.stddev, key=key, deterministic=deterministic,
-                            broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)
+    return self._call_noise(F.gaussian_noise, _specs.GAUSSIAN_NOISE, self.stddev, inputs,
+                            deterministic, rngs, broadcast_dims=self.broadcast_dims,
+                            rng_impl=self.rng_impl)

@@ -26,6 +26,29 @@ from regjax import normalization as F
 Initializer = Any
 
 
+def _feature_shape(num_features, axis, op: str) -> tuple[Any, ...]:
+  """``num_features`` as a shape with one positive size per axis of ``axis``."""
+  feature_shape: tuple[Any, ...] | None
+  if isinstance(num_features, (int, np.integer)) and not isinstance(num_features, bool):
+    feature_shape = (int(num_features),)
+  elif isinstance(num_features, (tuple, list)):
+    feature_shape = tuple(num_features)
+  else:
+    feature_shape = None
+  if feature_shape is None or not feature_shape or not all(
+      isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0
+      for d in feature_shape):
+    raise ValueError(
+        f"{op}: `num_features` must be a positive int (or a tuple of them, one per "
+        f"feature axis); got {num_features!r}.")
+  n_axes = 1 if isinstance(axis, (int, np.integer)) else len(tuple(axis))
+  if n_axes != len(feature_shape):
+    raise ValueError(
+        f"{op}: `num_features`={num_features!r} gives {len(feature_shape)} feature "
+        f"size(s) but `axis`={axis!r} names {n_axes} axis/axes.")
+  return feature_shape
+
+
 class BatchNorm(nnx.Module):
   """Batch normalization with running statistics in ``nnx.BatchStat`` variables.
 
@@ -77,31 +100,16 @@ class BatchNorm(nnx.Module):
       scale_metadata: Mapping[str, Any] = MappingProxyType({}),
   ):
     op = "regjax.nnx.BatchNorm"
-    if isinstance(num_features, (int, np.integer)) and not isinstance(num_features, bool):
-      feature_shape = (int(num_features),)
-    elif isinstance(num_features, (tuple, list)):
-      feature_shape = tuple(num_features)
-    else:
-      feature_shape = None
-    if feature_shape is None or not feature_shape or not all(
-        isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0
-        for d in feature_shape):
-      raise ValueError(
-          f"{op}: `num_features` must be a positive int (or a tuple of them, one per "
-          f"feature axis); got {num_features!r}.")
-    n_axes = 1 if isinstance(axis, (int, np.integer)) else len(tuple(axis))
-    if n_axes != len(feature_shape):
-      raise ValueError(
-          f"{op}: `num_features`={num_features!r} gives {len(feature_shape)} feature "
-          f"size(s) but `axis`={axis!r} names {n_axes} axis/axes.")
+    feature_shape = _feature_shape(num_features, axis, op)
     _checks.check_rate(momentum, op, "momentum", low=0.0, high=1.0, high_inclusive=True)
-    F.check_epsilon(epsilon, op)
+    _checks.check_epsilon(epsilon, op)
     if deterministic is not None:
       use_running_average = _checks.resolve_deterministic_alias(
           deterministic, True if use_running_average else None, "constructor arguments")
 
-    self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
-    self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
+    stats = F.init_batch_stats(feature_shape, F.running_stats_dtype())
+    self.mean = nnx.BatchStat(stats["mean"])
+    self.var = nnx.BatchStat(stats["var"])
     self.scale: nnx.Param | None
     self.bias: nnx.Param | None
     if use_scale:
@@ -185,8 +193,7 @@ class BatchNorm(nnx.Module):
         axis_index_groups=self.axis_index_groups,
         unbiased_running_var=self.unbiased_running_var,
         mask=mask,
-        dtype=dtypes.canonicalize_dtype(
-            *(a for a in (x, scale, bias) if a is not None), dtype=self.dtype),
+        dtype=F.output_dtype(x, scale, bias, self.dtype),
     )
     if not mode:
       # Statistics are state, never differentiated (as in nnx.BatchNorm).

@@ -19,9 +19,8 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
-from regjax import _checks
+from regjax import _specs
 from regjax import stochastic as F
-from regjax._noise import check_rng_impl
 from regjax.nnx._common import NoiseModule, RngsArg, hashable
 
 
@@ -30,7 +29,8 @@ class Dropout(NoiseModule):
 
   Args:
     rate: probability of dropping a unit (not the keep rate), in ``[0, 1]``.
-    broadcast_dims: axes that share one mask.
+    broadcast_dims: axes that share one mask (flax's name: the shared axes, not
+      a channel axis as :class:`regjax.nnx.ChannelDropout`'s ``channel_axis``).
     deterministic: eval mode if True; switched by ``model.train()`` /
       ``model.eval()`` / ``nnx.view``; a value given at call takes precedence.
     rng_collection: the ``nnx.Rngs`` stream the mask is drawn from.
@@ -44,20 +44,16 @@ class Dropout(NoiseModule):
   def __init__(self, rate: float, *, broadcast_dims: Sequence[int] = (),
                deterministic: bool | None = False, rng_collection: str = "dropout",
                rng_impl: str = "hash", rngs: nnx.Rngs | nnx.RngStream | None = None):
-    _checks.check_rate(rate, "regjax.nnx.Dropout", "rate", low=0.0, high=1.0,
-                       high_inclusive=True)
-    self.rate = rate
+    self.rate = self._strength(_specs.DROPOUT, rate)
     self.broadcast_dims = hashable(broadcast_dims)
-    self.rng_impl = check_rng_impl(rng_impl, f"regjax.nnx.{type(self).__name__}")
+    self.rng_impl = self._rng_impl(rng_impl)
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
                rngs: RngsArg = None) -> jax.Array:
     """Applies dropout; ``rngs`` (a key, stream or Rngs) overrides the kept stream."""
-    deterministic = self._deterministic(deterministic)
-    key = self._key(deterministic, rngs, _checks.is_concretely(self.rate, 0.0, 1.0))
-    return F.dropout(inputs, self.rate, key=key, deterministic=deterministic,
-                     broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)
+    return self._call_noise(F.dropout, _specs.DROPOUT, self.rate, inputs, deterministic, rngs,
+                            broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)
 
 
 class GaussianDropout(NoiseModule):
@@ -69,20 +65,17 @@ class GaussianDropout(NoiseModule):
   def __init__(self, rate: float, *, broadcast_dims: Sequence[int] = (),
                deterministic: bool | None = False, rng_collection: str = "dropout",
                rng_impl: str = "hash", rngs: nnx.Rngs | nnx.RngStream | None = None):
-    _checks.check_rate(rate, "regjax.nnx.GaussianDropout", "rate", low=0.0, high=1.0,
-                       high_inclusive=False)
-    self.rate = rate
+    self.rate = self._strength(_specs.GAUSSIAN_DROPOUT, rate)
     self.broadcast_dims = hashable(broadcast_dims)
-    self.rng_impl = check_rng_impl(rng_impl, f"regjax.nnx.{type(self).__name__}")
+    self.rng_impl = self._rng_impl(rng_impl)
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
                rngs: RngsArg = None) -> jax.Array:
     """Applies Gaussian dropout; ``rngs`` overrides the kept stream."""
-    deterministic = self._deterministic(deterministic)
-    key = self._key(deterministic, rngs, _checks.is_concretely(self.rate, 0.0))
-    return F.gaussian_dropout(inputs, self.rate, key=key, deterministic=deterministic,
-                              broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)
+    return self._call_noise(F.gaussian_dropout, _specs.GAUSSIAN_DROPOUT, self.rate, inputs,
+                            deterministic, rngs, broadcast_dims=self.broadcast_dims,
+                            rng_impl=self.rng_impl)
 
 
 class Uout(NoiseModule):
@@ -95,17 +88,13 @@ class Uout(NoiseModule):
   def __init__(self, beta: float, *, broadcast_dims: Sequence[int] = (),
                deterministic: bool | None = False, rng_collection: str = "dropout",
                rng_impl: str = "hash", rngs: nnx.Rngs | nnx.RngStream | None = None):
-    _checks.check_rate(beta, "regjax.nnx.Uout", "beta", low=0.0, high=float("inf"),
-                       high_inclusive=False)
-    self.beta = beta
+    self.beta = self._strength(_specs.UOUT, beta)
     self.broadcast_dims = hashable(broadcast_dims)
-    self.rng_impl = check_rng_impl(rng_impl, f"regjax.nnx.{type(self).__name__}")
+    self.rng_impl = self._rng_impl(rng_impl)
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
                rngs: RngsArg = None) -> jax.Array:
     """Applies Uout noise; ``rngs`` overrides the kept stream."""
-    deterministic = self._deterministic(deterministic)
-    key = self._key(deterministic, rngs, _checks.is_concretely(self.beta, 0.0))
-    return F.uout(inputs, self.beta, key=key, deterministic=deterministic,
-                  broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)
+    return self._call_noise(F.uout, _specs.UOUT, self.beta, inputs, deterministic, rngs,
+                            broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)

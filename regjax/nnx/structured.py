@@ -11,15 +11,9 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from regjax import _checks
+from regjax import _specs
 from regjax import structured as F
-from regjax._noise import check_rng_impl
 from regjax.nnx._common import NoiseModule, RngsArg
-
-
-def _check_rate(rate, name):
-  _checks.check_rate(rate, f"regjax.nnx.{name}", "rate", low=0.0, high=1.0,
-                     high_inclusive=True)
 
 
 class ChannelDropout(NoiseModule):
@@ -30,7 +24,9 @@ class ChannelDropout(NoiseModule):
   Args:
     rate: probability of dropping a channel, in ``[0, 1]``.
     channel_axis: the channel axis (-1, channels-last, by default; 1 for
-      channels-first).
+      channels-first): an index, as ``BatchNorm``'s ``axis``, where
+      :class:`DropBlock` and :class:`Cutout` take a ``data_format``; the other
+      axes but 0 share one draw (``Dropout``'s ``broadcast_dims``).
     deterministic: eval mode if True; switched by ``model.train()`` /
       ``model.eval()`` / ``nnx.view``; a value given at call takes precedence.
     rng_collection: the ``nnx.Rngs`` stream the mask is drawn from.
@@ -43,19 +39,17 @@ class ChannelDropout(NoiseModule):
   def __init__(self, rate: float, *, channel_axis: int = -1,
                deterministic: bool | None = False, rng_collection: str = "dropout",
                rng_impl: str = "hash", rngs: nnx.Rngs | nnx.RngStream | None = None):
-    _check_rate(rate, "ChannelDropout")
-    self.rate = rate
+    self.rate = self._strength(_specs.CHANNEL_DROPOUT, rate)
     self.channel_axis = channel_axis
-    self.rng_impl = check_rng_impl(rng_impl, f"regjax.nnx.{type(self).__name__}")
+    self.rng_impl = self._rng_impl(rng_impl)
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
                rngs: RngsArg = None) -> jax.Array:
     """Applies channel dropout; ``rngs`` (a key, stream or Rngs) overrides the kept stream."""
-    deterministic = self._deterministic(deterministic)
-    key = self._key(deterministic, rngs, _checks.is_concretely(self.rate, 0.0, 1.0))
-    return F.channel_dropout(inputs, self.rate, key=key, deterministic=deterministic,
-                             channel_axis=self.channel_axis, rng_impl=self.rng_impl)
+    return self._call_noise(F.channel_dropout, _specs.CHANNEL_DROPOUT, self.rate, inputs,
+                            deterministic, rngs, channel_axis=self.channel_axis,
+                            rng_impl=self.rng_impl)
 
 
 class DropPath(NoiseModule):
@@ -73,33 +67,31 @@ class DropPath(NoiseModule):
   def __init__(self, rate: float, *, mode: str = "row", deterministic: bool | None = False,
                rng_collection: str = "dropout", rng_impl: str = "hash",
                rngs: nnx.Rngs | nnx.RngStream | None = None):
-    _check_rate(rate, "DropPath")
-    self.rate = rate
+    self.rate = self._strength(_specs.DROP_PATH, rate)
     self.mode = mode
-    self.rng_impl = check_rng_impl(rng_impl, f"regjax.nnx.{type(self).__name__}")
+    self.rng_impl = self._rng_impl(rng_impl)
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
                rngs: RngsArg = None) -> jax.Array:
     """Drops the branch per sample (or batch); ``rngs`` overrides the kept stream."""
-    deterministic = self._deterministic(deterministic)
-    key = self._key(deterministic, rngs, _checks.is_concretely(self.rate, 0.0, 1.0))
-    return F.drop_path(inputs, self.rate, key=key, deterministic=deterministic, mode=self.mode,
-                       rng_impl=self.rng_impl)
+    return self._call_noise(F.drop_path, _specs.DROP_PATH, self.rate, inputs, deterministic,
+                            rngs, mode=self.mode, rng_impl=self.rng_impl)
 
 
 class DropBlock(NoiseModule):
   """Drops contiguous ``block_size x block_size`` regions; see :func:`regjax.dropblock`.
 
   Args:
-    rate: nominal drop rate, in ``[0, 1]``. To ramp it with
-      :func:`regjax.dropblock_rate_schedule`, construct with a JAX scalar
+    rate: nominal drop rate, in ``[0, 1]``. To ramp it (e.g. with
+      ``optax.linear_schedule(0.0, final_rate, total_steps)``), construct with a JAX scalar
       (``DropBlock(jnp.float32(0.0))``) and assign ``module.rate =
       jnp.float32(r)`` between steps: the rate is then pytree data, traced
       under ``nnx.jit``, and one compilation serves the whole schedule.
     block_size: side of the square blocks.
     share_channels: one mask per sample, shared by its channels.
-    data_format: ``'NHWC'`` or ``'NCHW'``.
+    data_format: ``'NHWC'`` or ``'NCHW'``: the layout, where
+      :class:`ChannelDropout` takes a ``channel_axis`` (see :func:`regjax.dropblock`).
     deterministic, rng_collection: as in :class:`ChannelDropout`.
     rng_impl: ``'hash'`` (fused counter hash, default) or ``'jax'``
       (``jax.random``); see :func:`regjax.dropblock`.
@@ -110,22 +102,20 @@ class DropBlock(NoiseModule):
                data_format: str = "NHWC", deterministic: bool | None = False,
                rng_collection: str = "dropout", rng_impl: str = "hash",
                rngs: nnx.Rngs | nnx.RngStream | None = None):
-    _check_rate(rate, "DropBlock")
-    self.rate = rate
+    self.rate = self._strength(_specs.DROPBLOCK, rate)
     self.block_size = block_size
     self.share_channels = share_channels
     self.data_format = data_format
-    self.rng_impl = check_rng_impl(rng_impl, f"regjax.nnx.{type(self).__name__}")
+    self.rng_impl = self._rng_impl(rng_impl)
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
                rngs: RngsArg = None) -> jax.Array:
     """Applies DropBlock; ``rngs`` overrides the kept stream."""
-    deterministic = self._deterministic(deterministic)
-    key = self._key(deterministic, rngs, _checks.is_concretely(self.rate, 0.0))
-    return F.dropblock(inputs, self.rate, key=key, deterministic=deterministic,
-                       block_size=self.block_size, share_channels=self.share_channels,
-                       data_format=self.data_format, rng_impl=self.rng_impl)
+    return self._call_noise(F.dropblock, _specs.DROPBLOCK, self.rate, inputs, deterministic,
+                            rngs, block_size=self.block_size,
+                            share_channels=self.share_channels, data_format=self.data_format,
+                            rng_impl=self.rng_impl)
 
 
 class Cutout(NoiseModule):
@@ -147,7 +137,5 @@ class Cutout(NoiseModule):
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
                rngs: RngsArg = None) -> jax.Array:
     """Applies cutout; ``rngs`` overrides the kept stream."""
-    deterministic = self._deterministic(deterministic)
-    key = self._key(deterministic, rngs, _checks.is_concretely(self.size, 0))
-    return F.cutout(inputs, self.size, key=key, deterministic=deterministic,
-                    data_format=self.data_format)
+    return self._call_noise(F.cutout, _specs.CUTOUT, self.size, inputs, deterministic, rngs,
+                            data_format=self.data_format)

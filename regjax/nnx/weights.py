@@ -21,9 +21,8 @@ from flax import nnx
 from flax.nnx.nn import dtypes
 from flax.nnx.nn.linear import default_bias_init, default_kernel_init
 
-from regjax import _checks
+from regjax import _specs
 from regjax import weights as F
-from regjax._noise import check_rng_impl
 from regjax.nnx._common import NoiseModule, RngsArg
 
 
@@ -71,8 +70,7 @@ class DropConnect(NoiseModule):
       rng_collection: str = "dropout",
       rng_impl: str = "hash",
   ):
-    _checks.check_rate(rate, "regjax.nnx.DropConnect", "rate", low=0.0, high=1.0,
-                       high_inclusive=True)
+    self._strength(_specs.DROPCONNECT, rate)  # checked before any param is drawn
     # The same draws, in the same order, as nnx.Linear.
     self.kernel = nnx.Param(
         kernel_init(rngs.params(), (in_features, out_features), param_dtype),
@@ -93,7 +91,7 @@ class DropConnect(NoiseModule):
     self.promote_dtype = promote_dtype
     self.preferred_element_type = preferred_element_type
     self.rate = rate
-    self.rng_impl = check_rng_impl(rng_impl, f"regjax.nnx.{type(self).__name__}")
+    self.rng_impl = self._rng_impl(rng_impl)
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(self, inputs: jax.Array, out_sharding=None, *,
@@ -113,7 +111,7 @@ class DropConnect(NoiseModule):
     dot_general_kwargs = {"out_sharding": out_sharding}
     if self.preferred_element_type is not None:
       dot_general_kwargs["preferred_element_type"] = self.preferred_element_type
-    key = self._key(deterministic, rngs, _checks.is_concretely(self.rate, 0.0, 1.0))
+    key = self._key(deterministic, rngs, _specs.DROPCONNECT.needs_no_draw(self.rate))
     return F.dropconnect_dense(
         inputs, kernel, bias, self.rate, key=key, deterministic=deterministic,
         precision=self.precision, rng_impl=self.rng_impl,

@@ -1,4 +1,4 @@
-"""Tests of the multiplicative-noise ops: dropout, gaussian_dropout, uout.
+"""Tests of regjax.stochastic: dropout, gaussian_dropout, uout and the noise-variance helpers.
 
 Random ops are checked statistically: every tolerance is Z standard errors of
 the estimated quantity for the sample size used (Z = 5, a false-alarm rate
@@ -13,38 +13,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import IMPLS, N, Z, _noise
+from _helpers import NOISE_OPS as OPS
 from absl.testing import parameterized
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 import regjax
-from regjax import random as rrandom
 
-Z = 5.0
-N = 1 << 20  # samples per statistical check
-
-# name -> (op, customary setting, multiplicative noise variance at that setting)
-OPS = {
-    "dropout": (regjax.dropout, 0.3, 0.3 / 0.7),
-    "gaussian_dropout": (regjax.gaussian_dropout, 0.3, 0.3 / 0.7),
-    "uout": (regjax.uout, 0.4, 0.4**2 / 3),
-}
-OP_CASES = tuple((name, name) for name in OPS)
-IMPLS = ("hash", "jax")  # every contract and statistical test runs on both generators
 OP_IMPL_CASES = tuple((f"{name}_{impl}", name, impl) for name in OPS for impl in IMPLS)
+
+
 IMPL_CASES = tuple((impl, impl) for impl in IMPLS)
 
 
 def _op(name, impl):
   return functools.partial(OPS[name][0], rng_impl=impl)
-HALF_DTYPES = (jnp.bfloat16, jnp.float16)
-
-
-def _noise(op, rate, key, n=N, dtype=jnp.float32, variant=lambda f: f):
-  """Draws n multiplicative noise factors (the op applied to ones) as float64."""
-  f = variant(lambda k: op(jnp.ones((n,), dtype), rate, key=k))
-  return np.asarray(f(key), np.float64)
 
 
 class MomentsTest(chex.TestCase):
@@ -52,9 +37,12 @@ class MomentsTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(
-      ("rate_0.1_hash", 0.1, "hash"), ("rate_0.1_jax", 0.1, "jax"), ("rate_0.5_hash", 0.5, "hash"), ("rate_0.5_jax", 0.5, "jax"), ("rate_0.9_hash", 0.9, "hash"), ("rate_0.9_jax", 0.9, "jax"))
+      ("rate_0.1_hash", 0.1, "hash"), ("rate_0.1_jax", 0.1, "jax"),
+      ("rate_0.5_hash", 0.5, "hash"), ("rate_0.5_jax", 0.5, "jax"),
+      ("rate_0.9_hash", 0.9, "hash"), ("rate_0.9_jax", 0.9, "jax"))
   def test_dropout_keep_rate_and_moments(self, rate, impl):
-    y = _noise(functools.partial(regjax.dropout, rng_impl=impl), rate, jax.random.key(1), variant=self.variant)
+    y = _noise(functools.partial(regjax.dropout, rng_impl=impl), rate, jax.random.key(1),
+               variant=self.variant)
     keep = 1 - rate
     kept = y != 0
     np.testing.assert_allclose(y[kept], 1 / keep, rtol=1e-6)
@@ -65,9 +53,12 @@ class MomentsTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(
-      ("rate_0.1_hash", 0.1, "hash"), ("rate_0.1_jax", 0.1, "jax"), ("rate_0.5_hash", 0.5, "hash"), ("rate_0.5_jax", 0.5, "jax"), ("rate_0.8_hash", 0.8, "hash"), ("rate_0.8_jax", 0.8, "jax"))
+      ("rate_0.1_hash", 0.1, "hash"), ("rate_0.1_jax", 0.1, "jax"),
+      ("rate_0.5_hash", 0.5, "hash"), ("rate_0.5_jax", 0.5, "jax"),
+      ("rate_0.8_hash", 0.8, "hash"), ("rate_0.8_jax", 0.8, "jax"))
   def test_gaussian_dropout_moments(self, rate, impl):
-    y = _noise(functools.partial(regjax.gaussian_dropout, rng_impl=impl), rate, jax.random.key(2), variant=self.variant)
+    y = _noise(functools.partial(regjax.gaussian_dropout, rng_impl=impl), rate, jax.random.key(2),
+               variant=self.variant)
     s2 = rate / (1 - rate)
     e = (y - 1) / math.sqrt(s2)  # should be N(0, 1)
     assert abs(e.mean()) < Z / math.sqrt(N)
@@ -80,9 +71,12 @@ class MomentsTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(
-      ("beta_0.1_hash", 0.1, "hash"), ("beta_0.1_jax", 0.1, "jax"), ("beta_0.5_hash", 0.5, "hash"), ("beta_0.5_jax", 0.5, "jax"), ("beta_1.7_hash", 1.7, "hash"), ("beta_1.7_jax", 1.7, "jax"))
+      ("beta_0.1_hash", 0.1, "hash"), ("beta_0.1_jax", 0.1, "jax"),
+      ("beta_0.5_hash", 0.5, "hash"), ("beta_0.5_jax", 0.5, "jax"),
+      ("beta_1.7_hash", 1.7, "hash"), ("beta_1.7_jax", 1.7, "jax"))
   def test_uout_moments_and_uniformity(self, beta, impl):
-    r = _noise(functools.partial(regjax.uout, rng_impl=impl), beta, jax.random.key(3), variant=self.variant) - 1
+    r = _noise(functools.partial(regjax.uout, rng_impl=impl), beta, jax.random.key(3),
+               variant=self.variant) - 1
     assert r.min() >= -beta * (1 + 1e-6) and r.max() <= beta * (1 + 1e-6)
     assert abs(r.mean()) < Z * math.sqrt(beta**2 / 3 / N)
     # Var(r**2) = E r^4 - (E r^2)^2 = beta^4/5 - beta^4/9 for U(-beta, beta).
@@ -182,7 +176,8 @@ class ContractTest(chex.TestCase):
   def test_dropout_rate_one_gives_zeros_and_zero_gradients(self, impl):
     x = jax.random.normal(jax.random.key(13), (16, 8))
     drop = functools.partial(regjax.dropout, rng_impl=impl)
-    loss = lambda x: jnp.sum(drop(x, 1.0) ** 2 + drop(x, 1.0))
+    def loss(x):
+      return jnp.sum(drop(x, 1.0) ** 2 + drop(x, 1.0))
     value, grad = self.variant(jax.value_and_grad(loss))(x)
     assert value == 0
     np.testing.assert_array_equal(np.asarray(grad), 0)
@@ -191,7 +186,8 @@ class ContractTest(chex.TestCase):
   def test_traced_dropout_rate_one_gives_zeros_and_finite_gradients(self, impl):
     x = jax.random.normal(jax.random.key(14), (16, 8))
     key = jax.random.key(15)
-    loss = lambda x, r: jnp.sum(regjax.dropout(x, r, key=key, rng_impl=impl) * 3.0)
+    def loss(x, r):
+      return jnp.sum(regjax.dropout(x, r, key=key, rng_impl=impl) * 3.0)
     value, grad = jax.jit(jax.value_and_grad(loss))(x, 1.0)
     assert value == 0
     np.testing.assert_array_equal(np.asarray(grad), 0)
@@ -405,240 +401,3 @@ def test_dropout_and_uout_commute_with_relu(impl):
   g = functools.partial(regjax.gaussian_dropout, rng_impl=impl)
   assert not np.array_equal(np.asarray(jax.nn.relu(g(x, 0.5, key=key))),
                             np.asarray(g(jax.nn.relu(x), 0.5, key=key)))
-
-
-def _u24(key, shape):
-  """The hash generator's 24-bit uniforms (as float64 in [0, 2**24)) for ``shape``."""
-  return np.asarray(rrandom.bits(key, shape) >> 8, np.float64)
-
-
-def _corr(a, b):
-  return np.corrcoef(np.ravel(a), np.ravel(b))[0, 1]
-
-
-class HashGeneratorTest(parameterized.TestCase):
-  """Statistical and contract tests of the fused counter-hash generator (rng_impl='hash')."""
-
-  @parameterized.parameters(0.001, 0.01, 0.3, 0.5, 0.9, 0.99, 0.999, 1 - 2.0**-14, 1 - 2.0**-20)
-  def test_keep_rate(self, rate):
-    y = _noise(regjax.dropout, rate, jax.random.key(40))
-    keep = np.float32(1) - np.float32(rate)
-    realised = round(float(keep) * 2**16) / 2**16
-    se = math.sqrt(realised * (1 - realised) / N)
-    assert abs((y != 0).mean() - realised) < Z * se + 1e-12
-    np.testing.assert_allclose(y[y != 0], 1 / keep, rtol=1e-6)
-
-  @parameterized.parameters(0.3, 0.999, 5.5 * 2.0**-16, 6.5 * 2.0**-16, 2.0**-18,
-                            1 - 2.0**-17, 1 - 3 * 2.0**-16, 0.0, 1.0)
-  def test_keep_threshold_resolution_is_2_pow_minus_16(self, keep):
-    # Every 16-bit value once: the kept count IS 2**16 times the realised keep
-    # probability, which must be round(keep * 2**16) / 2**16 exactly (half to even).
-    b = jnp.arange(1 << 16, dtype=jnp.uint32) << 16
-    kept = int(jnp.sum(rrandom.bernoulli_from_bits(b | 0xFFFF, jnp.float32(keep))))
-    assert kept == int(np.round(np.float32(keep) * np.float32(2**16)))
-    kept_low = int(jnp.sum(rrandom.bernoulli_from_bits(b, jnp.float32(keep))))
-    assert kept_low == kept  # the low 16 bits never matter
-
-  def test_bernoulli_bits_uniform_over_all_65536_values(self):
-    # The mask compares the top 16 bits with the threshold, so every one of the
-    # 2**16 values must be equally likely: chi-square with 65535 dof.
-    n = 1 << 22
-    top = np.asarray(rrandom.bits(jax.random.key(56), (n,)) >> 16)
-    counts = np.bincount(top.astype(np.int64), minlength=1 << 16)
-    expected = n / 2**16
-    chi2 = np.sum((counts - expected) ** 2 / expected)
-    dof = 2**16 - 1
-    assert abs(chi2 - dof) < Z * math.sqrt(2 * dof), chi2
-
-  def test_dropout_mask_is_the_documented_threshold(self):
-    key = jax.random.key(41)
-    y = regjax.dropout(jnp.ones((64, 48)), 0.3, key=key)
-    bits = rrandom.bits(key, (64, 48))
-    np.testing.assert_array_equal(np.asarray(y != 0),
-                                  np.asarray(rrandom.bernoulli_from_bits(bits, jnp.float32(0.7))))
-
-  def test_uniforms_pass_chi_square(self):
-    u = _u24(jax.random.key(42), (N,))
-    for name, values in (("high byte", np.floor(u / 2**16)), ("low byte", u % 256),
-                         ("middle byte", np.floor(u / 2**8) % 256)):
-      counts = np.bincount(values.astype(np.int64), minlength=256)
-      expected = N / 256
-      sd = math.sqrt(expected * (1 - 1 / 256))
-      assert np.all(np.abs(counts - expected) < Z * sd), name
-      chi2 = np.sum((counts - expected) ** 2 / expected)  # 255 dof: mean 255, sd ~22.6
-      assert abs(chi2 - 255) < Z * math.sqrt(2 * 255), (name, chi2)
-
-  @parameterized.parameters(1, 2, 3, 7, 64, 1024, 4096)
-  def test_lag_k_uncorrelated(self, lag):
-    u = _u24(jax.random.key(43), (N,))
-    assert abs(_corr(u[:-lag], u[lag:])) < Z / math.sqrt(N - lag)
-    y = _noise(regjax.dropout, 0.5, jax.random.key(44))
-    assert abs(_corr(y[:-lag], y[lag:])) < Z / math.sqrt(N - lag)
-
-  @parameterized.named_parameters(*OP_CASES)
-  def test_2d_neighbours_uncorrelated_along_rows_and_columns(self, name):
-    op, rate, _ = OPS[name]
-    y = np.asarray(op(jnp.ones((1024, 1024)), rate, key=jax.random.key(45)), np.float64)
-    n = 1023 * 1024
-    assert abs(_corr(y[:, :-1], y[:, 1:])) < Z / math.sqrt(n)  # along the last axis
-    assert abs(_corr(y[:-1], y[1:])) < Z / math.sqrt(n)  # between rows
-
-  def test_consecutive_fold_in_keys_uncorrelated(self):
-    # A training loop typically folds the step number into one base key.
-    base = jax.random.key(46)
-    n = N // 4
-    draws = [_u24(jax.random.fold_in(base, i), (n,)) for i in range(6)]
-    for i in range(len(draws) - 1):
-      assert abs(_corr(draws[i], draws[i + 1])) < Z / math.sqrt(n)
-    # Also same-position agreement of dropout masks: P(equal) = keep**2 + rate**2.
-    masks = [np.asarray(regjax.dropout(jnp.ones(n), 0.5, key=jax.random.fold_in(base, i)) != 0)
-             for i in range(4)]
-    for i in range(3):
-      assert abs((masks[i] == masks[i + 1]).mean() - 0.5) < Z * math.sqrt(0.25 / n)
-
-  @parameterized.parameters(0, 1, 2, 0x80000000, 0xFFFFFFFF, 0x00010000, 0x55555554)
-  def test_gamma_is_odd_with_enough_bit_transitions(self, s1):
-    g = int(rrandom.weyl_step(jnp.uint32(s1)))
-    assert g % 2 == 1
-    assert bin(g ^ (g >> 1)).count("1") >= 12
-    if bin((s1 | 1) ^ ((s1 | 1) >> 1)).count("1") >= 12:
-      assert g == s1 | 1  # a good step is used as it is
-
-  @settings(max_examples=200, deadline=None)
-  @given(s1=st.integers(0, 2**32 - 1))
-  def test_gamma_property(self, s1):
-    g = int(rrandom.weyl_step(jnp.uint32(s1)))
-    assert g % 2 == 1 and bin(g ^ (g >> 1)).count("1") >= 12
-
-  @parameterized.parameters(0, 1, 0x80000000, 0xFFFFFFFF, 0x00010000)
-  def test_weak_seed_words_still_pass(self, s1):
-    # Steps that would be 1 or have few bit transitions without the fix-up, and
-    # offsets of 0, in both sequences.
-    seed = jnp.array([0, s1, 0, s1], jnp.uint32)
-    u = np.asarray(rrandom.counter_bits(seed, (N,)) >> 8, np.float64)
-    for values in (np.floor(u / 2**16), np.floor(u / 2**8) % 256):
-      counts = np.bincount(values.astype(np.int64), minlength=256)
-      chi2 = np.sum((counts - N / 256) ** 2 / (N / 256))
-      assert abs(chi2 - 255) < Z * math.sqrt(2 * 255), (s1, chi2)
-    for lag in (1, 2, 256, 65536):
-      assert abs(_corr(u[:-lag], u[lag:])) < Z / math.sqrt(N - lag), (s1, lag)
-
-  @parameterized.parameters(*[(word, delta) for word in range(4)
-                              for delta in (1, 2, 6, 12345, 1 << 31)])
-  def test_nearby_seed_words_give_unrelated_streams(self, word, delta):
-    # Seeds differing by a small offset or in one bit of any one word must not give
-    # related streams: same-position correlation and mask agreement as for independent
-    # draws. (Threefry makes such seeds from distinct keys with probability ~2**-96;
-    # this checks that the hash, not only threefry, separates them.)
-    n = N // 4
-    base = (0x9E3779B9, 0x7F4A7C15, 0x85EBCA6B, 0xC2B2AE35)
-    other = list(base)
-    other[word] = (other[word] + delta) % 2**32 if word % 2 == 0 else other[word] ^ delta
-    a, b = (rrandom.counter_bits(jnp.asarray(s, jnp.uint32), (n,)) for s in (base, other))
-    assert abs(_corr(np.asarray(a >> 8, np.float64), np.asarray(b >> 8, np.float64))) < Z / math.sqrt(n)
-    agree = np.mean(np.asarray(rrandom.bernoulli_from_bits(a, jnp.float32(0.5)))
-                    == np.asarray(rrandom.bernoulli_from_bits(b, jnp.float32(0.5))))
-    assert abs(agree - 0.5) < Z * math.sqrt(0.25 / n)
-
-  def test_split_keys_uncorrelated_raw_bits(self):
-    keys = jax.random.split(jax.random.key(47), 4)
-    draws = [_u24(k, (N // 4,)) for k in keys]
-    for i in range(4):
-      for j in range(i + 1, 4):
-        assert abs(_corr(draws[i], draws[j])) < Z / math.sqrt(N // 4)
-
-  @parameterized.named_parameters(*OP_CASES)
-  def test_draw_uses_the_flat_row_major_index(self, name):
-    # The same elements in any shape get the same noise: no dependence on layout.
-    op, rate, _ = OPS[name]
-    key = jax.random.key(48)
-    flat = np.asarray(op(jnp.ones((4 * 6 * 10,)), rate, key=key))
-    shaped = np.asarray(op(jnp.ones((4, 6, 10)), rate, key=key))
-    np.testing.assert_array_equal(shaped.reshape(-1), flat)
-
-  @parameterized.named_parameters(*OP_CASES)
-  def test_bit_identical_with_and_without_jit(self, name):
-    op, rate, _ = OPS[name]
-    key = jax.random.key(49)
-    ones = jnp.ones((33, 65))
-    eager = np.asarray(op(ones, rate, key=key))
-    jitted = np.asarray(jax.jit(lambda x, k: op(x, rate, key=k))(ones, key))
-    np.testing.assert_array_equal(jitted, eager)
-
-  @parameterized.named_parameters(*OP_CASES)
-  def test_backward_stores_nothing_per_element(self, name):
-    # The vjp closes over its residuals: only the two seed words and a scalar.
-    op, rate, _ = OPS[name]
-    x = jax.random.normal(jax.random.key(50), (256, 512))
-    _, vjp = jax.vjp(lambda x: op(x, rate, key=jax.random.key(51)), x)
-    stored = sum(leaf.size for leaf in jax.tree_util.tree_leaves(vjp))
-    assert stored <= 8, stored
-    # ... and the gradient is still exactly the noise factor.
-    np.testing.assert_array_equal(
-        np.asarray(vjp(jnp.ones_like(x))[0]),
-        np.asarray(op(jnp.ones_like(x), rate, key=jax.random.key(51))))
-
-  def test_gradient_with_traced_rate_is_the_mask(self):
-    x = jax.random.normal(jax.random.key(52), (64, 64))
-    key = jax.random.key(53)
-    grad = jax.jit(jax.grad(lambda x, r: jnp.sum(regjax.dropout(x, r, key=key))))(x, 0.4)
-    np.testing.assert_array_equal(np.asarray(grad),
-                                  np.asarray(regjax.dropout(jnp.ones_like(x), 0.4, key=key)))
-
-  @parameterized.named_parameters(*OP_CASES)
-  def test_bad_rng_impl(self, name):
-    op, rate, _ = OPS[name]
-    with pytest.raises(ValueError, match=r"`rng_impl` must be one of .*'threefry'"):
-      op(jnp.ones(3), rate, key=jax.random.key(0), rng_impl="threefry")
-
-  def test_bfloat16_uses_the_float32_draw_rounded_once(self):
-    key = jax.random.key(54)
-    x = jax.random.normal(jax.random.key(55), (128, 32))
-    for op, value in ((regjax.dropout, 0.3), (regjax.gaussian_dropout, 0.3), (regjax.uout, 0.2)):
-      y16 = op(x.astype(jnp.bfloat16), value, key=key)
-      y32 = op(x.astype(jnp.bfloat16).astype(jnp.float32), value, key=key)
-      np.testing.assert_array_equal(np.asarray(y16), np.asarray(y32.astype(jnp.bfloat16)))
-
-
-def test_linen_and_nnx_modules_pass_rng_impl_through():
-  import flax.linen as nn
-  from flax import nnx
-  x = jax.random.normal(jax.random.key(60), (16, 40))
-  key = jax.random.key(61)
-  for impl in IMPLS:
-    for cls, fn, value in ((regjax.linen.Dropout, regjax.dropout, 0.4),
-                           (regjax.linen.GaussianDropout, regjax.gaussian_dropout, 0.4),
-                           (regjax.linen.Uout, regjax.uout, 0.3)):
-      y = cls(value, rng_impl=impl).apply({}, x, deterministic=False, rng=key)
-      np.testing.assert_array_equal(np.asarray(y), np.asarray(fn(x, value, key=key,
-                                                                 rng_impl=impl)))
-    for cls, fn, value in ((regjax.nnx.Dropout, regjax.dropout, 0.4),
-                           (regjax.nnx.GaussianDropout, regjax.gaussian_dropout, 0.4),
-                           (regjax.nnx.Uout, regjax.uout, 0.3)):
-      y = cls(value, rng_impl=impl)(x, rngs=key)
-      np.testing.assert_array_equal(np.asarray(y), np.asarray(fn(x, value, key=key,
-                                                                 rng_impl=impl)))
-  theirs = nn.Dropout(0.4, deterministic=False).apply({}, x, rng=key)
-  np.testing.assert_array_equal(
-      np.asarray(regjax.linen.Dropout(0.4, rng_impl="jax").apply(
-          {}, x, deterministic=False, rng=key)), np.asarray(theirs))
-  with pytest.raises(ValueError, match="rng_impl"):
-    regjax.nnx.Dropout(0.4, rng_impl="philox", rngs=nnx.Rngs(dropout=0))
-  with pytest.raises(ValueError, match="rng_impl"):
-    regjax.linen.Dropout(0.4, rng_impl="philox").apply({}, x, deterministic=False, rng=key)
-
-
-def test_jax_generator_masks_are_flax_dropout_masks_for_broadcast_ops():
-  # With rng_impl='jax', channel dropout and drop path draw the mask flax.linen.Dropout
-  # draws with the same key and broadcast_dims (the values differ only by x / keep
-  # versus x * (1 / keep)).
-  import flax.linen as nn
-  x = jax.random.normal(jax.random.key(62), (8, 5, 5, 6))
-  key = jax.random.key(63)
-  cases = ((regjax.channel_dropout, (1, 2)), (regjax.drop_path, (1, 2, 3)))
-  for op, dims in cases:
-    ours = np.asarray(op(x, 0.4, key=key, rng_impl="jax"))
-    theirs = np.asarray(nn.Dropout(0.4, broadcast_dims=dims, deterministic=False).apply(
-        {}, x, rng=key))
-    np.testing.assert_array_equal(ours != 0, theirs != 0)
-    np.testing.assert_allclose(ours, theirs, rtol=1e-6)

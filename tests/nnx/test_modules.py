@@ -1,5 +1,6 @@
-"""Tests of regjax.nnx: the NNX modules against the pure functions, against
-flax.nnx, and a model trained under nnx.jit against the same model in linen.
+"""Tests of regjax.nnx's modules against the pure functions and their linen
+twins (parametrized over every module), and a model trained under nnx.jit against
+the same model in linen.
 """
 
 import dataclasses
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _helpers import _x
 from flax import nnx
 
 import regjax
@@ -26,6 +28,8 @@ NOISE = {
     "AlphaDropout": (rx.AlphaDropout, regjax.alpha_dropout, "rate", 0.3),
     "GaussianNoise": (rx.GaussianNoise, regjax.gaussian_noise, "stddev", 0.5),
 }
+
+
 # The modules without broadcast_dims: name -> (class, function, attribute, value,
 # extra constructor arguments, input shape).
 STRUCTURED = {
@@ -36,7 +40,11 @@ STRUCTURED = {
                   {"block_size": 3, "share_channels": True}, (2, 8, 8, 3)),
     "Cutout": (rx.Cutout, regjax.cutout, "size", 3, {"data_format": "NCHW"}, (2, 3, 8, 8)),
 }
+
+
 NOISE_NAMES = tuple(NOISE)
+
+
 ALL_NAMES = NOISE_NAMES + tuple(STRUCTURED)
 
 
@@ -56,13 +64,7 @@ def _any(name, **kwargs):
           lambda x, **kw: fn(x, value, **extra, **kw), shape)
 
 
-def _x(shape=(8, 30), seed=2):
-  return jax.random.normal(jax.random.key(seed), shape)
-
-
 # ---------------------------------------------------------------- noise modules
-
-
 @pytest.mark.parametrize("name", ALL_NAMES)
 def test_every_module_equals_function_and_linen_twin_for_an_explicit_key(name):
   extra = {"broadcast_dims": (0,)} if name in NOISE else {}
@@ -112,32 +114,6 @@ def test_noise_module_stream_is_reproducible_and_advances_under_nnx_jit(name):
   np.testing.assert_allclose(np.asarray(b), np.asarray(b_jit), rtol=1e-6, atol=1e-6)
   other = _any(name, rngs=nnx.Rngs(dropout=5))[0](x)
   assert not np.array_equal(np.asarray(a), np.asarray(other))
-
-
-def test_dropout_matches_flax_nnx_dropout_key_for_key():
-  x = _x((16, 40), seed=0)
-  # rng_impl='jax' draws with jax.random.bernoulli, as flax does.
-  ours = rx.Dropout(0.4, rng_impl="jax", rngs=nnx.Rngs(dropout=1))
-  theirs = nnx.Dropout(0.4, rngs=nnx.Rngs(dropout=1))
-  for _ in range(2):  # the kept stream forks and advances exactly as flax's does
-    np.testing.assert_allclose(np.asarray(ours(x)), np.asarray(theirs(x)), rtol=1e-6)
-  key = jax.random.key(7)
-  np.testing.assert_allclose(np.asarray(ours(x, rngs=key)), np.asarray(theirs(x, rngs=key)),
-                             rtol=1e-6)
-
-
-def test_noise_constructor_matches_flax_nnx_dropout():
-  ours = dict(inspect.signature(rx.Dropout.__init__).parameters)
-  theirs = inspect.signature(nnx.Dropout.__init__).parameters
-  # Our one addition, the generator choice, is keyword-only with a default.
-  extra = ours.pop("rng_impl")
-  assert extra.kind == inspect.Parameter.KEYWORD_ONLY and extra.default == "hash"
-  assert list(ours) == list(theirs)
-  assert all(ours[p].default == theirs[p].default and ours[p].kind == theirs[p].kind
-             for p in ours)
-  call_ours = inspect.signature(rx.Dropout.__call__).parameters
-  call_theirs = inspect.signature(nnx.Dropout.__call__).parameters
-  assert list(call_ours) == list(call_theirs)
 
 
 class _Noisy(nnx.Module):
@@ -203,11 +179,6 @@ def test_eval_or_zero_rate_needs_no_rngs(name):
   assert module.deterministic is False and module(x, rngs=jax.random.key(0)) is not x
   module.eval()
   assert module.deterministic is True and module(x) is x
-
-
-def test_dropout_rate_one_returns_zeros_without_a_key():
-  y = rx.Dropout(1.0)(_x((4, 3)))
-  np.testing.assert_array_equal(np.asarray(y), 0.0)
 
 
 @pytest.mark.parametrize("cls, arg, bad, match", [
@@ -311,214 +282,7 @@ def test_a_jax_scalar_rate_is_traced_so_a_schedule_compiles_once():
   assert dropped[0] == 0.0 < dropped[1] < dropped[2]
 
 
-# ---------------------------------------------------------------- DropConnect
-
-
-def test_drop_connect_passes_rng_impl_through():
-  x, key = _x((4, 5)), jax.random.key(5)
-  for impl in ("hash", "jax"):
-    ours = rx.DropConnect(5, 4, rate=0.4, rng_impl=impl, rngs=nnx.Rngs(0, dropout=1))
-    y = ours(x, rngs=key)
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(regjax.dropconnect_dense(
-        x, ours.kernel[...], ours.bias[...], 0.4, key=key, rng_impl=impl)))
-  with pytest.raises(ValueError, match="regjax.nnx.DropConnect: `rng_impl` must be one of"):
-    rx.DropConnect(5, 4, rng_impl="philox", rngs=nnx.Rngs(0))
-
-
-def test_drop_connect_is_an_nnx_linear_drop_in():
-  ours = rx.DropConnect(5, 4, rate=0.4, rngs=nnx.Rngs(0, dropout=1))
-  linear = nnx.Linear(5, 4, rngs=nnx.Rngs(0))
-  # The same parameters (names, types, shapes, values from the same rngs draws).
-  assert set(nnx.state(ours)) == {"kernel", "bias", "rngs"}
-  assert set(nnx.state(ours, nnx.Param)) == set(nnx.state(linear, nnx.Param))
-  for name in ("kernel", "bias"):
-    np.testing.assert_array_equal(np.asarray(getattr(ours, name)[...]),
-                                  np.asarray(getattr(linear, name)[...]))
-  assert ours.kernel.shape == (5, 4) and ours.bias.shape == (4,)
-  params_ours = inspect.signature(rx.DropConnect.__init__).parameters
-  params_linear = inspect.signature(nnx.Linear.__init__).parameters
-  assert set(params_ours) - set(params_linear) == {"rate", "deterministic", "rng_collection",
-                                                   "rng_impl"}
-  for p in params_linear:
-    assert params_ours[p].default == params_linear[p].default, p
-  x = _x((3, 5))
-  # Eval mode is nnx.Linear, bit for bit.
-  ours.eval()
-  np.testing.assert_array_equal(np.asarray(ours(x)), np.asarray(linear(x)))
-  # Train mode is regjax.dropconnect_dense and regjax.linen.DropConnect.
-  ours.train()
-  key = jax.random.key(5)
-  y = ours(x, rngs=key)
-  expected = regjax.dropconnect_dense(x, linear.kernel[...], linear.bias[...], 0.4, key=key)
-  np.testing.assert_array_equal(np.asarray(y), np.asarray(expected))
-  linen = rnn.DropConnect(4, rate=0.4)
-  variables = {"params": {"kernel": linear.kernel[...], "bias": linear.bias[...]}}
-  np.testing.assert_array_equal(
-      np.asarray(y), np.asarray(linen.apply(variables, x, deterministic=False, rng=key)))
-  assert not np.allclose(np.asarray(y), np.asarray(linear(x)))
-  # The kept stream advances; rate 0 and eval need no stream.
-  assert not np.array_equal(np.asarray(ours(x)), np.asarray(ours(x)))
-  no_stream = rx.DropConnect(5, 4, use_bias=False, rngs=nnx.Rngs(0))
-  assert no_stream.bias is None and set(nnx.state(no_stream)) == {"kernel"}
-  with pytest.raises(ValueError, match="needs the 'dropout' PRNG stream"):
-    no_stream(x)
-  np.testing.assert_array_equal(np.asarray(no_stream(x, deterministic=True)),
-                                np.asarray(x @ no_stream.kernel[...]))
-  with pytest.raises(ValueError, match="`kernel` must have shape"):
-    ours(_x((3, 6)), deterministic=True)
-
-
-# ---------------------------------------------------------------- BatchNorm
-
-
-def test_batch_norm_variables_names_types_and_dtypes():
-  bn = rx.BatchNorm(6, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-  state = nnx.state(bn)
-  assert set(state) == {"mean", "var", "scale", "bias"}
-  assert set(nnx.state(bn, nnx.BatchStat)) == {"mean", "var"}
-  assert set(nnx.state(bn, nnx.Param)) == {"scale", "bias"}
-  assert bn.mean.dtype == bn.var.dtype == jnp.float32
-  assert bn.scale.dtype == bn.bias.dtype == jnp.bfloat16
-  bn(_x((16, 6)).astype(jnp.bfloat16))  # train step on half-precision input
-  assert bn.mean.dtype == bn.var.dtype == jnp.float32
-  # The variables are those of nnx.BatchNorm (so state trees and checkpoints match).
-  ref = nnx.BatchNorm(6, rngs=nnx.Rngs(0))
-  mine = rx.BatchNorm(6, rngs=nnx.Rngs(0))
-  assert jax.tree.structure(nnx.state(mine)) == jax.tree.structure(nnx.state(ref))
-  no_affine = rx.BatchNorm(6, use_scale=False, use_bias=False, rngs=nnx.Rngs(0))
-  assert set(nnx.state(no_affine)) == {"mean", "var"}
-  assert no_affine.scale is None and no_affine.bias is None
-
-
-def test_batch_norm_constructor_matches_flax_nnx():
-  ours = inspect.signature(rx.BatchNorm.__init__).parameters
-  theirs = inspect.signature(nnx.BatchNorm.__init__).parameters
-  missing = set(theirs) - set(ours)
-  assert missing == set()
-  for p in set(theirs) & set(ours) - {"bias_init", "scale_init"}:
-    assert ours[p].default == theirs[p].default and ours[p].kind == theirs[p].kind, p
-  mine, ref = rx.BatchNorm(5, rngs=nnx.Rngs(0)), nnx.BatchNorm(5, rngs=nnx.Rngs(0))
-  for attr in ("num_features", "use_running_average", "axis", "momentum", "epsilon", "dtype",
-               "param_dtype", "use_bias", "use_scale", "axis_name", "axis_index_groups",
-               "use_fast_variance"):
-    assert getattr(mine, attr) == getattr(ref, attr), attr
-  for a, b in zip(jax.tree.leaves(nnx.state(mine)), jax.tree.leaves(nnx.state(ref))):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-@pytest.mark.parametrize("kwargs, shape", [
-    ({}, (32, 5)),
-    ({"momentum": 0.9, "epsilon": 1e-3}, (8, 4, 4, 3)),
-    ({"axis": 1, "momentum": 0.8}, (8, 3, 4)),
-    ({"use_scale": False, "use_bias": False}, (16, 5)),
-])
-def test_batch_norm_matches_flax_nnx_batch_norm(kwargs, shape):
-  n = shape[kwargs.get("axis", -1)]
-  ours = rx.BatchNorm(n, **kwargs, rngs=nnx.Rngs(0))
-  theirs = nnx.BatchNorm(n, **kwargs, rngs=nnx.Rngs(0))
-  both = nnx.jit(lambda a, b, x: (a(x), b(x)))  # one compilation per mode, not per op
-  for step in range(3):
-    y_ours, y_theirs = both(ours, theirs, 2.0 + 3.0 * _x(shape, seed=step))
-    np.testing.assert_allclose(np.asarray(y_ours), np.asarray(y_theirs), atol=2e-5)
-    for name in ("mean", "var"):
-      np.testing.assert_allclose(np.asarray(getattr(ours, name)[...]),
-                                 np.asarray(getattr(theirs, name)[...]), rtol=1e-5, atol=1e-6)
-  ours.eval()
-  theirs.eval()
-  y_ours, y_theirs = both(ours, theirs, _x(shape, seed=9))
-  np.testing.assert_allclose(np.asarray(y_ours), np.asarray(y_theirs), atol=2e-5)
-
-
-@pytest.mark.parametrize("kwargs", [
-    {},
-    {"momentum": 0.9, "unbiased_running_var": True},
-    {"axis": (1, 2), "use_bias": False},
-])
-def test_batch_norm_matches_regjax_linen(kwargs):
-  shape = (6, 3, 4)
-  axis = kwargs.get("axis", -1)
-  num_features = tuple(shape[a] for a in axis) if isinstance(axis, tuple) else shape[axis]
-  ours = rx.BatchNorm(num_features, **kwargs, rngs=nnx.Rngs(0))
-  linen = rnn.BatchNorm(**kwargs)
-  variables = linen.init(jax.random.key(0), _x(shape), use_running_average=True)
-  mask = jnp.arange(shape[0])[:, None, None] < 4
-  for step in range(3):
-    x = _x(shape, seed=step)
-    m = mask if step == 2 else None
-    y_linen, updates = linen.apply(variables, x, use_running_average=False, mask=m,
-                                   mutable=["batch_stats"])
-    variables = {**variables, **updates}
-    np.testing.assert_allclose(np.asarray(ours(x, mask=m)), np.asarray(y_linen), atol=1e-6)
-    for name in ("mean", "var"):
-      np.testing.assert_allclose(np.asarray(getattr(ours, name)[...]),
-                                 np.asarray(variables["batch_stats"][name]), rtol=1e-6)
-  x = _x(shape, seed=7)
-  np.testing.assert_allclose(
-      np.asarray(ours(x, use_running_average=True)),
-      np.asarray(linen.apply(variables, x, use_running_average=True)), atol=1e-6)
-
-
-def test_batch_norm_deterministic_is_an_alias_of_use_running_average():
-  x = _x((8, 4))
-  bn = rx.BatchNorm(4, rngs=nnx.Rngs(0))
-  assert bn.use_running_average is False and bn.deterministic is False
-  bn.eval()
-  assert bn.use_running_average is True and bn.deterministic is True
-  before = np.asarray(bn.mean[...])
-  bn(x)
-  np.testing.assert_array_equal(np.asarray(bn.mean[...]), before)  # eval: no update
-  bn.train()
-  assert bn.use_running_average is False
-  bn(x)
-  assert not np.array_equal(np.asarray(bn.mean[...]), before)
-  bn.deterministic = True
-  assert bn.use_running_average is True
-  # nnx.view with either name; the original keeps its mode.
-  bn.train()
-  assert nnx.view(bn, use_running_average=True).use_running_average is True
-  assert nnx.view(bn, deterministic=True).use_running_average is True
-  assert bn.use_running_average is False
-  # nnx.view broadcasts its arguments to every module: the specific name wins, so
-  # "noise off, BatchNorm on batch statistics" (re-estimating statistics) works.
-  assert nnx.view(bn, deterministic=True, use_running_average=False).use_running_average is False
-  model = nnx.Dict(bn=rx.BatchNorm(4, rngs=nnx.Rngs(0)), drop=rx.Dropout(0.5))
-  view = nnx.view(model, deterministic=True, use_running_average=False)
-  assert view["drop"].deterministic is True and view["bn"].use_running_average is False
-  # Constructor and call arguments.
-  assert rx.BatchNorm(4, deterministic=True, rngs=nnx.Rngs(0)).use_running_average is True
-  assert rx.BatchNorm(4, use_running_average=True, rngs=nnx.Rngs(0)).deterministic is True
-  with pytest.raises(ValueError, match="disagree"):
-    rx.BatchNorm(4, use_running_average=True, deterministic=False, rngs=nnx.Rngs(0))
-  before = np.asarray(bn.mean[...])
-  bn(x, deterministic=True)
-  np.testing.assert_array_equal(np.asarray(bn.mean[...]), before)
-  with pytest.raises(ValueError, match="disagree"):
-    bn(x, True, deterministic=False)
-  with pytest.raises(ValueError, match="no `use_running_average`/`deterministic` value"):
-    rx.BatchNorm(4, use_running_average=None, rngs=nnx.Rngs(0))(x)
-
-
-@pytest.mark.parametrize("kwargs, shape, error, match", [
-    ({"num_features": 0}, (4, 3), ValueError, "`num_features` must be a positive int"),
-    ({"num_features": 3, "epsilon": 0.0}, (4, 3), ValueError, "`epsilon` must be"),
-    ({"num_features": 3, "momentum": 1.5}, (4, 3), ValueError, r"`momentum` must be in \[0, 1\]"),
-    ({"num_features": 3, "axis": (0, 1)}, (4, 3), ValueError, "names 2 axis"),
-    ({"num_features": 5}, (4, 3), ValueError, r"have sizes \(3,\); expected \(5,\)"),
-    ({"num_features": 3, "axis": 2}, (4, 3), ValueError, "`axis`=2 is out of range"),
-])
-def test_batch_norm_bad_inputs_raise(kwargs, shape, error, match):
-  with pytest.raises(error, match=match):
-    rx.BatchNorm(**kwargs, rngs=nnx.Rngs(0))(jnp.ones(shape))
-
-
-def test_batch_norm_integer_input_raises():
-  with pytest.raises(TypeError, match="floating-point"):
-    rx.BatchNorm(3, rngs=nnx.Rngs(0))(jnp.ones((4, 3), jnp.int32))
-
-
 # --------------------------------------- an NNX model trains exactly as its linen twin
-
-
 class LinenNet(nn.Module):
 
   @nn.compact

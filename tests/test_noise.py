@@ -1,4 +1,4 @@
-"""Strengths that cannot be checked at trace time (regjax._noise's rule).
+"""Strengths that cannot be checked at trace time (regjax._noise's rule), for every op.
 
 A traced NaN or +-inf strength makes every random op the identity (``x`` back
 bit for bit, the identity's gradient); a traced finite strength outside the
@@ -20,6 +20,8 @@ import regjax
 from regjax import affine_noise, stochastic, structured, weights
 
 _KERNEL = jnp.asarray(np.random.default_rng(11).standard_normal((3, 5)), jnp.float32)
+
+
 _BIAS = jnp.asarray(np.random.default_rng(12).standard_normal(5), jnp.float32)
 
 
@@ -44,7 +46,11 @@ OPS = {
   "drop_path": (structured.drop_path, {}, "rate", [(-0.5, 0.0), (2.0, 1.0)]),
   "dropconnect_dense": (_dropconnect, {}, "rate", [(-0.5, 0.0), (2.0, 1.0)]),
 }
+
+
 NON_FINITE = [math.nan, math.inf, -math.inf]
+
+
 RNG_IMPLS = ["hash", "jax"]
 
 

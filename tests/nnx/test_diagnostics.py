@@ -6,20 +6,24 @@ Var_train = v + s2 * (c**2 + v), Var_eval = v, so delta = v / (v + s2 * (c**2 + 
 
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import LinenNet
 from flax import nnx
 
-import regjax.linen as rnn
 import regjax.nnx as rx
 from regjax import diagnostics
 
 C, V = 1.0, 2.0          # input mean and variance
+
+
 BATCH, FEATURES = 1024, 128
+
+
 STEPS, MOMENTUM = 200, 0.9
+
 
 NOISES = {  # name -> (module factory, s2)
     "dropout": (lambda rngs: rx.Dropout(0.5, rngs=rngs), 1.0),
@@ -233,70 +237,6 @@ def test_a_bare_batch_norm_call_and_bn_types():
                              np.asarray(x, np.float64).reshape(-1, 3).var(0), rtol=1e-5)
   assert list(diagnostics.variance_shift(bn, [x], bn_types=[nnx.BatchNorm])) == ["<root>"]
   assert bn.use_running_average is None
-
-
-class LinenNet(nn.Module):
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    x = nn.Dense(16)(x)
-    x = rnn.Dropout(0.4)(x, deterministic=not train)
-    x = rnn.BatchNorm(momentum=0.9)(x, deterministic=not train)
-    x = rnn.Uout(0.5)(nn.relu(x), deterministic=not train)
-    x = nn.Dense(4)(x)
-    return nn.BatchNorm(momentum=0.9, use_running_average=not train)(x)
-
-
-class NNXNet(nnx.Module):
-
-  def __init__(self, rngs):
-    self.dense0 = nnx.Linear(6, 16, rngs=rngs)
-    self.drop = rx.Dropout(0.4, rngs=rngs)
-    self.bn0 = rx.BatchNorm(16, momentum=0.9, rngs=rngs)
-    self.uout = rx.Uout(0.5, rngs=rngs)
-    self.dense1 = nnx.Linear(16, 4, rngs=rngs)
-    self.bn1 = nnx.BatchNorm(4, momentum=0.9, rngs=rngs)
-
-  def __call__(self, x, train: bool):
-    del train  # the mode comes from the module attributes
-    x = self.bn0(self.drop(self.dense0(x)))
-    return self.bn1(self.dense1(self.uout(nnx.relu(x))))
-
-
-def test_nnx_and_linen_diagnostics_agree_with_the_same_weights():
-  x = jax.random.normal(jax.random.key(0), (512, 6)) + 0.5
-  lin = LinenNet()
-  variables = lin.init(jax.random.key(1), x, train=False)
-  _, upd = lin.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)},
-                     mutable=["batch_stats"])
-  variables = {**variables, **upd}
-  model = NNXNet(nnx.Rngs(0, dropout=1))
-  names = {"Dense_0": "dense0", "Dense_1": "dense1", "BatchNorm_0": "bn0",
-           "BatchNorm_1": "bn1"}
-  for collection, tree in variables.items():
-    for layer, leaves in tree.items():
-      for name, value in leaves.items():
-        getattr(getattr(model, names[layer]), name)[...] = value
-
-  batches = [x[:256], x[256:]]
-  # A `call` with extra arguments: the mode still comes from the eval view.
-  call = lambda m, v: m(v, train=True)  # noqa: E731
-  nnx_shift = diagnostics.variance_shift(model, batches, call=call)
-  lin_shift = diagnostics.variance_shift(
-      lambda v, x: lin.apply(v, x, train=False), variables, batches)
-  assert list(nnx_shift) == ["bn0", "bn1"] and list(lin_shift) == ["BatchNorm_0", "BatchNorm_1"]
-  for a, b in zip(nnx_shift.values(), lin_shift.values()):
-    for field in ("moving_mean", "moving_var", "real_mean", "real_var"):
-      np.testing.assert_allclose(getattr(a, field), getattr(b, field), rtol=1e-5, atol=1e-6)
-    assert a.count == b.count
-
-  nnx_new = diagnostics.recalibrate_batch_stats(model, batches, call=call)
-  lin_new = diagnostics.recalibrate_batch_stats(
-      lambda v, x: lin.apply(v, x, train=False), variables, batches)
-  for linen_name, nnx_name in (("BatchNorm_0", "bn0"), ("BatchNorm_1", "bn1")):
-    for stat in ("mean", "var"):
-      np.testing.assert_allclose(np.asarray(nnx_new[nnx_name][stat][...]),
-                                 np.asarray(lin_new[linen_name][stat]), rtol=1e-5, atol=1e-6)
 
 
 def test_the_capture_compiles_once_per_architecture_and_shape():

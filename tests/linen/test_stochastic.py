@@ -1,7 +1,5 @@
-"""Tests of the regjax.linen noise modules, a model built from them, and the
-variance-shift toy check of Li et al. (2019), Sec. 3.
-
-BatchNorm's own module tests (variables, flax parity) live in test_batch_norm.py.
+"""Tests of regjax.linen's stochastic modules (Dropout, GaussianDropout, Uout),
+a model built from them, and the variance-shift toy check of Li et al. (2019), Sec. 3.
 """
 
 import math
@@ -13,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _helpers import IMPLS
 from absl.testing import parameterized
 
 import regjax
@@ -20,12 +19,15 @@ import regjax.linen as rnn
 
 Z = 5.0
 
+
 # module class -> (function, its rate/beta field name, a value, flax counterpart)
 MODULES = {
     "Dropout": (rnn.Dropout, regjax.dropout, "rate", 0.3),
     "GaussianDropout": (rnn.GaussianDropout, regjax.gaussian_dropout, "rate", 0.3),
     "Uout": (rnn.Uout, regjax.uout, "beta", 0.2),
 }
+
+
 MODULE_CASES = tuple((name, name) for name in MODULES)
 
 
@@ -234,3 +236,31 @@ def test_toy_variance_shift_dropout_into_batch_norm(keep):
   # Delta ~ keep: relative errors of the eval variance and of the running var add.
   rel_se = math.sqrt(2 / 4096 / features) + per_feature_sd * keep / math.sqrt(features)
   assert abs(out_var.mean() / (1 / expected) - 1) < Z * rel_se
+
+
+def test_linen_and_nnx_modules_pass_rng_impl_through():
+  import flax.linen as nn
+  from flax import nnx
+  x = jax.random.normal(jax.random.key(60), (16, 40))
+  key = jax.random.key(61)
+  for impl in IMPLS:
+    for cls, fn, value in ((regjax.linen.Dropout, regjax.dropout, 0.4),
+                           (regjax.linen.GaussianDropout, regjax.gaussian_dropout, 0.4),
+                           (regjax.linen.Uout, regjax.uout, 0.3)):
+      y = cls(value, rng_impl=impl).apply({}, x, deterministic=False, rng=key)
+      np.testing.assert_array_equal(np.asarray(y), np.asarray(fn(x, value, key=key,
+                                                                 rng_impl=impl)))
+    for cls, fn, value in ((regjax.nnx.Dropout, regjax.dropout, 0.4),
+                           (regjax.nnx.GaussianDropout, regjax.gaussian_dropout, 0.4),
+                           (regjax.nnx.Uout, regjax.uout, 0.3)):
+      y = cls(value, rng_impl=impl)(x, rngs=key)
+      np.testing.assert_array_equal(np.asarray(y), np.asarray(fn(x, value, key=key,
+                                                                 rng_impl=impl)))
+  theirs = nn.Dropout(0.4, deterministic=False).apply({}, x, rng=key)
+  np.testing.assert_array_equal(
+      np.asarray(regjax.linen.Dropout(0.4, rng_impl="jax").apply(
+          {}, x, deterministic=False, rng=key)), np.asarray(theirs))
+  with pytest.raises(ValueError, match="rng_impl"):
+    regjax.nnx.Dropout(0.4, rng_impl="philox", rngs=nnx.Rngs(dropout=0))
+  with pytest.raises(ValueError, match="rng_impl"):
+    regjax.linen.Dropout(0.4, rng_impl="philox").apply({}, x, deterministic=False, rng=key)

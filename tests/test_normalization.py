@@ -1,9 +1,10 @@
-"""Tests for `regjax.batch_norm` and `regjax.linen.BatchNorm`.
+"""Tests of regjax.normalization: `regjax.batch_norm` and `regjax.init_batch_stats`.
 
-The functional op is checked against a float64 NumPy reference written below
-(biased batch variance, Flax momentum convention, optional
-unbiased running variance, eval with the running statistics); the linen module
-is checked against `flax.linen.BatchNorm` itself.
+The functional op is checked against a float64 NumPy reference (tests/_helpers.py:
+biased batch variance, Flax momentum convention, optional unbiased running
+variance, eval with the running statistics), and on its edge cases: masks,
+non-finite padding, empty batches, bad arguments, cross-device statistics.
+Comparisons with flax.linen/flax.nnx BatchNorm live in test_parity.py.
 """
 
 import functools
@@ -12,99 +13,31 @@ import re
 import textwrap
 
 import chex
-import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import (
+  _close,
+  _complex_input,
+  _feature_axes,
+  _large_mean_data,
+  _problem,
+  reference_batch_norm,
+)
 from absl.testing import parameterized
+from flax import nnx
+from host_devices import run_on_host_devices
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 import regjax
 import regjax.linen as rnn
-from host_devices import run_on_host_devices
-
-# float32 tolerance for outputs of order 1-10. One op rounds at 2**-24 ~ 6e-8
-# relative; the op chain (a shifted two-pass reduction over <= ~1000 values,
-# rsqrt, scale, bias) accumulates a few 1e-7 relative to the data scale. 1e-5
-# leaves a >10x margin (every reference comparison passes at 1e-6) yet catches
-# every plausible bug: biased vs unbiased variance (n/(n-1) - 1 >= 8e-3 here), a
-# dropped or default epsilon (the tests use epsilon/var >= 1e-3, or data whose
-# variance is ~epsilon), or the PyTorch momentum convention are all >= 5e-4 away.
-# Comparisons with flax need the same: its one-pass variance is ~1e-6 off here.
-RTOL = ATOL = 1e-5
-
-
-# ----------------------------------------------------------------------------
-# float64 reference
-
-
-def _feature_axes(axis, ndim):
-  axes = (axis,) if isinstance(axis, int) else tuple(axis)
-  return tuple(sorted(a % ndim for a in axes))
-
-
-def reference_batch_norm(x, mean, var, scale=None, bias=None, *, axis=-1, momentum=0.99,
-                         epsilon=1e-5, unbiased_running_var=False, mask=None,
-                         deterministic=False):
-  """float64 batch norm; returns (y, new_mean, new_var) with feature-shaped stats."""
-  x = np.asarray(x, np.float64)
-  axes = _feature_axes(axis, x.ndim)
-  red = tuple(a for a in range(x.ndim) if a not in axes)
-  feature_shape = tuple(x.shape[a] for a in axes)
-  keep = tuple(1 if a in red else x.shape[a] for a in range(x.ndim))
-  mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
-  if deterministic:
-    mu, v = mean.reshape(keep), var.reshape(keep)
-    new_mean, new_var = mean, var
-  else:
-    w = np.ones(x.shape) if mask is None else np.broadcast_to(mask, x.shape).astype(np.float64)
-    n = w.sum(red, keepdims=True)
-    xs = np.where(w > 0, x, 0.0)  # unselected positions may hold NaN padding
-    mu = xs.sum(red, keepdims=True) / np.maximum(n, 1)
-    v = (w * (xs - mu) ** 2).sum(red, keepdims=True) / np.maximum(n, 1)
-    sample_var = np.where(n > 1, v * n / np.maximum(n - 1, 1), v) if unbiased_running_var else v
-    seen = (n > 0).reshape(feature_shape)
-    new_mean = np.where(seen, momentum * mean + (1 - momentum) * mu.reshape(feature_shape), mean)
-    new_var = np.where(seen, momentum * var + (1 - momentum) * sample_var.reshape(feature_shape),
-                       var)
-  with np.errstate(invalid="ignore"):  # NaN padding stays NaN in y
-    y = (x - mu) / np.sqrt(v + epsilon)
-  if scale is not None:
-    y = y * np.asarray(scale, np.float64).reshape(keep)
-  if bias is not None:
-    y = y + np.asarray(bias, np.float64).reshape(keep)
-  return y, new_mean, new_var
-
-
-def _problem(shape, axis, seed, *, loc=0.5, std=2.0, dtype=np.float32):
-  """Input whose features differ in location and spread (so a reduction over the
-  wrong axes shows), plus non-trivial prior stats, scale and bias."""
-  rng = np.random.default_rng(seed)
-  axes = _feature_axes(axis, len(shape))
-  fshape = tuple(shape[a] for a in axes)
-  keep = tuple(shape[a] if a in axes else 1 for a in range(len(shape)))
-  offset = loc + std * rng.standard_normal(fshape)
-  spread = std * rng.uniform(0.25, 1.5, fshape)
-  x = offset.reshape(keep) + spread.reshape(keep) * rng.standard_normal(shape)
-  stats = {"mean": jnp.asarray(rng.normal(size=fshape), jnp.float32),
-           "var": jnp.asarray(rng.uniform(0.5, 2.0, fshape), jnp.float32)}
-  scale = jnp.asarray(rng.uniform(0.5, 1.5, fshape) * rng.choice([-1.0, 1.0], fshape), jnp.float32)
-  bias = jnp.asarray(rng.normal(size=fshape), jnp.float32)
-  return jnp.asarray(x, dtype), stats, scale, bias
-
-
-def _close(actual, desired, rtol=RTOL, atol=ATOL, err_msg=""):
-  np.testing.assert_allclose(np.asarray(actual, np.float64), np.asarray(desired, np.float64),
-                             rtol=rtol, atol=atol, err_msg=err_msg)
-
+import regjax.nnx as rnnx
 
 # ----------------------------------------------------------------------------
 # Core numerics, each with and without jit
-
 _LAYOUTS = [
     ("nc", (64, 6), -1),
     ("nhwc", (4, 5, 6, 3), -1),
@@ -237,26 +170,6 @@ class BatchNormReferenceTest(chex.TestCase):
     _close(np.asarray(y)[..., [0, 2]], ry[..., [0, 2]])
 
 
-def _large_mean_data():
-  rng = np.random.default_rng(0)
-  return jnp.asarray(1e4 + rng.standard_normal((4096, 16)), jnp.float32)
-
-
-def test_flax_default_fails_on_large_mean_data():
-  """Documents that the large-mean data is hard: flax's default one-pass
-  variance (use_fast_variance=True) is off by > 1e3 where regjax is within 1e-2."""
-  x = _large_mean_data()
-  ry, _, _ = reference_batch_norm(x, np.zeros(16), np.ones(16))
-  bn = nn.BatchNorm(use_running_average=False)
-  variables = bn.init(jax.random.key(0), x)
-  y_flax, _ = bn.apply(variables, x, mutable=["batch_stats"])
-  y_ours = rnn.BatchNorm(use_running_average=False).apply(variables, x, mutable=["batch_stats"])[0]
-  err_flax = np.max(np.abs(np.asarray(y_flax, np.float64) - ry))
-  err_ours = np.max(np.abs(np.asarray(y_ours, np.float64) - ry))
-  assert err_flax > 1e3, err_flax  # ~1.4e3 with jax 0.10.2 / flax 0.12.8
-  assert err_ours < 1e-2, err_ours
-
-
 def test_eval_returns_batch_stats_unchanged():
   x, stats, scale, bias = _problem((16, 3), -1, seed=5)
   y, out = regjax.batch_norm(x, stats, scale, bias, deterministic=True)
@@ -270,8 +183,6 @@ def test_eval_returns_batch_stats_unchanged():
 
 # ----------------------------------------------------------------------------
 # Gradients
-
-
 def test_gradients_match_finite_differences_float64():
   # float64 (jax.enable_x64 works as a context manager in this jax) so finite
   # differences are accurate enough for tight tolerances.
@@ -354,7 +265,9 @@ def test_derivatives_match_autodiff_of_textbook_formula(shape, axis, masked, aff
       vjp_want = jax.vjp(f_ref, *args)[1](cts)
       chex.assert_trees_all_close(vjp_got, vjp_want, rtol=1e-9, atol=1e-9)
       # second order: reverse over reverse
-      loss = lambda f: lambda *a: sum(jnp.vdot(c, o) for c, o in zip(cts, f(*a)))
+      def loss(f):
+        # loss is used within this iteration, so the late binding of cts is harmless.
+        return lambda *a: sum(jnp.vdot(c, o) for c, o in zip(cts, f(*a), strict=False))  # noqa: B023
       h_got = jax.jvp(jax.grad(loss(f_ours), argnums=(0, 1, 2) if affine else 0),
                       args, tangents)[1]
       h_want = jax.jvp(jax.grad(loss(f_ref), argnums=(0, 1, 2) if affine else 0),
@@ -367,7 +280,8 @@ def test_gradient_large_mean_is_finite_and_accurate(rows, features):
   x = 1e4 + jnp.asarray(np.random.default_rng(5).standard_normal((rows, features)), jnp.float32)
   cotangent = jnp.asarray(np.random.default_rng(4).standard_normal(x.shape), jnp.float32)
   stats = regjax.init_batch_stats(features)
-  loss = lambda x: jnp.sum(regjax.batch_norm(x, stats)[0] * cotangent)
+  def loss(x):
+    return jnp.sum(regjax.batch_norm(x, stats)[0] * cotangent)
   dx = jax.grad(loss)(x)
   assert np.all(np.isfinite(dx))
   with jax.enable_x64(True):
@@ -383,8 +297,6 @@ def test_gradient_large_mean_is_finite_and_accurate(rows, features):
 
 # ----------------------------------------------------------------------------
 # Tracing
-
-
 def test_traced_momentum_traces_once():
   x, stats, _, _ = _problem((16, 3), -1, seed=6)
 
@@ -417,8 +329,9 @@ def test_traced_deterministic_is_a_type_error():
 
 # ----------------------------------------------------------------------------
 # Bad input
-
 _Z3 = np.zeros(3, np.float32)
+
+
 _BAD_INPUTS = [
     ("momentum_negative", dict(momentum=-0.1), ValueError, "`momentum`"),
     ("momentum_above_one", dict(momentum=1.5), ValueError, "`momentum`"),
@@ -456,148 +369,7 @@ def test_bad_input_names_the_argument(overrides, error, match):
 
 
 # ----------------------------------------------------------------------------
-# Linen module against flax.linen.BatchNorm
-
-
-def _shapes_dtypes(tree):
-  return jax.tree.map(lambda a: (a.shape, jnp.dtype(a.dtype)), tree)
-
-
-def _randomize(variables, seed):
-  """Non-trivial params and running stats, each leaf keeping its dtype."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if "var" in name:
-      value = rng.uniform(0.5, 2.0, leaf.shape)
-    elif "scale" in name:
-      value = rng.uniform(0.5, 1.5, leaf.shape)
-    else:
-      value = rng.normal(size=leaf.shape)
-    return jnp.asarray(value, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, variables)
-
-
-_LINEN_CASES = [
-    ("default", dict(), (32, 4), jnp.float32),
-    ("no_scale", dict(use_scale=False), (32, 4), jnp.float32),
-    ("no_bias", dict(use_bias=False), (32, 4), jnp.float32),
-    ("no_affine", dict(use_scale=False, use_bias=False), (32, 4), jnp.float32),
-    ("axis_1", dict(axis=1), (8, 3, 4, 4), jnp.float32),
-    ("momentum_epsilon", dict(momentum=0.9, epsilon=1e-2), (32, 4), jnp.float32),
-    ("param_bf16", dict(param_dtype=jnp.bfloat16), (32, 4), jnp.float32),
-    ("dtype_bf16", dict(dtype=jnp.bfloat16), (32, 4), jnp.float32),
-    ("x_bf16", dict(), (32, 4), jnp.bfloat16),
-    ("x_bf16_dtype_f32", dict(dtype=jnp.float32), (32, 4), jnp.bfloat16),
-    ("all_bf16", dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16), (32, 4), jnp.bfloat16),
-]
-
-
-@pytest.mark.parametrize("kwargs,shape,x_dtype", [c[1:] for c in _LINEN_CASES],
-                         ids=[c[0] for c in _LINEN_CASES])
-def test_linen_matches_flax(kwargs, shape, x_dtype):
-  x, _, _, _ = _problem(shape, kwargs.get("axis", -1), seed=21, dtype=x_dtype)
-  ours, theirs = rnn.BatchNorm(**kwargs), nn.BatchNorm(**kwargs)
-  key = jax.random.key(0)
-  ours_vars = ours.init(key, x, use_running_average=False)
-  theirs_vars = theirs.init(key, x, use_running_average=False)
-  assert _shapes_dtypes(ours_vars) == _shapes_dtypes(theirs_vars)
-  chex.assert_trees_all_equal(ours_vars, theirs_vars)  # same initial values too
-
-  variables = _randomize(theirs_vars, seed=22)
-  y_ours, upd_ours = ours.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
-  y_theirs, upd_theirs = theirs.apply(variables, x, use_running_average=False,
-                                      mutable=["batch_stats"])
-  e_ours = ours.apply(variables, x, use_running_average=True)
-  e_theirs = theirs.apply(variables, x, use_running_average=True)
-  assert y_ours.dtype == y_theirs.dtype and e_ours.dtype == e_theirs.dtype
-  assert _shapes_dtypes(upd_ours) == _shapes_dtypes(upd_theirs)
-  # Both compute in float32 and round once; a bf16 result may differ by one bf16 ulp.
-  tol = 2.0**-7 if y_theirs.dtype == jnp.bfloat16 else RTOL
-  _close(y_ours, y_theirs, rtol=tol, atol=ATOL)
-  _close(e_ours, e_theirs, rtol=tol, atol=ATOL)
-  chex.assert_trees_all_close(upd_ours, upd_theirs, rtol=RTOL, atol=ATOL)
-  # ... and both really updated the statistics.
-  assert not np.allclose(upd_ours["batch_stats"]["mean"], variables["batch_stats"]["mean"])
-
-
-def test_linen_mask_matches_flax():
-  x, _, _, _ = _problem((32, 4), -1, seed=23)
-  mask = jnp.asarray(np.random.default_rng(0).random((32, 4)) < 0.7)
-  variables = _randomize(nn.BatchNorm().init(jax.random.key(0), x, use_running_average=True), 24)
-  kw = dict(use_running_average=False, mask=mask, mutable=["batch_stats"])
-  y_ours, upd_ours = rnn.BatchNorm().apply(variables, x, **kw)
-  y_theirs, upd_theirs = nn.BatchNorm().apply(variables, x, **kw)
-  _close(y_ours, y_theirs)
-  chex.assert_trees_all_close(upd_ours, upd_theirs, rtol=RTOL, atol=ATOL)
-
-
-def test_flax_checkpoint_loads_into_regjax():
-  x, _, _, _ = _problem((16, 2, 5), -1, seed=25)
-  theirs = nn.BatchNorm(momentum=0.9)
-  trained = _randomize(theirs.init(jax.random.key(1), x, use_running_average=True), 26)
-  blob = flax.serialization.to_bytes(trained)
-
-  ours = rnn.BatchNorm(momentum=0.9)
-  template = ours.init(jax.random.key(2), x, use_running_average=True)
-  restored = flax.serialization.from_bytes(template, blob)
-  chex.assert_trees_all_equal(restored, trained)
-  _close(ours.apply(restored, x, use_running_average=True),
-         theirs.apply(trained, x, use_running_average=True))
-  y_ours, upd_ours = ours.apply(restored, x, use_running_average=False, mutable=["batch_stats"])
-  y_theirs, upd_theirs = theirs.apply(trained, x, use_running_average=False,
-                                      mutable=["batch_stats"])
-  _close(y_ours, y_theirs)
-  chex.assert_trees_all_close(upd_ours, upd_theirs, rtol=RTOL, atol=ATOL)
-
-
-def test_linen_use_running_average_is_an_alias_of_deterministic():
-  x, _, _, _ = _problem((16, 3), -1, seed=27)
-  variables = _randomize(rnn.BatchNorm().init(jax.random.key(0), x, deterministic=True), 28)
-  stats = variables["batch_stats"]
-  eval_ref = reference_batch_norm(x, stats["mean"], stats["var"], variables["params"]["scale"],
-                                  variables["params"]["bias"], deterministic=True)[0]
-  train_ref = reference_batch_norm(x, stats["mean"], stats["var"], variables["params"]["scale"],
-                                   variables["params"]["bias"])[0]
-  evals = [
-      rnn.BatchNorm(use_running_average=True).apply(variables, x),
-      rnn.BatchNorm(deterministic=True).apply(variables, x),
-      rnn.BatchNorm(deterministic=True, use_running_average=True).apply(variables, x),
-      rnn.BatchNorm().apply(variables, x, True),
-      rnn.BatchNorm().apply(variables, x, use_running_average=True),
-      rnn.BatchNorm().apply(variables, x, deterministic=True),
-  ]
-  for y in evals:
-    _close(y, eval_ref)
-  for module, call in [(rnn.BatchNorm(use_running_average=False), {}),
-                       (rnn.BatchNorm(deterministic=False), {}),
-                       (rnn.BatchNorm(), dict(use_running_average=False)),
-                       (rnn.BatchNorm(), dict(deterministic=False))]:
-    y, upd = module.apply(variables, x, mutable=["batch_stats"], **call)
-    _close(y, train_ref)
-    assert not np.allclose(upd["batch_stats"]["var"], stats["var"])
-
-  with pytest.raises(ValueError, match="disagree"):
-    rnn.BatchNorm(deterministic=True, use_running_average=False).apply(variables, x)
-  with pytest.raises(ValueError, match="disagree"):
-    rnn.BatchNorm().apply(variables, x, use_running_average=True, deterministic=False)
-
-
-@pytest.mark.parametrize("module_cls", [rnn.BatchNorm, nn.BatchNorm], ids=["regjax", "flax"])
-def test_init_does_not_update_statistics(module_cls):
-  x, _, _, _ = _problem((32, 3), -1, seed=29, loc=5.0, std=3.0)
-  # axis_name is ignored at init: no named axis needs to exist there.
-  variables = module_cls(use_running_average=False, axis_name="batch").init(jax.random.key(0), x)
-  chex.assert_trees_all_equal(variables["batch_stats"],
-                              {"mean": jnp.zeros(3), "var": jnp.ones(3)})
-
-
-# ----------------------------------------------------------------------------
 # Property test
-
-
 @st.composite
 def _property_problem(draw):
   ndim = draw(st.integers(2, 4))
@@ -635,7 +407,6 @@ def test_property_matches_reference(problem):
 
 # ----------------------------------------------------------------------------
 # Across devices (4 fake CPU devices in a subprocess)
-
 _CROSS_DEVICE_SCRIPT = textwrap.dedent(r"""
   import functools, json, traceback
   import numpy as np, jax, jax.numpy as jnp, regjax
@@ -762,3 +533,254 @@ def test_init_batch_stats(num_features, shape):
 def test_init_batch_stats_rejects_bad_sizes(bad):
   with pytest.raises((ValueError, TypeError), match="num_features"):
     regjax.init_batch_stats(bad)
+
+
+# float32 input at mean 1e4, std 1: a half ulp of 1e4 is 4.9e-4, so a float32
+# mean is off by up to a few of those, and y by that over the feature's std;
+# the naive E[x^2]-E[x]^2 loses the variance entirely (its cancellation error
+# is ~1e4**2 * 6e-8 = 6).
+_BIG_MEAN = 1e4
+
+
+_MEAN_ATOL = 4 * 4.9e-4
+
+
+_VAR_RTOL = 1e-4
+
+
+def _masked_reference(x, mask, axis=-1):
+  """float64 mean and (biased) variance over the positions ``mask`` selects."""
+  x = np.asarray(x, np.float64)
+  m = np.broadcast_to(np.asarray(mask), x.shape)
+  red = tuple(a for a in range(x.ndim) if a != axis % x.ndim)
+  n = m.sum(red)
+  mean = np.where(m, x, 0).sum(red) / n
+  keep = tuple(1 if a in red else x.shape[a] for a in range(x.ndim))
+  var = (np.where(m, x - mean.reshape(keep), 0) ** 2).sum(red) / n
+  return mean, var
+
+
+def _big_mean(shape, seed=0):
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(_BIG_MEAN + rng.standard_normal(shape), jnp.float32)
+
+
+def _check_against_reference(x, mask, pad_value=0.0):
+  x = jnp.where(mask, x, pad_value)
+  c = x.shape[-1]
+  y, new = regjax.batch_norm(x, regjax.init_batch_stats(c), momentum=0.0, mask=mask)
+  mean, var = _masked_reference(x, mask)
+  np.testing.assert_allclose(new["var"], var, rtol=_VAR_RTOL)
+  np.testing.assert_allclose(new["mean"], mean, rtol=0, atol=_MEAN_ATOL)
+  keep = (1,) * (x.ndim - 1) + (c,)
+  want_y = (np.asarray(x, np.float64) - mean.reshape(keep)) / np.sqrt(var.reshape(keep) + 1e-5)
+  m = np.broadcast_to(np.asarray(mask), x.shape)
+  err = np.abs(np.where(m, np.asarray(y, np.float64) - want_y, 0))
+  assert np.all(err <= _MEAN_ATOL / np.sqrt(var.reshape(keep) + 1e-5)), err.max()
+
+
+def test_mask_first_row_masked_tall():
+  # (256, 6), row 0 masked: used to give running var 0.0 (float64: 0.91-1.02).
+  mask = jnp.ones((256, 1), bool).at[0].set(False)
+  _check_against_reference(_big_mean((256, 6)), mask)
+
+
+def test_mask_first_row_masked_wide():
+  # (4, 64): the dot-product path (short, wide input).
+  mask = jnp.asarray([[False], [True], [True], [True]])
+  _check_against_reference(_big_mean((4, 64), seed=1), mask)
+
+
+def test_mask_left_padded_sequence():
+  # Batch 8, length 16, 4 features; sequence b has b + 1 left pads (never position 0).
+  pads = np.arange(8) + 1
+  mask = jnp.asarray(np.arange(16)[None, :] >= pads[:, None])[..., None]
+  _check_against_reference(_big_mean((8, 16, 4), seed=2), mask)
+
+
+def test_mask_per_feature_first_selected_differs():
+  # Each feature selects a different first position (mask of x's full shape).
+  rng = np.random.default_rng(3)
+  mask = jnp.asarray(rng.uniform(size=(64, 5)) < 0.5).at[0].set(False)
+  _check_against_reference(_big_mean((64, 5), seed=3), mask, pad_value=-3e4)
+
+
+_SHARD_MAP_SCRIPT = textwrap.dedent(r"""
+  import json
+  import numpy as np, jax, jax.numpy as jnp, regjax
+  from jax.sharding import PartitionSpec as P
+  assert jax.device_count() == 4
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(1e4 + rng.standard_normal((32, 6)), jnp.float32)
+  keep = np.ones((32, 1), bool)
+  keep[::8] = False  # each device's first local row
+  x = jnp.where(keep, x, 0.0)
+  mesh = jax.make_mesh((4,), ("batch",))
+  fn = lambda x, s, m: regjax.batch_norm(x, s, momentum=0.0, axis_name="batch", mask=m)
+  run = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P("batch"), P(), P("batch")),
+                              out_specs=(P("batch"), P())))
+  from jax.sharding import NamedSharding
+  rows = NamedSharding(mesh, P("batch"))
+  y, new = run(jax.device_put(x, rows), regjax.init_batch_stats(6),
+               jax.device_put(jnp.asarray(keep), rows))
+  print(json.dumps({"x": np.asarray(x).tolist(), "keep": keep.tolist(),
+                    "y": np.asarray(y).tolist(), "mean": np.asarray(new["mean"]).tolist(),
+                    "var": np.asarray(new["var"]).tolist()}))
+""")
+
+
+def test_mask_first_local_row_masked_under_shard_map():
+  out = json.loads(run_on_host_devices(_SHARD_MAP_SCRIPT, 4).strip().splitlines()[-1])
+  keep = np.asarray(out["keep"])
+  mean, var = _masked_reference(np.asarray(out["x"], np.float32), keep)
+  np.testing.assert_allclose(out["var"], var, rtol=_VAR_RTOL)
+  np.testing.assert_allclose(out["mean"], mean, rtol=0, atol=_MEAN_ATOL)
+  want_y = (np.asarray(out["x"], np.float64) - mean) / np.sqrt(var + 1e-5)
+  err = np.abs(np.where(keep, np.asarray(out["y"]) - want_y, 0))
+  assert np.all(err <= _MEAN_ATOL / np.sqrt(var + 1e-5)), err.max()
+
+
+# ----------------------------------------------------------------------------
+# Non-finite values in masked-out positions
+@pytest.mark.parametrize("shape", [(16, 4), (4, 64)], ids=["reduce", "dot"])
+def test_nonfinite_padding_leaves_statistics_and_gradients_finite(shape):
+  rng = np.random.default_rng(4)
+  n, c = shape
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  mask = jnp.ones((n, 1), bool).at[0].set(False).at[n - 1].set(False)
+  bad = x.at[0].set(jnp.nan).at[n - 1].set(jnp.inf)
+  clean = x.at[0].set(0.0).at[n - 1].set(0.0)
+  scale = jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=c), jnp.float32)
+  w = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+  def loss(x, scale, bias):
+    y, new = regjax.batch_norm(x, regjax.init_batch_stats(c), scale, bias, mask=mask)
+    return jnp.sum(jnp.where(mask, y * w, 0.0)), new
+
+  (got, got_stats), got_grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(
+      bad, scale, bias)
+  (want, want_stats), want_grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(
+      clean, scale, bias)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for k in ("mean", "var"):
+    np.testing.assert_array_equal(got_stats[k], want_stats[k])
+  for g, h in zip(got_grads, want_grads, strict=False):
+    assert np.all(np.isfinite(g))
+    np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_finite_positions_keep_their_exact_derivative():
+  # Finite padding still differentiates exactly (check_grads, both modes).
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((12, 3)), jnp.float64 if jax.config.x64_enabled
+                  else jnp.float32)
+  mask = jnp.ones((12, 1), bool).at[0].set(False)
+  scale = jnp.asarray(rng.uniform(0.5, 1.5, 3), x.dtype)
+  def f(x, s):
+    return regjax.batch_norm(x, regjax.init_batch_stats(3), s, mask=mask)[0]
+  check_grads(f, (x, scale), order=1, modes=("fwd", "rev"), atol=5e-2,
+                            rtol=5e-2)
+
+
+# ----------------------------------------------------------------------------
+# Empty batches, traced momentum
+@pytest.mark.parametrize("use_mask", [False, True])
+@pytest.mark.parametrize("jit", [False, True])
+def test_empty_batch_keeps_statistics(use_mask, jit):
+  stats = {"mean": jnp.arange(8.0), "var": jnp.arange(1.0, 9.0)}
+  mask = jnp.ones((0, 8), bool) if use_mask else None
+  def fn(x):
+    return regjax.batch_norm(x, stats, mask=mask)
+  y, new = (jax.jit(fn) if jit else fn)(jnp.ones((0, 8)))
+  assert y.shape == (0, 8)
+  np.testing.assert_array_equal(new["mean"], stats["mean"])
+  np.testing.assert_array_equal(new["var"], stats["var"])
+  g = jax.grad(lambda x: jnp.sum(fn(x)[0]))(jnp.ones((0, 8)))
+  assert g.shape == (0, 8)
+
+
+def test_empty_batch_in_modules():
+  x0 = jnp.ones((0, 8))
+  variables = rnn.BatchNorm(use_running_average=False).init(jax.random.key(0), jnp.ones((2, 8)))
+  y, upd = rnn.BatchNorm(use_running_average=False).apply(variables, x0, mutable=["batch_stats"])
+  assert y.shape == (0, 8)
+  np.testing.assert_array_equal(upd["batch_stats"]["var"], variables["batch_stats"]["var"])
+  bn = rnnx.BatchNorm(8, rngs=nnx.Rngs(0))
+  assert bn(x0).shape == (0, 8)
+  np.testing.assert_array_equal(bn.var[...], jnp.ones(8))
+
+
+@pytest.mark.parametrize("momentum", [np.nan, np.inf, -np.inf, 1.5, -0.5])
+def test_traced_momentum_nonfinite_keeps_statistics_out_of_range_clips(momentum):
+  stats = {"mean": jnp.full(3, 2.0), "var": jnp.full(3, 3.0)}
+  x = jnp.asarray(np.random.default_rng(6).standard_normal((10, 3)), jnp.float32)
+  _, new = jax.jit(lambda x, m: regjax.batch_norm(x, stats, momentum=m))(x, momentum)
+  if momentum == -0.5:  # clipped to 0: the batch statistics replace the old ones
+    np.testing.assert_allclose(new["var"], np.var(np.asarray(x, np.float64), 0), rtol=1e-5)
+  else:  # NaN and +-inf keep the statistics; 1.5 clips to 1, which keeps them too
+    np.testing.assert_array_equal(new["mean"], stats["mean"])
+    np.testing.assert_array_equal(new["var"], stats["var"])
+
+
+def test_concrete_bad_momentum_is_rejected():
+  with pytest.raises(ValueError, match="momentum"):
+    regjax.batch_norm(jnp.ones((4, 3)), regjax.init_batch_stats(3), momentum=float("nan"))
+
+
+# ----------------------------------------------------------------------------
+# Bad arguments get errors that name them
+@pytest.mark.parametrize("axis", [1.0, None, "0", (0, 1.5)])
+def test_axis_must_be_int_or_tuple_of_ints(axis):
+  with pytest.raises(TypeError, match="`axis` must be an int or a tuple of ints"):
+    regjax.batch_norm(jnp.ones((4, 3)), regjax.init_batch_stats(3), axis=axis)
+  with pytest.raises(TypeError, match="`axis`"):
+    rnn.BatchNorm(use_running_average=False, axis=axis).init(jax.random.key(0), jnp.ones((4, 3)))
+
+
+def test_none_statistics_are_rejected():
+  with pytest.raises(ValueError, match=r"batch_stats\['mean'\]` is None"):
+    regjax.batch_norm(jnp.ones((4, 3)), {"mean": None, "var": None})
+
+
+def test_one_dimensional_input_train_mode_is_an_error_eval_is_not():
+  stats = regjax.init_batch_stats(8)
+  with pytest.raises(ValueError, match="needs a batch axis"):
+    regjax.batch_norm(jnp.ones(8), stats)
+  y, _ = regjax.batch_norm(jnp.full(8, 2.0), stats, deterministic=True)
+  np.testing.assert_allclose(y, 2.0 / np.sqrt(1 + 1e-5), rtol=1e-6)
+
+
+def test_integer_output_dtype_is_rejected():
+  with pytest.raises(TypeError, match="`dtype` must be a floating-point"):
+    regjax.batch_norm(jnp.ones((4, 3)), regjax.init_batch_stats(3), dtype=jnp.int32)
+
+
+@pytest.mark.parametrize("eps", [np.float32(1e-3), np.float64(1e-3), 1e-3])
+def test_numpy_epsilon_is_accepted_everywhere(eps):
+  x = jnp.asarray(np.random.default_rng(7).standard_normal((6, 3)), jnp.float32)
+  want, _ = regjax.batch_norm(x, regjax.init_batch_stats(3), epsilon=1e-3)
+  got, _ = regjax.batch_norm(x, regjax.init_batch_stats(3), epsilon=eps)
+  np.testing.assert_array_equal(got, want)
+  variables = rnn.BatchNorm(use_running_average=False, epsilon=eps).init(jax.random.key(0), x)
+  got, _ = rnn.BatchNorm(use_running_average=False, epsilon=eps).apply(
+      variables, x, mutable=["batch_stats"])
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(rnnx.BatchNorm(3, epsilon=eps, rngs=nnx.Rngs(0))(x), want)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-3, np.float32(np.nan), np.inf, True])
+def test_bad_epsilon_is_rejected(eps):
+  with pytest.raises(ValueError, match="epsilon"):
+    regjax.batch_norm(jnp.ones((4, 3)), regjax.init_batch_stats(3), epsilon=eps)
+  with pytest.raises(ValueError, match="epsilon"):
+    rnnx.BatchNorm(3, epsilon=eps, rngs=nnx.Rngs(0))
+
+
+def test_complex_statistics_against_float64():
+  x = _complex_input((32, 3), seed=9)
+  _, new = regjax.batch_norm(x, regjax.init_batch_stats(3), momentum=0.0)
+  xn = np.asarray(x, np.complex128)
+  np.testing.assert_allclose(new["mean"], xn.mean(0), rtol=1e-6)
+  np.testing.assert_allclose(new["var"], (np.abs(xn - xn.mean(0)) ** 2).mean(0), rtol=1e-5)
+  assert not jnp.iscomplexobj(new["var"])

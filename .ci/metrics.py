@@ -23,6 +23,14 @@ def functions(tree):
       yield node
 
 
+def _is_docstring(node) -> bool:
+  return (
+    isinstance(node, ast.Expr)
+    and isinstance(getattr(node, "value", None), ast.Constant)
+    and (isinstance(node.value.value, str))
+  )
+
+
 def private_uses(tree, module: str):
   aliases = {}
   uses = set()
@@ -58,12 +66,18 @@ def main(root: str = "regjax") -> None:
     tree = ast.parse(path.read_text())
     module = ".".join(path.with_suffix("").parts).removesuffix(".__init__")
     for fn in functions(tree):
-      longest.append((fn.end_lineno - fn.lineno + 1, f"{path}:{fn.lineno} {fn.name}"))
+      lines = fn.end_lineno - fn.lineno + 1
+      doc = fn.body[0] if fn.body and _is_docstring(fn.body[0]) else None
+      code = lines - (doc.end_lineno - doc.lineno + 1 if doc else 0)
+      longest.append((lines, code, f"{path}:{fn.lineno} {fn.name}"))
     private += [(str(path), u) for u in sorted(private_uses(tree, module))]
   longest.sort(reverse=True)
-  print("longest functions (lines incl. docstring):")
-  for n, where in longest[:5]:
-    print(f"  {n:4d}  {where}")
+  print("longest functions (lines; lines without the docstring):")
+  for n, code, where in longest[:5]:
+    print(f"  {n:4d} {code:4d}  {where}")
+  print("longest without docstrings:")
+  for n, code, where in sorted(longest, key=lambda r: -r[1])[:5]:
+    print(f"  {n:4d} {code:4d}  {where}")
   print(f"private cross-module uses: {len(private)}")
   for path, use in private:
     print(f"  {path}: {use}")

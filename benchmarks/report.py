@@ -48,8 +48,10 @@ def fmt_ci(ci) -> str:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
   """One line per row; a blank line between size/dtype/group blocks."""
-  header = (f"{'op':<46} {'size':<6} {'dtype':<9} {'mode':<14} {'median ms':>10} "
-            f"{'vs copy':>8} {'vs ref':>8} {'ref 95% CI':>11} {'n':>4}")
+  header = (
+    f"{'op':<46} {'size':<6} {'dtype':<9} {'mode':<14} {'median ms':>10} "
+    f"{'vs copy':>8} {'vs ref':>8} {'ref 95% CI':>11} {'n':>4}"
+  )
   lines = [header, "-" * len(header)]
   previous = None
   for r in rows:
@@ -58,22 +60,25 @@ def format_table(rows: list[dict[str, Any]]) -> str:
       lines.append("")
     previous = group
     median = f"{r['median_ms']:10.3f}" if r["median_ms"] is not None else f"{'FAILED':>10}"
-    lines.append(f"{r['op']:<46} {str(r.get('size', '-')):<6} {str(r.get('dtype', '-')):<9} "
-                 f"{r['mode']:<14} {median} {fmt(r['vs_copy'])} {fmt(r['vs_ref'])} "
-                 f"{fmt_ci(r.get('vs_ref_ci')) if r.get('vs_ref') else '-':>11} {r['n']:>4}")
+    lines.append(
+      f"{r['op']:<46} {str(r.get('size', '-')):<6} {str(r.get('dtype', '-')):<9} "
+      f"{r['mode']:<14} {median} {fmt(r['vs_copy'])} {fmt(r['vs_ref'])} "
+      f"{fmt_ci(r.get('vs_ref_ci')) if r.get('vs_ref') else '-':>11} {r['n']:>4}"
+    )
   return "\n".join(lines)
 
 
 def format_memory(memory: list[dict[str, Any]]) -> str:
   """One line per memory row: kept and temporary bytes per element, the residuals."""
-  header = (f"{'op':<46} {'size':<6} {'dtype':<9} {'kept B/elem':>11} {'temp B/elem':>11}  "
-            "residuals")
+  header = f"{'op':<46} {'size':<6} {'dtype':<9} {'kept B/elem':>11} {'temp B/elem':>11}  residuals"
   lines = [header, "-" * len(header)]
   for m in memory:
     res = ", ".join(m.get("residuals", [])) or m.get("error", "")
-    lines.append(f"{m['op']:<46} {m['size']:<6} {m['dtype']:<9} "
-                 f"{fmt(m.get('bytes_per_element'), 11)} {fmt(m.get('temp_bytes_per_element'), 11)}"
-                 f"  {res[:60]}")
+    lines.append(
+      f"{m['op']:<46} {m['size']:<6} {m['dtype']:<9} "
+      f"{fmt(m.get('bytes_per_element'), 11)} {fmt(m.get('temp_bytes_per_element'), 11)}"
+      f"  {res[:60]}"
+    )
   return "\n".join(lines)
 
 
@@ -82,8 +87,9 @@ def load_targets(path: str = TARGETS_PATH) -> dict[str, Any]:
     return tomllib.load(f)
 
 
-def verdict(name: str, value, limit: float, unit: str = "x",
-            same_program: bool = False) -> dict[str, Any]:
+def verdict(
+  name: str, value, limit: float, unit: str = "x", same_program: bool = False
+) -> dict[str, Any]:
   """One target: PASS/FAIL/SKIP, and ``decisive`` when the whole 95 % interval is on the
   verdict's side of the limit. ``value`` is a number, None, or ``(value, interval)``."""
   value, ci = value if isinstance(value, tuple) else (value, None)
@@ -91,12 +97,21 @@ def verdict(name: str, value, limit: float, unit: str = "x",
   decisive = None if ci is None or value is None else (ci[1] <= limit or ci[0] > limit)
   if same_program and value is not None and limit >= 1.0:
     result, decisive = "PASS", True  # the same XLA program: a ratio of 1 by construction
-  return {"target": name, "measured": value, "ci95": ci, "limit": limit, "unit": unit,
-          "verdict": result, "decisive": decisive, "same_program": same_program}
+  return {
+    "target": name,
+    "measured": value,
+    "ci95": ci,
+    "limit": limit,
+    "unit": unit,
+    "verdict": result,
+    "decisive": decisive,
+    "same_program": same_program,
+  }
 
 
-def ratio_targets(spec: dict[str, Any], index: dict[tuple, dict[str, Any]],
-                  dtype: str | None) -> list[dict[str, Any]]:
+def ratio_targets(
+  spec: dict[str, Any], index: dict[tuple, dict[str, Any]], dtype: str | None
+) -> list[dict[str, Any]]:
   """The targets of one ``[[ratio]]`` entry for ``dtype`` (None: an entry without sizes)."""
   targets = []
   for size in spec.get("sizes", [None]):
@@ -106,17 +121,21 @@ def ratio_targets(spec: dict[str, Any], index: dict[tuple, dict[str, Any]],
         if limit is None:
           continue
         row = index.get((size, dtype, op, mode))
-        value = (None, None) if row is None else (row.get(spec["ratio"]),
-                                                   row.get(spec["ratio"] + "_ci"))
+        value = (
+          (None, None) if row is None else (row.get(spec["ratio"]), row.get(spec["ratio"] + "_ci"))
+        )
         same = spec.get("same_program", False) and bool((row or {}).get("same_program_as_ref"))
         name = spec["title"].format(op=op, mode=mode, size=size, dtype=dtype, limit=limit)
         targets.append(verdict(name, value, limit, same_program=same))
   return targets
 
 
-def evaluate_targets(rows: list[dict[str, Any]], memory: list[dict[str, Any]],
-                     dtypes: list[str], spec: dict[str, Any] | None = None
-                     ) -> list[dict[str, Any]]:
+def evaluate_targets(
+  rows: list[dict[str, Any]],
+  memory: list[dict[str, Any]],
+  dtypes: list[str],
+  spec: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
   """Every target of ``spec`` (default: targets.toml) for the ``dtypes`` run, in the
   order the file's comments give; a target whose row was not run is SKIP."""
   spec = load_targets() if spec is None else spec
@@ -136,8 +155,10 @@ def evaluate_targets(rows: list[dict[str, Any]], memory: list[dict[str, Any]],
 
 def format_targets(targets: list[dict[str, Any]]) -> str:
   """The TARGETS section: verdict, '~' when within noise, the target, the measurement."""
-  lines = ["TARGETS ([95 % interval over rounds]; '~' = the interval straddles the "
-           "limit: within this machine's noise)"]
+  lines = [
+    "TARGETS ([95 % interval over rounds]; '~' = the interval straddles the "
+    "limit: within this machine's noise)"
+  ]
   for t in targets:
     value = "not measured" if t["measured"] is None else f"{t['measured']:.2f}{t['unit']}"
     if t.get("ci95"):
@@ -148,15 +169,22 @@ def format_targets(targets: list[dict[str, Any]]) -> str:
     lines.append(f"  {t['verdict']:<4}{mark} {t['target']:<72} {value}")
   counts = {v: sum(t["verdict"] == v for t in targets) for v in ("PASS", "FAIL", "SKIP")}
   noisy = sum(t.get("decisive") is False for t in targets)
-  lines.append(f"  {counts['PASS']} pass, {counts['FAIL']} fail, {counts['SKIP']} skipped; "
-               f"{noisy} within noise (~)")
+  lines.append(
+    f"  {counts['PASS']} pass, {counts['FAIL']} fail, {counts['SKIP']} skipped; "
+    f"{noisy} within noise (~)"
+  )
   return "\n".join(lines)
 
 
 def rounded_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
   """The rows with their times in seconds rounded to 1 ns, for the JSON."""
-  return [{k: ([round(t, 9) for t in v] if k in ("times_s", "round_medians_s") else v)
-           for k, v in r.items()} for r in rows]
+  return [
+    {
+      k: ([round(t, 9) for t in v] if k in ("times_s", "round_medians_s") else v)
+      for k, v in r.items()
+    }
+    for r in rows
+  ]
 
 
 def write_json(results: dict[str, Any], path: str) -> None:

@@ -147,20 +147,29 @@ def _alternative(combine):
     x0, g0, y0, g1 = rrandom.weyl_parameters(seed)
     w = combine(x0 + i * g0, y0 + i * g1, i, y0) >> 16
     return w[0::2] | (w[1::2] << 16)
+
   return top16_pairs
 
 
 # Design alternatives (not run by default): the same harness on the formulas that were
 # weighed against the one regjax uses ("regjax": XOR before the middle xorshift).
 ALTERNATIVES = {
-    "alt/plus-weyl": ("lowbias32(x) + y: a bijection plus a Weyl sequence",
-                      lambda x, y, i, y0: _mix(x) + y),
-    "alt/add-middle": ("y added, not XORed, before the middle xorshift",
-                       lambda x, y, i, y0: _mix(x, y, op="add")),
-    "alt/xor-counter": ("the raw counter i + y0 XORed in, no second sequence",
-                        lambda x, y, i, y0: _mix(x, i + y0)),
-    "alt/xor-after": ("y XORed in after the middle xorshift",
-                      lambda x, y, i, y0: _mix(x, y, at="after")),
+  "alt/plus-weyl": (
+    "lowbias32(x) + y: a bijection plus a Weyl sequence",
+    lambda x, y, i, y0: _mix(x) + y,
+  ),
+  "alt/add-middle": (
+    "y added, not XORed, before the middle xorshift",
+    lambda x, y, i, y0: _mix(x, y, op="add"),
+  ),
+  "alt/xor-counter": (
+    "the raw counter i + y0 XORed in, no second sequence",
+    lambda x, y, i, y0: _mix(x, i + y0),
+  ),
+  "alt/xor-after": (
+    "y XORed in after the middle xorshift",
+    lambda x, y, i, y0: _mix(x, y, at="after"),
+  ),
 }
 
 
@@ -169,6 +178,7 @@ def _word_of_keys(index):
   def word(keys):
     seeds = jax.vmap(rrandom.seed_words)(keys)
     return jax.vmap(lambda s: rrandom.hash_counter(s, jnp.uint32(index)))(seeds)
+
   return word
 
 
@@ -197,50 +207,101 @@ def _key_stream(keys_fn, index):
   def blocks(key):
     for keys in keys_fn(key):
       yield np.asarray(word(keys))
+
   return blocks
 
 
 def _streams() -> dict[str, Stream]:
   seed = rrandom.seed_words
   streams = [
-      Stream("words", 4, 16 * GB,
-             lambda k: _counter_blocks(_words, seed(k), 1 << 32, CHUNK),
-             "one key, flat indices 0, 1, ...: all 32 bits"),
-      Stream("bernoulli16", 4, 8 * GB,
-             lambda k: _counter_blocks(_top16_pairs, seed(k), 1 << 32, CHUNK),
-             "one key: top 16 bits (Bernoulli masks), 2 per word"),
-      Stream("uniform24", 1, 8 * GB,
-             lambda k: _counter_blocks(_top24_bytes, seed(k), 1 << 32, CHUNK),
-             "one key: top 24 bits (uniform, normal), 3 bytes each"),
-      Stream("fold_in/0", 4, 4 * GB, _key_stream(_fold_in_keys, 0),
-             "index 0 across fold_in(key, step) (= split(key, n)[step])"),
-      Stream(f"fold_in/{INTERIOR}", 4, 4 * GB, _key_stream(_fold_in_keys, INTERIOR),
-             f"index {INTERIOR} across fold_in(key, step)"),
-      Stream("split2/0", 4, 4 * GB, _key_stream(_split2_keys, 0),
-             "index 0 across split(split(key, 2**15)[a], 2**15)[b]"),
-      Stream(f"split2/{INTERIOR}", 4, 4 * GB, _key_stream(_split2_keys, INTERIOR),
-             f"index {INTERIOR} across the two-level split"),
-      Stream("blocks", 4, 4 * GB,
-             lambda k: _counter_blocks(_blocks_pair, seed(k), 1 << 32, CHUNK // 2),
-             "indices i and 2**32 + i interleaved (the high counter word)"),
-      Stream("threefry", 4, 16 * GB,
-             lambda k: _counter_blocks(_threefry_words, jax.random.key_data(k), 1 << 32, CHUNK),
-             "control: jax.random.bits(key), flat indices 0, 1, ..."),
-      Stream("lowbias32", 4, 8 * GB,
-             lambda k: _counter_blocks(_old_top16_pairs, jax.random.bits(k, (2,), jnp.uint32),
-                                       1 << 32, CHUNK),
-             "before: regjax's previous generator, top 16 bits"),
+    Stream(
+      "words",
+      4,
+      16 * GB,
+      lambda k: _counter_blocks(_words, seed(k), 1 << 32, CHUNK),
+      "one key, flat indices 0, 1, ...: all 32 bits",
+    ),
+    Stream(
+      "bernoulli16",
+      4,
+      8 * GB,
+      lambda k: _counter_blocks(_top16_pairs, seed(k), 1 << 32, CHUNK),
+      "one key: top 16 bits (Bernoulli masks), 2 per word",
+    ),
+    Stream(
+      "uniform24",
+      1,
+      8 * GB,
+      lambda k: _counter_blocks(_top24_bytes, seed(k), 1 << 32, CHUNK),
+      "one key: top 24 bits (uniform, normal), 3 bytes each",
+    ),
+    Stream(
+      "fold_in/0",
+      4,
+      4 * GB,
+      _key_stream(_fold_in_keys, 0),
+      "index 0 across fold_in(key, step) (= split(key, n)[step])",
+    ),
+    Stream(
+      f"fold_in/{INTERIOR}",
+      4,
+      4 * GB,
+      _key_stream(_fold_in_keys, INTERIOR),
+      f"index {INTERIOR} across fold_in(key, step)",
+    ),
+    Stream(
+      "split2/0",
+      4,
+      4 * GB,
+      _key_stream(_split2_keys, 0),
+      "index 0 across split(split(key, 2**15)[a], 2**15)[b]",
+    ),
+    Stream(
+      f"split2/{INTERIOR}",
+      4,
+      4 * GB,
+      _key_stream(_split2_keys, INTERIOR),
+      f"index {INTERIOR} across the two-level split",
+    ),
+    Stream(
+      "blocks",
+      4,
+      4 * GB,
+      lambda k: _counter_blocks(_blocks_pair, seed(k), 1 << 32, CHUNK // 2),
+      "indices i and 2**32 + i interleaved (the high counter word)",
+    ),
+    Stream(
+      "threefry",
+      4,
+      16 * GB,
+      lambda k: _counter_blocks(_threefry_words, jax.random.key_data(k), 1 << 32, CHUNK),
+      "control: jax.random.bits(key), flat indices 0, 1, ...",
+    ),
+    Stream(
+      "lowbias32",
+      4,
+      8 * GB,
+      lambda k: _counter_blocks(
+        _old_top16_pairs, jax.random.bits(k, (2,), jnp.uint32), 1 << 32, CHUNK
+      ),
+      "before: regjax's previous generator, top 16 bits",
+    ),
   ]
-  streams += [_alternative_stream(name, about, combine)
-              for name, (about, combine) in ALTERNATIVES.items()]
+  streams += [
+    _alternative_stream(name, about, combine) for name, (about, combine) in ALTERNATIVES.items()
+  ]
   return {s.name: s for s in streams}
 
 
 def _alternative_stream(name: str, about: str, combine) -> Stream:
   fn = _alternative(combine)
-  return Stream(name, 4, 8 * GB,
-                lambda k: _counter_blocks(fn, rrandom.seed_words(k), 1 << 32, CHUNK),
-                f"alternative design: {about}; top 16 bits")
+  return Stream(
+    name,
+    4,
+    8 * GB,
+    lambda k: _counter_blocks(fn, rrandom.seed_words(k), 1 << 32, CHUNK),
+    f"alternative design: {about}; top 16 bits",
+  )
 
 
 def self_check(key) -> None:
@@ -249,14 +310,17 @@ def self_check(key) -> None:
   n = 1 << 10
   ops_words = np.asarray(regjax.random.bits(key, (n,)))
   assert np.array_equal(np.asarray(_words(seed, jnp.uint32(0)))[:n], ops_words)
-  assert np.array_equal(np.asarray(_threefry_words(jax.random.key_data(key), jnp.uint32(0)))[:n],
-                        np.asarray(jax.random.bits(key, (n,), jnp.uint32)))
+  assert np.array_equal(
+    np.asarray(_threefry_words(jax.random.key_data(key), jnp.uint32(0)))[:n],
+    np.asarray(jax.random.bits(key, (n,), jnp.uint32)),
+  )
   split = jax.random.key_data(jax.random.split(key, 64))
   folded = jax.random.key_data(_FOLD_IN(key, jnp.arange(64, dtype=jnp.uint32)))
   assert np.array_equal(split, folded), "split(key, n)[i] != fold_in(key, i) in this JAX"
   top = ops_words >> 16
-  assert np.array_equal(np.asarray(_top16_pairs(seed, jnp.uint32(0)))[:n // 2],
-                        top[0::2] | (top[1::2] << 16))
+  assert np.array_equal(
+    np.asarray(_top16_pairs(seed, jnp.uint32(0)))[: n // 2], top[0::2] | (top[1::2] << 16)
+  )
   # The alternatives' building block, with y XORed in before the xorshift, is regjax's formula.
   i = jnp.arange(n, dtype=jnp.uint32)
   x0, g0, y0, g1 = rrandom.weyl_parameters(seed)
@@ -316,8 +380,9 @@ def verdict(log: str) -> dict:
       continue
     reached = m.group(1)
     for line in report.splitlines():
-      level = next((lv for lv in reversed(SEVERITY)
-                    if re.search(rf"\b{re.escape(lv)}\b", line)), None)
+      level = next(
+        (lv for lv in reversed(SEVERITY) if re.search(rf"\b{re.escape(lv)}\b", line)), None
+      )
       if level is None or "p =" not in line:
         continue
       flagged.append(f"{_human(reached)}: {' '.join(line.split())}")
@@ -332,8 +397,13 @@ def verdict(log: str) -> dict:
     text = f"no failure; worst: {worst}"
   else:
     text = "no anomalies"
-  return {"reached": reached, "reached_human": _human(reached) if reached != "-" else "-",
-          "verdict": text, "worst": worst, "flagged": flagged}
+  return {
+    "reached": reached,
+    "reached_human": _human(reached) if reached != "-" else "-",
+    "verdict": text,
+    "worst": worst,
+    "flagged": flagged,
+  }
 
 
 def run_practrand(stream: Stream, key, practrand: str, limit: int, log_path: str) -> dict:
@@ -341,13 +411,13 @@ def run_practrand(stream: Stream, key, practrand: str, limit: int, log_path: str
   cmd = [practrand, mode, "-tlmax", practrand_size(limit), "-multithreaded"]
   start = time.time()
   with open(log_path, "w") as log_file:
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=log_file,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=log_file, stderr=subprocess.STDOUT)
     assert proc.stdin is not None  # stdin=PIPE
     bar = _progress(limit, stream.name)
     try:
-      written = write_stream(stream, key, proc.stdin, limit + (1 << 20),
-                             bar.update if bar is not None else None)
+      written = write_stream(
+        stream, key, proc.stdin, limit + (1 << 20), bar.update if bar is not None else None
+      )
     finally:
       with contextlib.suppress(BrokenPipeError):
         proc.stdin.close()
@@ -357,9 +427,14 @@ def run_practrand(stream: Stream, key, practrand: str, limit: int, log_path: str
   with open(log_path) as f:
     log = f.read()
   result = verdict(log)
-  result.update(stream=stream.name, about=stream.about, limit=practrand_size(limit),
-                bytes_written=written, seconds=round(time.time() - start, 1),
-                command=" ".join(cmd))
+  result.update(
+    stream=stream.name,
+    about=stream.about,
+    limit=practrand_size(limit),
+    bytes_written=written,
+    seconds=round(time.time() - start, 1),
+    command=" ".join(cmd),
+  )
   return result
 
 
@@ -368,8 +443,15 @@ def _progress(total: int, name: str):
     from tqdm import tqdm  # type: ignore[import-untyped]  # an optional extra, no stubs
   except ImportError:
     return None
-  return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
-              file=sys.stderr, mininterval=2.0)
+  return tqdm(
+    total=total,
+    unit="B",
+    unit_scale=True,
+    unit_divisor=1024,
+    desc=name,
+    file=sys.stderr,
+    mininterval=2.0,
+  )
 
 
 def environment(opts) -> dict:
@@ -377,17 +459,32 @@ def environment(opts) -> dict:
   commit: str | None
   dirty: bool | None
   try:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=here).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "../regjax"],
-                                capture_output=True, text=True, cwd=here).stdout.strip())
+    commit = subprocess.run(
+      ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=here
+    ).stdout.strip()
+    dirty = bool(
+      subprocess.run(
+        ["git", "status", "--porcelain", "--", "../regjax"],
+        capture_output=True,
+        text=True,
+        cwd=here,
+      ).stdout.strip()
+    )
   except OSError:
     commit = dirty = None
-  return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-          "jax": jax.__version__, "regjax": regjax.__version__, "python": platform.python_version(),
-          "machine": platform.machine(), "processor": _cpu_name(), "cpus": os.cpu_count(),
-          "git_commit": commit, "regjax_dirty": dirty, "seed": opts.seed,
-          "first_words": [int(w) for w in regjax.random.bits(jax.random.key(opts.seed), (4,))]}
+  return {
+    "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    "jax": jax.__version__,
+    "regjax": regjax.__version__,
+    "python": platform.python_version(),
+    "machine": platform.machine(),
+    "processor": _cpu_name(),
+    "cpus": os.cpu_count(),
+    "git_commit": commit,
+    "regjax_dirty": dirty,
+    "seed": opts.seed,
+    "first_words": [int(w) for w in regjax.random.bits(jax.random.key(opts.seed), (4,))],
+  }
 
 
 def _cpu_name() -> str:
@@ -403,19 +500,32 @@ def _cpu_name() -> str:
 
 def main(argv=None) -> int:
   streams = _streams()
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+  parser = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+  )
   parser.add_argument("--list", action="store_true", help="list the streams and exit")
-  parser.add_argument("--stream", choices=sorted(streams),
-                      help="write this stream's raw bytes to stdout (no PractRand)")
-  parser.add_argument("--practrand", metavar="PATH",
-                      help="PractRand's RNG_test binary: run the streams through it")
-  parser.add_argument("--streams", default=",".join(n for n in streams if n not in ALTERNATIVES),
-                      help="comma-separated streams to run with --practrand (default: all but "
-                           "the design alternatives alt/*)")
-  parser.add_argument("--max-length", type=parse_size, metavar="SIZE",
-                      help="cap every stream's length (e.g. 1GB); default: each stream's own")
+  parser.add_argument(
+    "--stream",
+    choices=sorted(streams),
+    help="write this stream's raw bytes to stdout (no PractRand)",
+  )
+  parser.add_argument(
+    "--practrand", metavar="PATH", help="PractRand's RNG_test binary: run the streams through it"
+  )
+  parser.add_argument(
+    "--streams",
+    default=",".join(n for n in streams if n not in ALTERNATIVES),
+    help="comma-separated streams to run with --practrand (default: all but "
+    "the design alternatives alt/*)",
+  )
+  parser.add_argument(
+    "--max-length",
+    type=parse_size,
+    metavar="SIZE",
+    help="cap every stream's length (e.g. 1GB); default: each stream's own",
+  )
   parser.add_argument("--seed", type=int, default=0, help="the key is jax.random.key(SEED)")
   parser.add_argument("--out", default="runs/rng_quality", help="folder for logs and JSON")
   opts = parser.parse_args(argv)
@@ -447,8 +557,11 @@ def main(argv=None) -> int:
     log_path = os.path.join(opts.out, name.replace("/", "_") + ".log")
     result = run_practrand(stream, key, opts.practrand, limit, log_path)
     results.append(result)
-    print(f"{name:14s} reached {result['reached_human']:>6s} of {result['limit']:>5s}: "
-          f"{result['verdict']}  ({result['seconds']} s)", flush=True)
+    print(
+      f"{name:14s} reached {result['reached_human']:>6s} of {result['limit']:>5s}: "
+      f"{result['verdict']}  ({result['seconds']} s)",
+      flush=True,
+    )
     with open(os.path.join(opts.out, "results.json"), "w") as f:
       json.dump({"environment": environment(opts), "results": results}, f, indent=1)
   print()

@@ -44,8 +44,9 @@ def parse_size(value: str) -> str:
   parts = value.lower().split("x")
   if len(parts) == 2 and all(p.isdigit() and int(p) > 0 for p in parts):
     return value.lower()
-  raise argparse.ArgumentTypeError(f"a size is one of {', '.join(SIZES)} or ROWSxCOLS; "
-                                   f"got {value!r}")
+  raise argparse.ArgumentTypeError(
+    f"a size is one of {', '.join(SIZES)} or ROWSxCOLS; got {value!r}"
+  )
 
 
 def size_shape(size: str) -> tuple[int, int]:
@@ -67,44 +68,72 @@ def choice(allowed) -> Callable[[str], str]:
     if v not in allowed:
       raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)}; got {v!r}")
     return v
+
   return check
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
-      description="Time regjax's noise ops, BatchNorm and a CNN train step against flax and "
-                  "a copy floor; check the performance targets.",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--sizes", type=lambda v: parse_list(v, parse_size), default="small,large",
-                 help="comma-separated: " + ", ".join(
-                     f"{k}={'x'.join(map(str, v))}" for k, v in SIZES.items())
-                 + ", or ROWSxCOLS")
-  p.add_argument("--dtypes", type=lambda v: parse_list(v, choice(DTYPES)),
-                 default="float32,bfloat16", help=f"comma-separated, from {', '.join(DTYPES)}")
-  p.add_argument("--sections", type=lambda v: parse_list(v, choice(SECTIONS)),
-                 default=",".join(SECTIONS), help=f"comma-separated, from {', '.join(SECTIONS)}")
-  p.add_argument("--ops", type=lambda v: parse_list(v, str), default=None, metavar="OPS",
-                 help="comma-separated substrings: time only the noise ops (and memory rows) "
-                      "whose name contains one, plus their references and the copy floor "
-                      "(unset: all ops)")
-  p.add_argument("--rounds", type=int, default=9,
-                 help="interleaved rounds; every case runs one timed block per round")
+    description="Time regjax's noise ops, BatchNorm and a CNN train step against flax and "
+    "a copy floor; check the performance targets.",
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
+  p.add_argument(
+    "--sizes",
+    type=lambda v: parse_list(v, parse_size),
+    default="small,large",
+    help="comma-separated: "
+    + ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in SIZES.items())
+    + ", or ROWSxCOLS",
+  )
+  p.add_argument(
+    "--dtypes",
+    type=lambda v: parse_list(v, choice(DTYPES)),
+    default="float32,bfloat16",
+    help=f"comma-separated, from {', '.join(DTYPES)}",
+  )
+  p.add_argument(
+    "--sections",
+    type=lambda v: parse_list(v, choice(SECTIONS)),
+    default=",".join(SECTIONS),
+    help=f"comma-separated, from {', '.join(SECTIONS)}",
+  )
+  p.add_argument(
+    "--ops",
+    type=lambda v: parse_list(v, str),
+    default=None,
+    metavar="OPS",
+    help="comma-separated substrings: time only the noise ops (and memory rows) "
+    "whose name contains one, plus their references and the copy floor "
+    "(unset: all ops)",
+  )
+  p.add_argument(
+    "--rounds",
+    type=int,
+    default=9,
+    help="interleaved rounds; every case runs one timed block per round",
+  )
   p.add_argument("--calls", type=int, default=3, help="timed calls per case per round")
   p.add_argument("--warmup", type=int, default=2, help="untimed calls per case first")
-  p.add_argument("--no-steady-malloc", action="store_true",
-                 help="keep glibc's default allocator settings (by default the benchmark "
-                      "re-runs itself with STEADY_MALLOC so that buffers are not "
-                      "page-faulted afresh)")
-  p.add_argument("--out", default=os.path.join("runs", "benchmarks", "results.json"),
-                 help="JSON results path")
+  p.add_argument(
+    "--no-steady-malloc",
+    action="store_true",
+    help="keep glibc's default allocator settings (by default the benchmark "
+    "re-runs itself with STEADY_MALLOC so that buffers are not "
+    "page-faulted afresh)",
+  )
+  p.add_argument(
+    "--out", default=os.path.join("runs", "benchmarks", "results.json"), help="JSON results path"
+  )
   args = p.parse_args(argv)
   if args.rounds < 1 or args.calls < 1 or args.warmup < 1:
     p.error("--rounds, --calls and --warmup must be >= 1")
   return args
 
 
-def array_sections(args: argparse.Namespace, keys: dict[str, list[jax.Array]]
-                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def array_sections(
+  args: argparse.Namespace, keys: dict[str, list[jax.Array]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
   """The noise, batchnorm and memory sections at every size and dtype: rows, memory."""
   rows: list[dict[str, Any]] = []
   memory_rows: list[dict[str, Any]] = []
@@ -125,11 +154,16 @@ def array_sections(args: argparse.Namespace, keys: dict[str, list[jax.Array]]
       new = run_cases(cases, args)
       where = {"size": size, "shape": list(shape), "dtype": dtype_name}
       if "memory" in args.sections:
-        memory_rows += [dict(m, **where) for m in memory.memory_rows(
-            x, ct, keys[noise.DEFAULT_KEY_IMPL][0], args.ops)]
+        memory_rows += [
+          dict(m, **where)
+          for m in memory.memory_rows(x, ct, keys[noise.DEFAULT_KEY_IMPL][0], args.ops)
+        ]
       rows += [dict(r, **where) for r in new]
-      print(f"  {size} {shape} {dtype_name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr,
-            flush=True)
+      print(
+        f"  {size} {shape} {dtype_name}: {time.perf_counter() - t0:.1f} s",
+        file=sys.stderr,
+        flush=True,
+      )
   return rows, memory_rows
 
 
@@ -149,14 +183,19 @@ def main(argv=None) -> dict[str, Any]:
   args = parse_args(argv)
   device = jax.devices()[0]
   env = environment.environment(device)
-  print(f"jax {jax.__version__}, flax {flax.__version__}, regjax {env['regjax']}; device "
-        f"{device} ({device.device_kind}), {os.cpu_count()} CPUs; {args.rounds} rounds of "
-        f"{args.calls} timed calls per case after {args.warmup} warm-up; rng_impl: "
-        f"{env['rng_impl']}", flush=True)
+  print(
+    f"jax {jax.__version__}, flax {flax.__version__}, regjax {env['regjax']}; device "
+    f"{device} ({device.device_kind}), {os.cpu_count()} CPUs; {args.rounds} rounds of "
+    f"{args.calls} timed calls per case after {args.warmup} warm-up; rng_impl: "
+    f"{env['rng_impl']}",
+    flush=True,
+  )
   env["loadavg_start"] = environment.loadavg()
   start = time.perf_counter()
-  keys = {impl: list(jax.random.split(jax.random.key(0, impl=impl), calls_needed(args)))
-          for impl in (noise.DEFAULT_KEY_IMPL, *noise.FLAX_KEY_IMPLS)}
+  keys = {
+    impl: list(jax.random.split(jax.random.key(0, impl=impl), calls_needed(args)))
+    for impl in (noise.DEFAULT_KEY_IMPL, *noise.FLAX_KEY_IMPLS)
+  }
   rows, memory_rows = array_sections(args, keys)
   train_step = train_step_section(args) if "trainstep" in args.sections else None
   rows += train_step["rows"] if train_step else []
@@ -172,20 +211,29 @@ def main(argv=None) -> dict[str, Any]:
   env["loadavg_end"] = environment.loadavg()
   total = time.perf_counter() - start
   results = {
-      **env,
-      "options": {"sizes": {s: list(size_shape(s)) for s in args.sizes}, "dtypes": args.dtypes,
-                  "sections": args.sections, "ops": args.ops, "rounds": args.rounds,
-                  "calls": args.calls, "warmup": args.warmup},
-      "total_seconds": total,
-      "rows": report.rounded_rows(rows),
-      "memory": memory_rows,
-      "train_step": None if train_step is None else {
-          k: v for k, v in train_step.items() if k != "rows"},
-      "targets": targets,
+    **env,
+    "options": {
+      "sizes": {s: list(size_shape(s)) for s in args.sizes},
+      "dtypes": args.dtypes,
+      "sections": args.sections,
+      "ops": args.ops,
+      "rounds": args.rounds,
+      "calls": args.calls,
+      "warmup": args.warmup,
+    },
+    "total_seconds": total,
+    "rows": report.rounded_rows(rows),
+    "memory": memory_rows,
+    "train_step": None
+    if train_step is None
+    else {k: v for k, v in train_step.items() if k != "rows"},
+    "targets": targets,
   }
   report.write_json(results, args.out)
-  print(f"\ntotal {total:.0f} s; load average {env['loadavg_start']} at start, "
-        f"{env['loadavg_end']} at end; results written to {args.out}")
+  print(
+    f"\ntotal {total:.0f} s; load average {env['loadavg_start']} at start, "
+    f"{env['loadavg_end']} at end; results written to {args.out}"
+  )
   return results
 
 

@@ -27,8 +27,11 @@ import jax
 # glibc's mmap threshold (32 MiB at most) are mmapped and page-faulted afresh on every
 # call, and heap trimming re-faults smaller ones at random. A 32 MiB copy then measured
 # 13 ms instead of 2.5 ms, and ratios swung with whichever side allocated more.
-STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 36),
-                 "MALLOC_TOP_PAD_": str(1 << 29)}
+STEADY_MALLOC = {
+  "MALLOC_MMAP_THRESHOLD_": str(1 << 32),
+  "MALLOC_TRIM_THRESHOLD_": str(1 << 36),
+  "MALLOC_TOP_PAD_": str(1 << 29),
+}
 
 
 def steady_malloc_environ() -> dict[str, str] | None:
@@ -41,8 +44,15 @@ def steady_malloc_environ() -> dict[str, str] | None:
 class Case:
   """One timed row: a jitted function, the arguments of its ``i``-th call, a reference."""
 
-  def __init__(self, group: str, op: str, mode: str, fn: Callable,
-               args: Callable[[int], tuple], ref: str | None = None):
+  def __init__(
+    self,
+    group: str,
+    op: str,
+    mode: str,
+    fn: Callable,
+    args: Callable[[int], tuple],
+    ref: str | None = None,
+  ):
     self.meta: dict[str, Any] = {"group": group, "op": op, "mode": mode, "ref": ref}
     self.fn, self.args = jax.jit(fn), args
 
@@ -81,8 +91,11 @@ def run_cases(cases: list[Case], opts: argparse.Namespace) -> list[dict[str, Any
       body()
     except Exception as e:  # one broken op must not sink the run
       meta = cases[i].meta
-      print(f"    FAILED {meta['op']} {meta['mode']}: {type(e).__name__}: {e}",
-            file=sys.stderr, flush=True)
+      print(
+        f"    FAILED {meta['op']} {meta['mode']}: {type(e).__name__}: {e}",
+        file=sys.stderr,
+        flush=True,
+      )
       rows[i].update(times_s=[], round_medians_s=[], error=f"{type(e).__name__}: {e}")
       alive[i] = False
 
@@ -121,14 +134,16 @@ def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float] |
   return None if best is None else (xs[best - 1], xs[n - best])
 
 
-def round_ratio(row: dict[str, Any], other: dict[str, Any] | None
-                ) -> tuple[float | None, tuple[float, float] | None]:
+def round_ratio(
+  row: dict[str, Any], other: dict[str, Any] | None
+) -> tuple[float | None, tuple[float, float] | None]:
   """``row`` / ``other``: the median over rounds of the per-round median ratios, with its
   95 % interval; ``(None, None)`` when either side has no rounds."""
   if other is None or not row["round_medians_s"] or not other.get("round_medians_s"):
     return None, None
-  per_round = [a / b for a, b in zip(row["round_medians_s"], other["round_medians_s"],
-                                     strict=False)]
+  per_round = [
+    a / b for a, b in zip(row["round_medians_s"], other["round_medians_s"], strict=False)
+  ]
   return statistics.median(per_round), median_ci(per_round)
 
 
@@ -142,8 +157,7 @@ def summarize(row: dict[str, Any]) -> None:
 
 def program_text(fn: Callable, args: tuple) -> str:
   """The optimized XLA program of ``jax.jit(fn)(*args)``, without source locations."""
-  text = re.sub(r", metadata=\{[^}]*\}", "",
-                jax.jit(fn).lower(*args).compile().as_text() or "")
+  text = re.sub(r", metadata=\{[^}]*\}", "", jax.jit(fn).lower(*args).compile().as_text() or "")
   lines, skipping = [], False
   for line in text.splitlines():
     if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
@@ -162,5 +176,6 @@ def mark_identical_programs(cases: list[Case]) -> None:
   for c in cases:
     ref = by_name.get((c.meta["ref"], c.meta["mode"])) if c.meta["ref"] else None
     if ref is not None:
-      c.meta["same_program_as_ref"] = (program_text(c.fn, c.args(0))
-                                       == program_text(ref.fn, ref.args(0)))
+      c.meta["same_program_as_ref"] = program_text(c.fn, c.args(0)) == program_text(
+        ref.fn, ref.args(0)
+      )

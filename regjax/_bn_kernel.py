@@ -116,7 +116,8 @@ def shift(x, reduction_axes, mask):
   index = jnp.zeros((1,) * x.ndim, jnp.int32)
   for a in reduction_axes:
     index = index * x.shape[a] + lax.broadcasted_iota(
-        jnp.int32, tuple(x.shape[a] if d == a else 1 for d in range(x.ndim)), a)
+      jnp.int32, tuple(x.shape[a] if d == a else 1 for d in range(x.ndim)), a
+    )
   if mask is None:
     is_first = index == 0
   else:
@@ -145,9 +146,11 @@ def _dot_eligible(x, reduction_axes, feature_size: int) -> bool:
   explicit output sharding, nor for an empty batch (nothing to sum by a dot).
   """
   batch_size = math.prod(x.shape[a] for a in reduction_axes)
-  return (reduction_axes == tuple(range(len(reduction_axes)))
-          and 0 < batch_size <= feature_size
-          and not batch_axes_explicitly_sharded(x, reduction_axes))
+  return (
+    reduction_axes == tuple(range(len(reduction_axes)))
+    and 0 < batch_size <= feature_size
+    and not batch_axes_explicitly_sharded(x, reduction_axes)
+  )
 
 
 def normalize(cfg: Config, x, shift_, scale, bias, mask, n, feature_size: int):
@@ -163,8 +166,7 @@ def normalize(cfg: Config, x, shift_, scale, bias, mask, n, feature_size: int):
   ``shard_map``), so CPU would no longer run exactly the program it did.
   """
   args = (x, shift_, scale, bias, mask, n)
-  use_dot = (jax.default_backend() == "cpu"
-             and _dot_eligible(x, cfg.reduction_axes, feature_size))
+  use_dot = jax.default_backend() == "cpu" and _dot_eligible(x, cfg.reduction_axes, feature_size)
   return _normalize_remat(dataclasses.replace(cfg, use_dot=use_dot) if use_dot else cfg, *args)
 
 
@@ -173,8 +175,13 @@ def _rsum(cfg: Config, v):
   if cfg.use_dot:
     k = len(cfg.reduction_axes)
     n = math.prod(v.shape[:k])
-    out = lax.dot_general(jnp.ones((1, n), v.dtype), v.reshape(n, -1), (((1,), (0,)), ((), ())),
-                          precision=lax.Precision.HIGHEST, preferred_element_type=v.dtype)
+    out = lax.dot_general(
+      jnp.ones((1, n), v.dtype),
+      v.reshape(n, -1),
+      (((1,), (0,)), ((), ())),
+      precision=lax.Precision.HIGHEST,
+      preferred_element_type=v.dtype,
+    )
     return out.reshape((1,) * k + v.shape[k:])
   return jnp.sum(v, cfg.reduction_axes, keepdims=True)
 
@@ -183,9 +190,14 @@ def _bcast(cfg: Config, v, shape):
   """Per-feature ``v`` broadcast over the reduced axes (a dot where :func:`_rsum` is one,
   so the transpose, a sum of the cotangent, is a dot too)."""
   if cfg.use_dot:
-    n = math.prod(shape[:len(cfg.reduction_axes)])
-    out = lax.dot_general(jnp.ones((n, 1), v.dtype), v.reshape(1, -1), (((1,), (0,)), ((), ())),
-                          precision=lax.Precision.HIGHEST, preferred_element_type=v.dtype)
+    n = math.prod(shape[: len(cfg.reduction_axes)])
+    out = lax.dot_general(
+      jnp.ones((n, 1), v.dtype),
+      v.reshape(1, -1),
+      (((1,), (0,)), ((), ())),
+      precision=lax.Precision.HIGHEST,
+      preferred_element_type=v.dtype,
+    )
     return out.reshape(shape)
   return jnp.broadcast_to(v, shape)
 
@@ -207,8 +219,15 @@ def _local_sums(cfg: Config, x, shift_, mask):
   d = _select(x - shift_, mask)
   if cfg.use_dot:  # a batched dot of d with itself: d is the only full-size temporary
     k = len(cfg.reduction_axes)
-    s2 = jnp.einsum(d, tuple(range(x.ndim)), d, tuple(range(x.ndim)), tuple(range(k, x.ndim)),
-                    precision=lax.Precision.HIGHEST, preferred_element_type=x.dtype)
+    s2 = jnp.einsum(
+      d,
+      tuple(range(x.ndim)),
+      d,
+      tuple(range(x.ndim)),
+      tuple(range(k, x.ndim)),
+      precision=lax.Precision.HIGHEST,
+      preferred_element_type=x.dtype,
+    )
     s2 = s2.reshape((1,) * k + x.shape[k:])
   else:  # one expression per reduction (see the module docstring)
     neg_d = _select(x + (-shift_), mask)
@@ -225,8 +244,9 @@ def _merge(cfg: Config, s1, s2, x, shift_, mask, n):
   # Sums of deviations from *different* per-device shifts: add shift-independent
   # quantities, sum x = s1 + c*shift and sum (x - m)**2 = s2 + 2*s1*(shift - m)
   # + c*(shift - m)**2 with c the local count and m the global mean.
-  psum = functools.partial(lax.psum, axis_name=cfg.axis_name,
-                           axis_index_groups=cfg.axis_index_groups)
+  psum = functools.partial(
+    lax.psum, axis_name=cfg.axis_name, axis_index_groups=cfg.axis_index_groups
+  )
   local_count = count(x, cfg.reduction_axes, mask, None, None)
   mean = psum(s1 + local_count * shift_) / n
   delta = shift_ - mean
@@ -297,8 +317,7 @@ def _normalize_jvp(cfg: Config, primals, tangents):
     dy = dy + _bcast(cfg, offset, y.shape)
   if slope is not None:
     # = xhat * slope; the plain reducer recomputes xhat (one consumer per use of x)
-    dy = dy + (xhat * _bcast(cfg, slope, y.shape) if cfg.use_dot
-               else (x - mean) * (slope * inv))
+    dy = dy + (xhat * _bcast(cfg, slope, y.shape) if cfg.use_dot else (x - mean) * (slope * inv))
   return (y, mean, var), (dy, dmean, dvar)
 
 
@@ -312,6 +331,7 @@ def complex_normalize(cfg: Config, x, scale, bias, mask, n):
 
   Two plain passes differentiated by JAX (the custom JVP is for real input).
   """
+
   def total(v):
     v = jnp.sum(_select(v, mask), cfg.reduction_axes, keepdims=True)
     if cfg.axis_name is None:

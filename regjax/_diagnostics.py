@@ -37,6 +37,7 @@ _T = TypeVar("_T")
 @dataclasses.dataclass(frozen=True)
 class LayerShift:
   """Train/eval statistics of one BatchNorm layer's input, per feature (float64)."""
+
   moving_mean: np.ndarray
   moving_var: np.ndarray
   real_mean: np.ndarray
@@ -68,8 +69,10 @@ class LayerShift:
 
 def forms(op: str) -> str:
   """The two call forms, for the error messages of a call that fits neither."""
-  return (f"`{op}(apply_fn, variables, batches, *, bn_types=None)` for a Flax linen model, or "
-          f"`{op}(model, batches, *, call=None, bn_types=None)` for an nnx.Module")
+  return (
+    f"`{op}(apply_fn, variables, batches, *, bn_types=None)` for a Flax linen model, or "
+    f"`{op}(model, batches, *, call=None, bn_types=None)` for an nnx.Module"
+  )
 
 
 def bn_type_tuple(bn_types: BNTypes, op: str) -> tuple[type, ...] | None:
@@ -78,8 +81,9 @@ def bn_type_tuple(bn_types: BNTypes, op: str) -> tuple[type, ...] | None:
     return None
   found = (bn_types,) if isinstance(bn_types, type) else tuple(bn_types)
   if not found or not all(isinstance(t, type) for t in found):
-    raise TypeError(f"{op}: `bn_types` must be a class or a non-empty iterable of classes; "
-                    f"got {bn_types!r}.")
+    raise TypeError(
+      f"{op}: `bn_types` must be a class or a non-empty iterable of classes; got {bn_types!r}."
+    )
   return found
 
 
@@ -152,16 +156,20 @@ def layer_shifts(pooled: Pooled, moving: Mapping[str, tuple[Any, Any]]) -> dict[
   """``{path: LayerShift}`` from the pooled eval-mode moments and the running
   ``(mean, var)`` per path: ``real_var = m2 / n`` (the population variance)."""
   return {
-      path: LayerShift(
-          moving_mean=np.asarray(moving[path][0], np.float64),
-          moving_var=np.asarray(moving[path][1], np.float64),
-          real_mean=mean, real_var=m2 / n, count=int(n))
-      for path, (n, mean, m2) in pooled.items()
+    path: LayerShift(
+      moving_mean=np.asarray(moving[path][0], np.float64),
+      moving_var=np.asarray(moving[path][1], np.float64),
+      real_mean=mean,
+      real_var=m2 / n,
+      count=int(n),
+    )
+    for path, (n, mean, m2) in pooled.items()
   }
 
 
-def pooled_stats(pooled_entry: list[np.ndarray], old_mean: Any, old_var: Any,
-                 unbiased: bool) -> tuple[Any, Any]:
+def pooled_stats(
+  pooled_entry: list[np.ndarray], old_mean: Any, old_var: Any, unbiased: bool
+) -> tuple[Any, Any]:
   """``(mean, var)`` from a pooled ``[count, mean, m2]``, in the layer's
   convention (biased, or ``m2 / (n - 1)`` for ``unbiased_running_var``) and the
   old statistics' dtypes; a feature no sample reached keeps its old values."""
@@ -172,8 +180,10 @@ def pooled_stats(pooled_entry: list[np.ndarray], old_mean: Any, old_var: Any,
   old_var_np = np.asarray(old_var, np.float64)
   mean = np.where(n > 0, mean, old_mean_np)
   var = np.where(n > 0, var, old_var_np)
-  return (jnp.asarray(mean, jnp.asarray(old_mean).dtype),
-          jnp.asarray(var, jnp.asarray(old_var).dtype))
+  return (
+    jnp.asarray(mean, jnp.asarray(old_mean).dtype),
+    jnp.asarray(var, jnp.asarray(old_var).dtype),
+  )
 
 
 # --------------------------------------------------------------------------
@@ -184,7 +194,8 @@ def pooled_stats(pooled_entry: list[np.ndarray], old_mean: Any, old_var: Any,
 # callbacks, a returned value in NNX's records), so records can be put back
 # in call order on a jit cache hit too.
 _CALL_INDEX: contextvars.ContextVar[Iterator[int] | None] = contextvars.ContextVar(
-    "regjax_bn_call_index", default=None)
+  "regjax_bn_call_index", default=None
+)
 
 
 @contextlib.contextmanager
@@ -222,11 +233,11 @@ class WeakCache(Generic[_T]):
 
   def __init__(self, per_fn: int = 64):
     self._per_fn = per_fn
-    self._entries: weakref.WeakKeyDictionary[Any, dict[Hashable, _T]] = (
-        weakref.WeakKeyDictionary())
+    self._entries: weakref.WeakKeyDictionary[Any, dict[Hashable, _T]] = weakref.WeakKeyDictionary()
 
-  def get(self, fn: Callable[..., Any], key: Hashable,
-          build: Callable[[Callable[[], Any]], _T]) -> _T:
+  def get(
+    self, fn: Callable[..., Any], key: Hashable, build: Callable[[Callable[[], Any]], _T]
+  ) -> _T:
     owner, func = (fn.__self__, fn.__func__) if isinstance(fn, types.MethodType) else (fn, None)
     entry_key = (func, key)
     try:

@@ -82,9 +82,17 @@ def prepare(x, key, deterministic, broadcast_dims: Sequence[int], op: str):
   return deterministic, _checks.check_broadcast_dims(broadcast_dims, x.ndim, op)
 
 
-def elementwise_op(op: str, spec: _specs.Strength, rule: type[NoiseRule], x: jax.Array,
-                   strength, key: jax.Array | None, deterministic,
-                   broadcast_dims: Sequence[int], rng_impl) -> jax.Array:
+def elementwise_op(
+  op: str,
+  spec: _specs.Strength,
+  rule: type[NoiseRule],
+  x: jax.Array,
+  strength,
+  key: jax.Array | None,
+  deterministic,
+  broadcast_dims: Sequence[int],
+  rng_impl,
+) -> jax.Array:
   """The whole of an elementwise noise op (dropout, Uout, alpha dropout, ...).
 
   Checks the arguments (``rng_impl``, ``x``, ``deterministic``, a given key,
@@ -156,8 +164,9 @@ def _apply(rule: NoiseRule, x: jax.Array, strength, key: jax.Array, rng_impl: st
   return fused(x, param, random.seed_words(key))
 
 
-def _apply_guarded(rule: NoiseRule, x: jax.Array, strength, key: jax.Array,
-                   rng_impl: str) -> jax.Array:
+def _apply_guarded(
+  rule: NoiseRule, x: jax.Array, strength, key: jax.Array, rng_impl: str
+) -> jax.Array:
   """:func:`_apply` for a traced strength: ``x`` itself where it is NaN or +-inf (see the module).
 
   A scalar ``lax.cond``, not an elementwise select: the noise branch is compiled
@@ -170,11 +179,13 @@ def _apply_guarded(rule: NoiseRule, x: jax.Array, strength, key: jax.Array,
   """
   finite = jnp.isfinite(strength)
   safe = jnp.where(finite, strength, jnp.zeros_like(strength))
-  return jax.lax.cond(finite, lambda x, s, k: _apply(rule, x, s, k, rng_impl),
-                      lambda x, s, k: x, x, safe, key)
+  return jax.lax.cond(
+    finite, lambda x, s, k: _apply(rule, x, s, k, rng_impl), lambda x, s, k: x, x, safe, key
+  )
 
 
 _apply_traced = jax.jit(_apply_guarded, static_argnums=(0, 4))
 _apply_constant = jax.jit(
-    lambda rule, x, key, rng_impl, strength: _apply(rule, x, strength, key, rng_impl),
-    static_argnums=(0, 3, 4))
+  lambda rule, x, key, rng_impl, strength: _apply(rule, x, strength, key, rng_impl),
+  static_argnums=(0, 3, 4),
+)

@@ -56,8 +56,9 @@ class Strength:
     ``name`` replaces :attr:`name` in errors, for an argument bounded alike
     (``drop_path_rates``' ``max_rate`` has drop path's range).
     """
-    return _checks.check_rate(value, op, name or self.name, low=self.low, high=self.high,
-                              high_inclusive=self.high_inclusive)
+    return _checks.check_rate(
+      value, op, name or self.name, low=self.low, high=self.high, high_inclusive=self.high_inclusive
+    )
 
   def needs_no_draw(self, value) -> bool:
     """Whether ``value`` is concretely one at which the op makes no draw (and needs no key)."""

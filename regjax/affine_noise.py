@@ -94,13 +94,13 @@ class _GaussianNoise(_noise.NoiseRule):
 
 
 def alpha_dropout(
-    x: jax.Array,
-    rate: float | jax.Array,
-    *,
-    key: jax.Array | None = None,
-    deterministic: bool = False,
-    broadcast_dims: Sequence[int] = (),
-    rng_impl: str = "hash",
+  x: jax.Array,
+  rate: float | jax.Array,
+  *,
+  key: jax.Array | None = None,
+  deterministic: bool = False,
+  broadcast_dims: Sequence[int] = (),
+  rng_impl: str = "hash",
 ) -> jax.Array:
   """Alpha dropout for self-normalizing (SELU) networks (Klambauer et al. 2017).
 
@@ -140,18 +140,27 @@ def alpha_dropout(
     ``b`` and ``alpha_p`` are the exact constants for ``rate`` (with ``'hash'``
     the output moments are therefore off by the ``2**-17`` keep resolution).
   """
-  return _noise.elementwise_op("regjax.alpha_dropout", _specs.ALPHA_DROPOUT, _AlphaDropout,
-                               x, rate, key, deterministic, broadcast_dims, rng_impl)
+  return _noise.elementwise_op(
+    "regjax.alpha_dropout",
+    _specs.ALPHA_DROPOUT,
+    _AlphaDropout,
+    x,
+    rate,
+    key,
+    deterministic,
+    broadcast_dims,
+    rng_impl,
+  )
 
 
 def gaussian_noise(
-    x: jax.Array,
-    stddev: float | jax.Array,
-    *,
-    key: jax.Array | None = None,
-    deterministic: bool = False,
-    broadcast_dims: Sequence[int] = (),
-    rng_impl: str = "hash",
+  x: jax.Array,
+  stddev: float | jax.Array,
+  *,
+  key: jax.Array | None = None,
+  deterministic: bool = False,
+  broadcast_dims: Sequence[int] = (),
+  rng_impl: str = "hash",
 ) -> jax.Array:
   """Additive Gaussian noise (Keras ``GaussianNoise``).
 
@@ -172,6 +181,14 @@ def gaussian_noise(
       recomputed from the key in the backward; ``'jax'``:
       ``e = jax.random.normal(key, shape)``.
   """
-  return _noise.elementwise_op("regjax.gaussian_noise", _specs.GAUSSIAN_NOISE,
-                               _GaussianNoise, x, stddev, key, deterministic, broadcast_dims,
-                               rng_impl)
+  return _noise.elementwise_op(
+    "regjax.gaussian_noise",
+    _specs.GAUSSIAN_NOISE,
+    _GaussianNoise,
+    x,
+    stddev,
+    key,
+    deterministic,
+    broadcast_dims,
+    rng_impl,
+  )

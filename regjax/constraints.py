@@ -42,8 +42,9 @@ def default_max_norm_filter(path: tuple[str, ...], leaf) -> bool:
 
 def _check_max_value(max_value, op):
   """The radius: a concrete one in ``(0, inf)`` (a Python float), or a traced scalar."""
-  return _checks.check_rate(max_value, op, "max_value", low=0.0, high=math.inf,
-                            low_inclusive=False, high_inclusive=False)
+  return _checks.check_rate(
+    max_value, op, "max_value", low=0.0, high=math.inf, low_inclusive=False, high_inclusive=False
+  )
 
 
 def _selected(params, filter, op):
@@ -63,12 +64,14 @@ def _selected(params, filter, op):
 
 
 def _project(w, max_value, axis, op, name):
-  axes = tuple(range(w.ndim - 1)) if axis is None else _checks.canonical_axes(
-      axis, w.ndim, op, "axis")
+  axes = (
+    tuple(range(w.ndim - 1)) if axis is None else _checks.canonical_axes(axis, w.ndim, op, "axis")
+  )
   if not axes:
     raise ValueError(
-        f"{op}: params leaf {name} of shape {w.shape} has no axis to take norms over; "
-        "a scalar or vector has no per-unit weight vectors.")
+      f"{op}: params leaf {name} of shape {w.shape} has no axis to take norms over; "
+      "a scalar or vector has no per-unit weight vectors."
+    )
   compute_dtype = _noise.compute_dtype(w.dtype)
   wc = w.astype(compute_dtype)
   norm = jnp.sqrt(jnp.sum(wc * wc, axis=axes, keepdims=True))
@@ -81,11 +84,11 @@ def _project(w, max_value, axis, op, name):
 
 
 def max_norm(
-    params,
-    max_value: float | jax.Array,
-    *,
-    axis: int | tuple[int, ...] | None = None,
-    filter: Callable[[tuple[str, ...], Any], bool] | None = None,
+  params,
+  max_value: float | jax.Array,
+  *,
+  axis: int | tuple[int, ...] | None = None,
+  filter: Callable[[tuple[str, ...], Any], bool] | None = None,
 ):
   """Max-norm weight constraint (Srivastava et al. 2014, §5.1; Keras ``MaxNorm``).
 
@@ -134,10 +137,10 @@ def max_norm(
 
 
 def max_norm_projection(
-    max_value: float | jax.Array,
-    *,
-    axis: int | tuple[int, ...] | None = None,
-    filter: Callable[[tuple[str, ...], Any], bool] | None = None,
+  max_value: float | jax.Array,
+  *,
+  axis: int | tuple[int, ...] | None = None,
+  filter: Callable[[tuple[str, ...], Any], bool] | None = None,
 ):
   """:func:`max_norm` as an ``optax.GradientTransformation``; chain it last.
 
@@ -167,8 +170,8 @@ def max_norm_projection(
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError(
-          f"{op}: the update needs the current params: call "
-          "`tx.update(grads, opt_state, params)`.")
+        f"{op}: the update needs the current params: call `tx.update(grads, opt_state, params)`."
+      )
     selected = _selected(params, filter, op)
 
     def project(path, update, param, chosen):

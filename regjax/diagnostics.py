@@ -59,20 +59,33 @@ _SLOTS = ("variables", "batches")
 
 
 @overload
-def variance_shift(model: nnx.Module, /, batches: Iterable[Any], *,
-                   call: Callable[[Any, Any], Any] | None = None,
-                   bn_types: BNTypes = None) -> dict[str, LayerShift]: ...
+def variance_shift(
+  model: nnx.Module,
+  /,
+  batches: Iterable[Any],
+  *,
+  call: Callable[[Any, Any], Any] | None = None,
+  bn_types: BNTypes = None,
+) -> dict[str, LayerShift]: ...
 
 
 @overload
-def variance_shift(apply_fn: Callable[[Any, Any], Any], variables: Mapping[str, Any],
-                   batches: Iterable[Any], *, bn_types: BNTypes = None) -> dict[str, LayerShift]:
-  ...
+def variance_shift(
+  apply_fn: Callable[[Any, Any], Any],
+  variables: Mapping[str, Any],
+  batches: Iterable[Any],
+  *,
+  bn_types: BNTypes = None,
+) -> dict[str, LayerShift]: ...
 
 
-def variance_shift(apply_fn: Any, *args: Any, bn_types: BNTypes = None,
-                   call: Callable[[Any, Any], Any] | None = None,
-                   **kwargs: Any) -> dict[str, LayerShift]:
+def variance_shift(
+  apply_fn: Any,
+  *args: Any,
+  bn_types: BNTypes = None,
+  call: Callable[[Any, Any], Any] | None = None,
+  **kwargs: Any,
+) -> dict[str, LayerShift]:
   """Per BatchNorm layer: running vs eval-mode ("real") statistics of its input.
 
   ``delta = real_var / moving_var`` per feature; for noise of variance ``s2``
@@ -126,8 +139,9 @@ def variance_shift(apply_fn: Any, *args: Any, bn_types: BNTypes = None,
   if _is_nnx_module(apply_fn):
     from regjax.nnx import diagnostics as nnx_diagnostics
 
-    return nnx_diagnostics.variance_shift(apply_fn, _nnx_batches(op, given), call=call,
-                                          bn_types=bn_types)
+    return nnx_diagnostics.variance_shift(
+      apply_fn, _nnx_batches(op, given), call=call, bn_types=bn_types
+    )
   from regjax.linen import diagnostics as linen_diagnostics
 
   variables, batches = _linen_args(op, apply_fn, given, call)
@@ -135,20 +149,33 @@ def variance_shift(apply_fn: Any, *args: Any, bn_types: BNTypes = None,
 
 
 @overload
-def recalibrate_batch_stats(model: nnx.Module, /, batches: Iterable[Any], *,
-                            call: Callable[[Any, Any], Any] | None = None,
-                            bn_types: BNTypes = None) -> nnx.State: ...
+def recalibrate_batch_stats(
+  model: nnx.Module,
+  /,
+  batches: Iterable[Any],
+  *,
+  call: Callable[[Any, Any], Any] | None = None,
+  bn_types: BNTypes = None,
+) -> nnx.State: ...
 
 
 @overload
-def recalibrate_batch_stats(apply_fn: Callable[[Any, Any], Any], variables: Mapping[str, Any],
-                            batches: Iterable[Any], *,
-                            bn_types: BNTypes = None) -> dict[str, Any]: ...
+def recalibrate_batch_stats(
+  apply_fn: Callable[[Any, Any], Any],
+  variables: Mapping[str, Any],
+  batches: Iterable[Any],
+  *,
+  bn_types: BNTypes = None,
+) -> dict[str, Any]: ...
 
 
-def recalibrate_batch_stats(apply_fn: Any, *args: Any, bn_types: BNTypes = None,
-                            call: Callable[[Any, Any], Any] | None = None,
-                            **kwargs: Any) -> Any:
+def recalibrate_batch_stats(
+  apply_fn: Any,
+  *args: Any,
+  bn_types: BNTypes = None,
+  call: Callable[[Any, Any], Any] | None = None,
+  **kwargs: Any,
+) -> Any:
   """Re-estimates every BatchNorm's population statistics with regularizers off.
 
   Each BN layer normalizes with its batch statistics (as in training) while the
@@ -200,13 +227,13 @@ def recalibrate_batch_stats(apply_fn: Any, *args: Any, bn_types: BNTypes = None,
   if _is_nnx_module(apply_fn):
     from regjax.nnx import diagnostics as nnx_diagnostics
 
-    return nnx_diagnostics.recalibrate_batch_stats(apply_fn, _nnx_batches(op, given),
-                                                   call=call, bn_types=bn_types)
+    return nnx_diagnostics.recalibrate_batch_stats(
+      apply_fn, _nnx_batches(op, given), call=call, bn_types=bn_types
+    )
   from regjax.linen import diagnostics as linen_diagnostics
 
   variables, batches = _linen_args(op, apply_fn, given, call)
-  return linen_diagnostics.recalibrate_batch_stats(apply_fn, variables, batches,
-                                                   bn_types=bn_types)
+  return linen_diagnostics.recalibrate_batch_stats(apply_fn, variables, batches, bn_types=bn_types)
 
 
 # --------------------------------------------------------------------------
@@ -225,8 +252,10 @@ def _given(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[st
       raise TypeError(f"{op}() got multiple values for argument '{name}'")
     given[name] = value
   if len(args) > len(_SLOTS):
-    raise TypeError(f"{op}() takes from 1 to {len(_SLOTS) + 1} positional arguments but "
-                    f"{len(args) + 1} were given")
+    raise TypeError(
+      f"{op}() takes from 1 to {len(_SLOTS) + 1} positional arguments but "
+      f"{len(args) + 1} were given"
+    )
   return given
 
 
@@ -241,22 +270,24 @@ def _nnx_batches(op: str, given: Mapping[str, Any]) -> Any:
   """``batches`` of ``op(model, batches)``: it arrives in the first free slot."""
   if len(given) > 1:
     raise TypeError(
-        f"{op}: an nnx.Module takes `{op}(model, batches, *, call=None, bn_types=None)`: "
-        "no `variables` (the model holds them); got a third positional argument.")
+      f"{op}: an nnx.Module takes `{op}(model, batches, *, call=None, bn_types=None)`: "
+      "no `variables` (the model holds them); got a third positional argument."
+    )
   if not given:
     raise TypeError(f"{op}(model, batches, ...): `batches` is missing.")
   return next(iter(given.values()))
 
 
-def _linen_args(op: str, apply_fn: Any, given: Mapping[str, Any],
-                call: Any) -> tuple[Any, Any]:
+def _linen_args(op: str, apply_fn: Any, given: Mapping[str, Any], call: Any) -> tuple[Any, Any]:
   """``(variables, batches)`` of ``op(apply_fn, variables, batches)``."""
   from regjax.linen.diagnostics import check_apply_fn
 
   check_apply_fn(op, apply_fn)
   if call is not None:
-    raise TypeError(f"{op}: `call` is for nnx.Module models; a linen model takes "
-                    f"`apply_fn(variables, x)` instead. Use {forms(op)}.")
+    raise TypeError(
+      f"{op}: `call` is for nnx.Module models; a linen model takes "
+      f"`apply_fn(variables, x)` instead. Use {forms(op)}."
+    )
   for name in _SLOTS:
     if name not in given:
       raise TypeError(f"{op}: missing `{name}`. Use {forms(op)}.")

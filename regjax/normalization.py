@@ -31,6 +31,7 @@ class BatchStats(TypedDict):
 
 def init_batch_stats(num_features: int | tuple[int, ...], dtype=jnp.float32) -> BatchStats:
   """Running statistics before any update: mean 0 and variance 1 per feature."""
+
   def is_int(d) -> bool:
     return isinstance(d, (int, np.integer)) and not isinstance(d, bool)
 
@@ -41,14 +42,16 @@ def init_batch_stats(num_features: int | tuple[int, ...], dtype=jnp.float32) -> 
     dims = tuple(num_features) if isinstance(num_features, (tuple, list)) else (None,)
   if not all(is_int(d) and d > 0 for d in dims):
     raise ValueError(
-        f"init_batch_stats: `num_features` must be a positive int or a tuple of "
-        f"positive ints; got {num_features!r}.")
+      f"init_batch_stats: `num_features` must be a positive int or a tuple of "
+      f"positive ints; got {num_features!r}."
+    )
   shape = tuple(int(d) for d in dims)
   return {"mean": jnp.zeros(shape, dtype), "var": jnp.ones(shape, dtype)}
 
 
-def running_stats_dtype(param_dtype: Any = jnp.float32,
-                        force_float32_reductions: bool = True) -> Any:
+def running_stats_dtype(
+  param_dtype: Any = jnp.float32, force_float32_reductions: bool = True
+) -> Any:
   """The modules' running-statistics dtype (flax's rule): float32, or ``param_dtype``
   when float32 reductions are turned off."""
   return jnp.float32 if force_float32_reductions else param_dtype
@@ -79,41 +82,44 @@ def _check_feature_array(value, name: str, shape: tuple[int, ...], op: str) -> N
   check_inexact(value, op, name)
   if tuple(value.shape) != shape:
     raise ValueError(
-        f"{op}: `{name}` must have the feature shape {shape} (the sizes of the "
-        f"`axis` dimensions); got shape {tuple(value.shape)}.")
+      f"{op}: `{name}` must have the feature shape {shape} (the sizes of the "
+      f"`axis` dimensions); got shape {tuple(value.shape)}."
+    )
 
 
 def _check_batch_stats(batch_stats, shape: tuple[int, ...], op: str) -> None:
   if not isinstance(batch_stats, Mapping) or not {"mean", "var"} <= set(batch_stats):
     raise ValueError(
-        f"{op}: `batch_stats` must be a dict with entries 'mean' and 'var' "
-        f"(see regjax.init_batch_stats); got {type(batch_stats).__name__}"
-        + (f" with keys {sorted(batch_stats)}" if isinstance(batch_stats, Mapping) else "")
-        + ".")
+      f"{op}: `batch_stats` must be a dict with entries 'mean' and 'var' "
+      f"(see regjax.init_batch_stats); got {type(batch_stats).__name__}"
+      + (f" with keys {sorted(batch_stats)}" if isinstance(batch_stats, Mapping) else "")
+      + "."
+    )
   for name in ("mean", "var"):
     if batch_stats[name] is None:
       raise ValueError(
-          f"{op}: `batch_stats['{name}']` is None; it must be an array of the feature "
-          f"shape {shape} (regjax.init_batch_stats({shape}) makes both).")
+        f"{op}: `batch_stats['{name}']` is None; it must be an array of the feature "
+        f"shape {shape} (regjax.init_batch_stats({shape}) makes both)."
+      )
     _check_feature_array(batch_stats[name], f"batch_stats['{name}']", shape, op)
 
 
 def batch_norm(
-    x: jax.Array,
-    batch_stats: Mapping[str, jax.Array],
-    scale: jax.Array | None = None,
-    bias: jax.Array | None = None,
-    *,
-    deterministic: bool = False,
-    momentum: float | jax.Array = 0.99,
-    epsilon: float = 1e-5,
-    axis: int | tuple[int, ...] = -1,
-    axis_name: str | tuple[str, ...] | None = None,
-    axis_index_groups: Any = None,
-    unbiased_running_var: bool = False,
-    mask: jax.Array | None = None,
-    dtype: Any = None,
-    force_float32_reductions: bool = True,
+  x: jax.Array,
+  batch_stats: Mapping[str, jax.Array],
+  scale: jax.Array | None = None,
+  bias: jax.Array | None = None,
+  *,
+  deterministic: bool = False,
+  momentum: float | jax.Array = 0.99,
+  epsilon: float = 1e-5,
+  axis: int | tuple[int, ...] = -1,
+  axis_name: str | tuple[str, ...] | None = None,
+  axis_index_groups: Any = None,
+  unbiased_running_var: bool = False,
+  mask: jax.Array | None = None,
+  dtype: Any = None,
+  force_float32_reductions: bool = True,
 ) -> tuple[jax.Array, BatchStats]:
   """Batch normalization (Ioffe & Szegedy 2015) returning updated statistics.
 
@@ -175,13 +181,13 @@ def batch_norm(
   momentum = _checks.check_rate(momentum, op, "momentum", low=0.0, high=1.0, high_inclusive=True)
   epsilon = _checks.check_epsilon(epsilon, op)
   if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
-    raise TypeError(f"{op}: `dtype` must be a floating-point (or complex) dtype or None; "
-                    f"got {dtype!r}.")
+    raise TypeError(
+      f"{op}: `dtype` must be a floating-point (or complex) dtype or None; got {dtype!r}."
+    )
   if mask is not None:
     _check_mask(mask, x.shape, op)
   out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
-  stats_dtype = (jnp.promote_types(x.dtype, jnp.float32) if force_float32_reductions
-                 else x.dtype)
+  stats_dtype = jnp.promote_types(x.dtype, jnp.float32) if force_float32_reductions else x.dtype
   # Per-feature arrays with the reduced axes kept as size 1, so they broadcast.
   keep_shape = tuple(1 if a not in feature_axes else x.shape[a] for a in range(x.ndim))
 
@@ -190,18 +196,27 @@ def batch_norm(
 
   xf = x.astype(stats_dtype)
   if deterministic:
-    y = _eval_normalize(xf, as_keep(batch_stats["mean"]), as_keep(batch_stats["var"]),
-                        as_keep(scale), as_keep(bias), epsilon)
+    y = _eval_normalize(
+      xf,
+      as_keep(batch_stats["mean"]),
+      as_keep(batch_stats["var"]),
+      as_keep(scale),
+      as_keep(bias),
+      epsilon,
+    )
     return y.astype(out_dtype), cast(BatchStats, batch_stats)
   if mask is not None:
     mask = jnp.broadcast_to(mask, x.shape)
-  cfg = _bn_kernel.make_config(tuple(a for a in range(x.ndim) if a not in feature_axes),
-                               axis_name, axis_index_groups, epsilon)
+  cfg = _bn_kernel.make_config(
+    tuple(a for a in range(x.ndim) if a not in feature_axes), axis_name, axis_index_groups, epsilon
+  )
   _check_train_shape(cfg, x.shape, feature_axes, unbiased_running_var and mask is None, op)
-  y, mean, var, count = _train_normalize(cfg, xf, as_keep(scale), as_keep(bias), mask,
-                                         math.prod(feature_shape))
+  y, mean, var, count = _train_normalize(
+    cfg, xf, as_keep(scale), as_keep(bias), mask, math.prod(feature_shape)
+  )
   return y.astype(out_dtype), _updated_stats(
-      batch_stats, mean, var, count, momentum, feature_shape, unbiased_running_var)
+    batch_stats, mean, var, count, momentum, feature_shape, unbiased_running_var
+  )
 
 
 def _eval_normalize(x, mean, var, scale, bias, epsilon: float):
@@ -213,20 +228,23 @@ def _eval_normalize(x, mean, var, scale, bias, epsilon: float):
   return y if bias is None else y + bias
 
 
-def _check_train_shape(cfg: _bn_kernel.Config, shape, feature_axes, check_unbiased: bool,
-                       op: str) -> None:
+def _check_train_shape(
+  cfg: _bn_kernel.Config, shape, feature_axes, check_unbiased: bool, op: str
+) -> None:
   """Train mode needs more than one value per feature (or a named axis to add devices)."""
   if not cfg.reduction_axes and cfg.axis_name is None:
     raise ValueError(
-        f"{op}: train mode needs a batch axis besides the feature axes {feature_axes}; "
-        f"got `x` of shape {shape}, so every statistic would come from one value. "
-        "Add a batch axis (x[None]), pass `axis` naming only the feature axes, or "
-        "normalize across devices with `axis_name`.")
+      f"{op}: train mode needs a batch axis besides the feature axes {feature_axes}; "
+      f"got `x` of shape {shape}, so every statistic would come from one value. "
+      "Add a batch axis (x[None]), pass `axis` naming only the feature axes, or "
+      "normalize across devices with `axis_name`."
+    )
   batch_size = math.prod(shape[a] for a in cfg.reduction_axes)
   if check_unbiased and 0 < batch_size < 2 and cfg.axis_name is None:
     raise ValueError(
-        f"{op}: `unbiased_running_var=True` needs more than one value per feature "
-        f"in train mode; got an input of shape {shape} with feature axes {feature_axes}.")
+      f"{op}: `unbiased_running_var=True` needs more than one value per feature "
+      f"in train mode; got an input of shape {shape} with feature axes {feature_axes}."
+    )
 
 
 def _train_normalize(cfg: _bn_kernel.Config, x, scale, bias, mask, feature_size: int):
@@ -253,11 +271,13 @@ def _check_mask(mask, x_shape, op: str) -> None:
     broadcastable = False
   if not broadcastable:
     raise ValueError(
-        f"{op}: `mask` of shape {mask.shape} does not broadcast to `x` of shape {x_shape}.")
+      f"{op}: `mask` of shape {mask.shape} does not broadcast to `x` of shape {x_shape}."
+    )
 
 
-def _updated_stats(batch_stats, mean, var, count, momentum, feature_shape,
-                   unbiased_running_var) -> BatchStats:
+def _updated_stats(
+  batch_stats, mean, var, count, momentum, feature_shape, unbiased_running_var
+) -> BatchStats:
   """``momentum * old + (1 - momentum) * batch`` per feature, in the old statistics' dtype.
 
   A feature with no value this step (masked out, or an empty batch), or a
@@ -272,8 +292,11 @@ def _updated_stats(batch_stats, mean, var, count, momentum, feature_shape,
 
   def update(old, batch_value):
     # A complex mean makes the running mean complex, as in flax.
-    new_dtype = jnp.promote_types(old.dtype, batch_value.dtype) if jnp.iscomplexobj(
-        batch_value) else old.dtype
+    new_dtype = (
+      jnp.promote_types(old.dtype, batch_value.dtype)
+      if jnp.iscomplexobj(batch_value)
+      else old.dtype
+    )
     old_f = old.astype(jnp.promote_types(old.dtype, batch_value.dtype))
     new = momentum * old_f + (1.0 - momentum) * jnp.reshape(batch_value, feature_shape)
     return jnp.where(has_values, new, old_f).astype(new_dtype)

@@ -93,23 +93,23 @@ from jax import lax
 from regjax import _checks
 
 __all__ = [
-    "bits",
-    "bernoulli",
-    "uniform",
-    "normal",
-    "seed_words",
-    "counter_bits",
-    "hash_counter",
-    "weyl_step",
-    "weyl_parameters",
-    "bernoulli_from_bits",
-    "uniform_from_bits",
-    "symmetric_uniform_from_bits",
-    "normal_from_bits",
-    "keep_threshold",
-    "SEED_WORDS",
-    "BERNOULLI_BITS",
-    "UNIFORM_BITS",
+  "bits",
+  "bernoulli",
+  "uniform",
+  "normal",
+  "seed_words",
+  "counter_bits",
+  "hash_counter",
+  "weyl_step",
+  "weyl_parameters",
+  "bernoulli_from_bits",
+  "uniform_from_bits",
+  "symmetric_uniform_from_bits",
+  "normal_from_bits",
+  "keep_threshold",
+  "SEED_WORDS",
+  "BERNOULLI_BITS",
+  "UNIFORM_BITS",
 ]
 
 SEED_WORDS = 4
@@ -206,8 +206,9 @@ def _as_word(dim) -> jax.Array:
   if isinstance(dim, (int, np.integer)):
     if dim >= _WORD:
       raise ValueError(
-          f"regjax.random: a noise array may have 2**32 or more elements, but no single "
-          f"dimension of 2**32 or more; got a dimension of {dim}. Reshape it into two.")
+        f"regjax.random: a noise array may have 2**32 or more elements, but no single "
+        f"dimension of 2**32 or more; got a dimension of {dim}. Reshape it into two."
+      )
     return jnp.uint32(dim)
   return jnp.asarray(dim).astype(jnp.uint32)
 
@@ -371,8 +372,8 @@ def bernoulli(key: jax.Array, p=0.5, shape=None) -> jax.Array:
     fits = False
   if not fits:
     raise ValueError(
-        f"regjax.random.bernoulli: `p` of shape {p.shape} does not broadcast to `shape` "
-        f"{shape}.")
+      f"regjax.random.bernoulli: `p` of shape {p.shape} does not broadcast to `shape` {shape}."
+    )
   return bernoulli_from_bits(bits(key, shape), p)
 
 

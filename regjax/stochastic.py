@@ -53,12 +53,12 @@ import jax.numpy as jnp
 from regjax import _noise, _specs, random
 
 __all__ = [
-    "dropout",
-    "gaussian_dropout",
-    "uout",
-    "dropout_noise_variance",
-    "uout_noise_variance",
-    "matched_uout_beta",
+  "dropout",
+  "gaussian_dropout",
+  "uout",
+  "dropout_noise_variance",
+  "uout_noise_variance",
+  "matched_uout_beta",
 ]
 
 # Largest traced Gaussian-dropout rate: keeps the noise stddev finite (~4096).
@@ -109,13 +109,13 @@ class _Uout(_noise.NoiseRule):
 
 
 def dropout(
-    x: jax.Array,
-    rate: float | jax.Array,
-    *,
-    key: jax.Array | None = None,
-    deterministic: bool = False,
-    broadcast_dims: Sequence[int] = (),
-    rng_impl: str = "hash",
+  x: jax.Array,
+  rate: float | jax.Array,
+  *,
+  key: jax.Array | None = None,
+  deterministic: bool = False,
+  broadcast_dims: Sequence[int] = (),
+  rng_impl: str = "hash",
 ) -> jax.Array:
   """Inverted dropout (Srivastava et al. 2014, JMLR 15).
 
@@ -149,18 +149,27 @@ def dropout(
     ``2**-17 / (1 - rate)`` relative). A traced ``rate`` gets a gradient only
     through that scale (the mask is piecewise constant in ``rate``).
   """
-  return _noise.elementwise_op("regjax.dropout", _specs.DROPOUT, _Dropout, x, rate, key,
-                               deterministic, broadcast_dims, rng_impl)
+  return _noise.elementwise_op(
+    "regjax.dropout",
+    _specs.DROPOUT,
+    _Dropout,
+    x,
+    rate,
+    key,
+    deterministic,
+    broadcast_dims,
+    rng_impl,
+  )
 
 
 def gaussian_dropout(
-    x: jax.Array,
-    rate: float | jax.Array,
-    *,
-    key: jax.Array | None = None,
-    deterministic: bool = False,
-    broadcast_dims: Sequence[int] = (),
-    rng_impl: str = "hash",
+  x: jax.Array,
+  rate: float | jax.Array,
+  *,
+  key: jax.Array | None = None,
+  deterministic: bool = False,
+  broadcast_dims: Sequence[int] = (),
+  rng_impl: str = "hash",
 ) -> jax.Array:
   """Gaussian (multiplicative) dropout (Srivastava et al. 2014, §10).
 
@@ -179,19 +188,27 @@ def gaussian_dropout(
       are ``sqrt(2) * erf_inv`` of 24-bit uniforms, tails cut at ~5.4 sigma);
       ``'jax'``: ``jax.random.normal(key, shape)``.
   """
-  return _noise.elementwise_op("regjax.gaussian_dropout", _specs.GAUSSIAN_DROPOUT,
-                               _GaussianDropout, x, rate, key, deterministic, broadcast_dims,
-                               rng_impl)
+  return _noise.elementwise_op(
+    "regjax.gaussian_dropout",
+    _specs.GAUSSIAN_DROPOUT,
+    _GaussianDropout,
+    x,
+    rate,
+    key,
+    deterministic,
+    broadcast_dims,
+    rng_impl,
+  )
 
 
 def uout(
-    x: jax.Array,
-    beta: float | jax.Array,
-    *,
-    key: jax.Array | None = None,
-    deterministic: bool = False,
-    broadcast_dims: Sequence[int] = (),
-    rng_impl: str = "hash",
+  x: jax.Array,
+  beta: float | jax.Array,
+  *,
+  key: jax.Array | None = None,
+  deterministic: bool = False,
+  broadcast_dims: Sequence[int] = (),
+  rng_impl: str = "hash",
 ) -> jax.Array:
   """Uout: uniform multiplicative noise (Li, Chen, Hu, Yang 2019, arXiv:1801.05134).
 
@@ -214,8 +231,9 @@ def uout(
       ``beta`` times a uniform on the midpoints of a 24-bit grid of
       ``(-1, 1)``); ``'jax'``: ``jax.random.uniform(key, shape, minval=-1, maxval=1)``.
   """
-  return _noise.elementwise_op("regjax.uout", _specs.UOUT, _Uout, x, beta, key,
-                               deterministic, broadcast_dims, rng_impl)
+  return _noise.elementwise_op(
+    "regjax.uout", _specs.UOUT, _Uout, x, beta, key, deterministic, broadcast_dims, rng_impl
+  )
 
 
 def dropout_noise_variance(rate):

@@ -35,12 +35,12 @@ from regjax import _checks, _noise, _random, _specs, random
 from regjax.stochastic import dropout
 
 __all__ = [
-    "channel_dropout",
-    "cutout",
-    "drop_path",
-    "drop_path_rates",
-    "dropblock",
-    "dropblock_rate_schedule",
+  "channel_dropout",
+  "cutout",
+  "drop_path",
+  "drop_path_rates",
+  "dropblock",
+  "dropblock_rate_schedule",
 ]
 
 _DATA_FORMATS = ("NHWC", "NCHW")
@@ -53,8 +53,7 @@ def _check_int(value, op, name, *, low, high=None, high_text=None):
     raise TypeError(f"{op}: `{name}` must be an int; got {value!r}.")
   if value < low or (high is not None and value > high):
     bound = "inf)" if high is None else f"{high}]"
-    raise ValueError(
-        f"{op}: `{name}` must be in [{low}, {bound}{high_text or ''}; got {value!r}.")
+    raise ValueError(f"{op}: `{name}` must be in [{low}, {bound}{high_text or ''}; got {value!r}.")
   return int(value)
 
 
@@ -62,21 +61,22 @@ def _spatial_axes(x, data_format, op):
   """(height axis, width axis, channel axis) of a rank-4 feature map."""
   if x.ndim != 4:
     raise ValueError(
-        f"{op}: `x` must be a batch of 2-D feature maps of rank 4 ({data_format}); got "
-        f"shape {x.shape}. Use jax.vmap for a single image or a stack of batches.")
+      f"{op}: `x` must be a batch of 2-D feature maps of rank 4 ({data_format}); got "
+      f"shape {x.shape}. Use jax.vmap for a single image or a stack of batches."
+    )
   if data_format not in _DATA_FORMATS:
     raise ValueError(f"{op}: `data_format` must be one of {_DATA_FORMATS}; got {data_format!r}.")
   return (1, 2, 3) if data_format == "NHWC" else (2, 3, 1)
 
 
 def channel_dropout(
-    x: jax.Array,
-    rate: float | jax.Array,
-    *,
-    key: jax.Array | None = None,
-    deterministic: bool = False,
-    channel_axis: int = -1,
-    rng_impl: str = "hash",
+  x: jax.Array,
+  rate: float | jax.Array,
+  *,
+  key: jax.Array | None = None,
+  deterministic: bool = False,
+  channel_axis: int = -1,
+  rng_impl: str = "hash",
 ) -> jax.Array:
   """Channel ("spatial") dropout (Tompson et al. 2015, CVPR).
 
@@ -111,8 +111,9 @@ def channel_dropout(
   deterministic = _noise.check_common(x, key, deterministic, op)
   if x.ndim < 3:
     raise ValueError(
-        f"{op}: `x` must have rank >= 3 (batch, spatial..., channels); got shape {x.shape}. "
-        "For (batch, features) use regjax.dropout.")
+      f"{op}: `x` must have rank >= 3 (batch, spatial..., channels); got shape {x.shape}. "
+      "For (batch, features) use regjax.dropout."
+    )
   if not isinstance(channel_axis, (int, np.integer)) or isinstance(channel_axis, bool):
     raise TypeError(f"{op}: `channel_axis` must be an int; got {channel_axis!r}.")
   (axis,) = _checks.canonical_axes(channel_axis, x.ndim, op, "channel_axis")
@@ -128,13 +129,13 @@ def channel_dropout(
 
 
 def drop_path(
-    x: jax.Array,
-    rate: float | jax.Array,
-    *,
-    key: jax.Array | None = None,
-    deterministic: bool = False,
-    mode: str = "row",
-    rng_impl: str = "hash",
+  x: jax.Array,
+  rate: float | jax.Array,
+  *,
+  key: jax.Array | None = None,
+  deterministic: bool = False,
+  mode: str = "row",
+  rng_impl: str = "hash",
 ) -> jax.Array:
   """Drop path / stochastic depth on a residual branch (Huang et al. 2016, ECCV).
 
@@ -171,12 +172,12 @@ def drop_path(
     return trivial
   key = _checks.check_key(key, op)
   first = 1 if mode == "row" else 0
-  return dropout(x, rate, key=key, broadcast_dims=tuple(range(first, x.ndim)),
-                 rng_impl=rng_impl)
+  return dropout(x, rate, key=key, broadcast_dims=tuple(range(first, x.ndim)), rng_impl=rng_impl)
 
 
-def drop_path_rates(num_blocks: int, max_rate: float, *,
-                    convention: str = "huang") -> tuple[float, ...]:
+def drop_path_rates(
+  num_blocks: int, max_rate: float, *, convention: str = "huang"
+) -> tuple[float, ...]:
   """Per-block drop-path rates of the linear decay rule (Huang et al. 2016, eq. 4).
 
   ``convention='huang'`` (default, the paper): block ``l = 1..L`` (counted from
@@ -206,7 +207,8 @@ def drop_path_rates(num_blocks: int, max_rate: float, *,
   max_rate = float(checked)
   if convention not in _DROP_PATH_CONVENTIONS:
     raise ValueError(
-        f"{op}: `convention` must be one of {_DROP_PATH_CONVENTIONS}; got {convention!r}.")
+      f"{op}: `convention` must be one of {_DROP_PATH_CONVENTIONS}; got {convention!r}."
+    )
   if convention == "huang":
     return tuple(block / num_blocks * max_rate for block in range(1, num_blocks + 1))
   if num_blocks == 1:
@@ -230,21 +232,22 @@ def _box_any(seeds: jax.Array, block_size: int, axes: tuple[int, int]) -> jax.Ar
     padding = [(0, 0)] * out.ndim
     # Output index h sees seeds h - block_size + 1 .. h: pad block_size - 1 on both sides.
     padding[axis] = (block_size - 1, block_size - 1)
-    out = jax.lax.reduce_window(out, np.bool_(False), jax.lax.max, tuple(window),
-                                (1,) * out.ndim, tuple(padding))
+    out = jax.lax.reduce_window(
+      out, np.bool_(False), jax.lax.max, tuple(window), (1,) * out.ndim, tuple(padding)
+    )
   return out
 
 
 def dropblock(
-    x: jax.Array,
-    rate: float | jax.Array,
-    *,
-    key: jax.Array | None = None,
-    deterministic: bool = False,
-    block_size: int = 7,
-    share_channels: bool = False,
-    data_format: str = "NHWC",
-    rng_impl: str = "hash",
+  x: jax.Array,
+  rate: float | jax.Array,
+  *,
+  key: jax.Array | None = None,
+  deterministic: bool = False,
+  block_size: int = 7,
+  share_channels: bool = False,
+  data_format: str = "NHWC",
+  rng_impl: str = "hash",
 ) -> jax.Array:
   """DropBlock (Ghiasi, Lin, Le 2018, NeurIPS): drop contiguous square regions.
 
@@ -315,8 +318,14 @@ def dropblock(
   deterministic = _noise.check_common(x, key, deterministic, op)
   h_axis, w_axis, c_axis = _spatial_axes(x, data_format, op)
   height, width = x.shape[h_axis], x.shape[w_axis]
-  block_size = _check_int(block_size, op, "block_size", low=1, high=min(height, width),
-                          high_text=f" (the feature map is {height} x {width})")
+  block_size = _check_int(
+    block_size,
+    op,
+    "block_size",
+    low=1,
+    high=min(height, width),
+    high_text=f" (the feature map is {height} x {width})",
+  )
   if not isinstance(share_channels, (bool, np.bool_)):
     raise TypeError(f"{op}: `share_channels` must be a bool; got {share_channels!r}.")
   rate = _specs.DROPBLOCK.check(rate, op)
@@ -327,9 +336,12 @@ def dropblock(
   valid_h, valid_w = height - block_size + 1, width - block_size + 1
   # gamma <= rate for every block_size (b * (n - b + 1) >= n on [1, n]), so it is a probability.
   seed_rate_per_rate = height * width / (block_size**2 * valid_h * valid_w)
-  rule = _DropBlock(block_size=block_size, axes=(h_axis, w_axis),
-                    shared_axis=c_axis if share_channels else None,
-                    seed_rate_per_rate=seed_rate_per_rate)
+  rule = _DropBlock(
+    block_size=block_size,
+    axes=(h_axis, w_axis),
+    shared_axis=c_axis if share_channels else None,
+    seed_rate_per_rate=seed_rate_per_rate,
+  )
   return _noise.apply(rule, x, rate, key, rng_impl)
 
 
@@ -415,8 +427,11 @@ def dropblock_rate_schedule(step, total_steps: int, final_rate: float | jax.Arra
   """
   op = "regjax.dropblock_rate_schedule"
   warnings.warn(
-      f"{op} is deprecated: use optax.linear_schedule(0.0, final_rate, total_steps)(step), "
-      "which gives the same values up to float32 rounding.", DeprecationWarning, stacklevel=2)
+    f"{op} is deprecated: use optax.linear_schedule(0.0, final_rate, total_steps)(step), "
+    "which gives the same values up to float32 rounding.",
+    DeprecationWarning,
+    stacklevel=2,
+  )
   total_steps = _check_int(total_steps, op, "total_steps", low=1)
   final_rate = _specs.DROPBLOCK.check(final_rate, op, "final_rate")
   if np.shape(step) != ():
@@ -431,20 +446,29 @@ def _check_size(size, height: int, width: int, op: str) -> int | jax.Array:
     if np.shape(size) != () or not jnp.issubdtype(size.dtype, jnp.integer):
       raise TypeError(f"{op}: `size` must be an integer scalar; got {size.dtype}{size.shape}.")
     return size
-  if isinstance(size, (np.ndarray, jax.Array)) and size.shape == () and jnp.issubdtype(
-      size.dtype, jnp.integer):
+  if (
+    isinstance(size, (np.ndarray, jax.Array))
+    and size.shape == ()
+    and jnp.issubdtype(size.dtype, jnp.integer)
+  ):
     size = int(size)
-  return _check_int(size, op, "size", low=0, high=min(height, width),
-                    high_text=f" (the image is {height} x {width})")
+  return _check_int(
+    size,
+    op,
+    "size",
+    low=0,
+    high=min(height, width),
+    high_text=f" (the image is {height} x {width})",
+  )
 
 
 def cutout(
-    x: jax.Array,
-    size: int | jax.Array,
-    *,
-    key: jax.Array | None = None,
-    deterministic: bool = False,
-    data_format: str = "NHWC",
+  x: jax.Array,
+  size: int | jax.Array,
+  *,
+  key: jax.Array | None = None,
+  deterministic: bool = False,
+  data_format: str = "NHWC",
 ) -> jax.Array:
   """Cutout (DeVries & Taylor 2017, arXiv:1708.04552): zero one square per image.
 

@@ -26,16 +26,16 @@ __all__ = ["dropconnect_dense", "max_norm", "max_norm_projection", "default_max_
 
 
 def dropconnect_dense(
-    x: jax.Array,
-    kernel: jax.Array,
-    bias: jax.Array | None,
-    rate: float | jax.Array,
-    *,
-    key: jax.Array | None = None,
-    deterministic: bool = False,
-    precision: Any = None,
-    dot_general: Callable[..., jax.Array] | None = None,
-    rng_impl: str = "hash",
+  x: jax.Array,
+  kernel: jax.Array,
+  bias: jax.Array | None,
+  rate: float | jax.Array,
+  *,
+  key: jax.Array | None = None,
+  deterministic: bool = False,
+  precision: Any = None,
+  dot_general: Callable[..., jax.Array] | None = None,
+  rng_impl: str = "hash",
 ) -> jax.Array:
   """A dense layer with DropConnect on its kernel (Wan et al. 2013, ICML).
 
@@ -76,12 +76,14 @@ def dropconnect_dense(
     _checks.check_key(key, op)
   if kernel.ndim != 2 or x.ndim < 1 or x.shape[-1] != kernel.shape[0]:
     raise ValueError(
-        f"{op}: `kernel` must have shape (in, out) with in = x.shape[-1]; got kernel "
-        f"{kernel.shape} for x {x.shape}.")
+      f"{op}: `kernel` must have shape (in, out) with in = x.shape[-1]; got kernel "
+      f"{kernel.shape} for x {x.shape}."
+    )
   if bias is not None and getattr(bias, "shape", None) != (kernel.shape[1],):
     raise ValueError(
-        f"{op}: `bias` must have shape ({kernel.shape[1]},) or be None; got "
-        f"{getattr(bias, 'shape', type(bias).__name__)}.")
+      f"{op}: `bias` must have shape ({kernel.shape[1]},) or be None; got "
+      f"{getattr(bias, 'shape', type(bias).__name__)}."
+    )
   rate = _specs.DROPCONNECT.check(rate, op)
   if not deterministic and not _specs.DROPCONNECT.needs_no_draw(rate):
     _checks.check_key(key, op)

@@ -41,9 +41,20 @@ def _feature_axes(axis, ndim):
   return tuple(sorted(a % ndim for a in axes))
 
 
-def reference_batch_norm(x, mean, var, scale=None, bias=None, *, axis=-1, momentum=0.99,
-                         epsilon=1e-5, unbiased_running_var=False, mask=None,
-                         deterministic=False):
+def reference_batch_norm(
+  x,
+  mean,
+  var,
+  scale=None,
+  bias=None,
+  *,
+  axis=-1,
+  momentum=0.99,
+  epsilon=1e-5,
+  unbiased_running_var=False,
+  mask=None,
+  deterministic=False,
+):
   """float64 batch norm; returns (y, new_mean, new_var) with feature-shaped stats."""
   x = np.asarray(x, np.float64)
   axes = _feature_axes(axis, x.ndim)
@@ -63,8 +74,9 @@ def reference_batch_norm(x, mean, var, scale=None, bias=None, *, axis=-1, moment
     sample_var = np.where(n > 1, v * n / np.maximum(n - 1, 1), v) if unbiased_running_var else v
     seen = (n > 0).reshape(feature_shape)
     new_mean = np.where(seen, momentum * mean + (1 - momentum) * mu.reshape(feature_shape), mean)
-    new_var = np.where(seen, momentum * var + (1 - momentum) * sample_var.reshape(feature_shape),
-                       var)
+    new_var = np.where(
+      seen, momentum * var + (1 - momentum) * sample_var.reshape(feature_shape), var
+    )
   with np.errstate(invalid="ignore"):  # NaN padding stays NaN in y
     y = (x - mu) / np.sqrt(v + epsilon)
   if scale is not None:
@@ -84,16 +96,23 @@ def _problem(shape, axis, seed, *, loc=0.5, std=2.0, dtype=np.float32):
   offset = loc + std * rng.standard_normal(fshape)
   spread = std * rng.uniform(0.25, 1.5, fshape)
   x = offset.reshape(keep) + spread.reshape(keep) * rng.standard_normal(shape)
-  stats = {"mean": jnp.asarray(rng.normal(size=fshape), jnp.float32),
-           "var": jnp.asarray(rng.uniform(0.5, 2.0, fshape), jnp.float32)}
+  stats = {
+    "mean": jnp.asarray(rng.normal(size=fshape), jnp.float32),
+    "var": jnp.asarray(rng.uniform(0.5, 2.0, fshape), jnp.float32),
+  }
   scale = jnp.asarray(rng.uniform(0.5, 1.5, fshape) * rng.choice([-1.0, 1.0], fshape), jnp.float32)
   bias = jnp.asarray(rng.normal(size=fshape), jnp.float32)
   return jnp.asarray(x, dtype), stats, scale, bias
 
 
 def _close(actual, desired, rtol=RTOL, atol=ATOL, err_msg=""):
-  np.testing.assert_allclose(np.asarray(actual, np.float64), np.asarray(desired, np.float64),
-                             rtol=rtol, atol=atol, err_msg=err_msg)
+  np.testing.assert_allclose(
+    np.asarray(actual, np.float64),
+    np.asarray(desired, np.float64),
+    rtol=rtol,
+    atol=atol,
+    err_msg=err_msg,
+  )
 
 
 def _large_mean_data():
@@ -123,7 +142,6 @@ def _randomize(variables, seed):
 
 
 class LinenNet(nn.Module):
-
   @nn.compact
   def __call__(self, x, train: bool):
     x = nn.Dense(16)(x)
@@ -146,9 +164,9 @@ N = 1 << 20  # samples per statistical check
 
 # name -> (op, customary setting, multiplicative noise variance at that setting)
 NOISE_OPS = {
-    "dropout": (regjax.dropout, 0.3, 0.3 / 0.7),
-    "gaussian_dropout": (regjax.gaussian_dropout, 0.3, 0.3 / 0.7),
-    "uout": (regjax.uout, 0.4, 0.4**2 / 3),
+  "dropout": (regjax.dropout, 0.3, 0.3 / 0.7),
+  "gaussian_dropout": (regjax.gaussian_dropout, 0.3, 0.3 / 0.7),
+  "uout": (regjax.uout, 0.4, 0.4**2 / 3),
 }
 
 
@@ -165,8 +183,9 @@ def _noise(op, rate, key, n=N, dtype=jnp.float32, variant=lambda f: f):
 # Parity with flax 0.12: complex input, force_float32_reductions, promote_dtype
 def _complex_input(shape=(16, 4), seed=8):
   rng = np.random.default_rng(seed)
-  return jnp.asarray(rng.standard_normal(shape) + 1j * rng.standard_normal(shape) + 3 - 2j,
-                     jnp.complex64)
+  return jnp.asarray(
+    rng.standard_normal(shape) + 1j * rng.standard_normal(shape) + 3 - 2j, jnp.complex64
+  )
 
 
 # ----------------------------------------------------------------------------

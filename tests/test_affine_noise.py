@@ -34,14 +34,18 @@ def _alpha_constants(rate):
 
 
 class AlphaDropoutTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(
-      *[(f"rate_{rate}_{impl}", rate, impl) for rate in (0.05, 0.3, 0.8) for impl in IMPLS])
+    *[(f"rate_{rate}_{impl}", rate, impl) for rate in (0.05, 0.3, 0.8) for impl in IMPLS]
+  )
   def test_keeps_mean_zero_and_variance_one_of_standard_normal_input(self, rate, impl):
     x = _normal(10, (N,))
-    y = np.asarray(self.variant(lambda x, k: regjax.alpha_dropout(x, rate, key=k, rng_impl=impl))(
-        x, jax.random.key(11)), np.float64)
+    y = np.asarray(
+      self.variant(lambda x, k: regjax.alpha_dropout(x, rate, key=k, rng_impl=impl))(
+        x, jax.random.key(11)
+      ),
+      np.float64,
+    )
     a, b, d = _alpha_constants(rate)
     # E y**4 over the kept (a x + b, x ~ N(0, 1)) and dropped (d) units. (The hash's
     # 2**-17 keep resolution moves the mean by at most 2**-17 * |a * alpha_p| ~ 2e-5,
@@ -85,13 +89,17 @@ class AlphaDropoutTest(chex.TestCase):
     # ... which is rrandom.bernoulli_from_bits(bits, 1 - rate) of the key's hashed bits.
     bits = rrandom.bits(jax.random.key(18), (128, 96))
     np.testing.assert_array_equal(
-        np.asarray(regjax.alpha_dropout(jnp.ones((128, 96)), 0.1, key=jax.random.key(18))) > 0,
-        np.asarray(rrandom.bernoulli_from_bits(bits, jnp.float32(0.9))))
+      np.asarray(regjax.alpha_dropout(jnp.ones((128, 96)), 0.1, key=jax.random.key(18))) > 0,
+      np.asarray(rrandom.bernoulli_from_bits(bits, jnp.float32(0.9))),
+    )
 
   @parameterized.named_parameters(*IMPL_CASES)
   def test_broadcast_dims_share_one_draw(self, impl):
-    y = np.asarray(regjax.alpha_dropout(jnp.zeros((64, 16)), 0.5, key=jax.random.key(14),
-                                        broadcast_dims=(1,), rng_impl=impl))
+    y = np.asarray(
+      regjax.alpha_dropout(
+        jnp.zeros((64, 16)), 0.5, key=jax.random.key(14), broadcast_dims=(1,), rng_impl=impl
+      )
+    )
     np.testing.assert_array_equal(y, np.broadcast_to(y[:, :1], y.shape))
     assert len(np.unique(y[:, 0])) == 2
 
@@ -100,8 +108,10 @@ class AlphaDropoutTest(chex.TestCase):
     x = _normal(15, (16, 8))
     key = jax.random.key(16)
     np.testing.assert_array_equal(np.asarray(regjax.alpha_dropout(x, 1.0, rng_impl=impl)), 0)
+
     def loss(x, r):
       return jnp.sum(regjax.alpha_dropout(x, r, key=key, rng_impl=impl) * 3.0)
+
     value, grad = jax.jit(jax.value_and_grad(loss))(x, 1.0)  # traced rate 1
     assert value == 0
     np.testing.assert_array_equal(np.asarray(grad), 0)
@@ -110,14 +120,15 @@ class AlphaDropoutTest(chex.TestCase):
 
 
 class GaussianNoiseTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(
-      *[(f"std_{std}_{impl}", std, impl) for std in (0.1, 1.0, 3.0) for impl in IMPLS])
+    *[(f"std_{std}_{impl}", std, impl) for std in (0.1, 1.0, 3.0) for impl in IMPLS]
+  )
   def test_additive_normal_noise(self, stddev, impl):
     x = _normal(20, (N,)) * 2.0 + 1.0
     y = self.variant(lambda x, k: regjax.gaussian_noise(x, stddev, key=k, rng_impl=impl))(
-        x, jax.random.key(21))
+      x, jax.random.key(21)
+    )
     e = (np.asarray(y, np.float64) - np.asarray(x, np.float64)) / stddev  # should be N(0, 1)
     assert abs(e.mean()) < Z / math.sqrt(N)
     assert abs(e.var() - 1) < Z * math.sqrt(2 / N)
@@ -128,16 +139,18 @@ class GaussianNoiseTest(chex.TestCase):
   def test_hash_noise_is_stddev_times_hash_normal(self):
     stddev, shape = 0.7, (256, 48)
     key = jax.random.key(22)
+
     def noise(key, stddev):
-      return stddev * rrandom.normal_from_bits(
-            rrandom.bits(key, shape), jnp.float32)
+      return stddev * rrandom.normal_from_bits(rrandom.bits(key, shape), jnp.float32)
+
     expected = jax.jit(noise)(key, stddev)
     # x = 0: y is exactly the noise, eagerly and under jit (the op always runs compiled,
     # so both equal the compiled product).
     y = regjax.gaussian_noise(jnp.zeros(shape), stddev, key=key)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(expected))
     y_jit = jax.jit(lambda x, s, k: regjax.gaussian_noise(x, s, key=k))(
-        jnp.zeros(shape), stddev, key)
+      jnp.zeros(shape), stddev, key
+    )
     np.testing.assert_array_equal(np.asarray(y_jit), np.asarray(y))
     # Mean 0 and variance stddev**2 (5 standard errors; a normal's 4th moment is 3).
     e = np.asarray(regjax.gaussian_noise(jnp.zeros((N,)), stddev, key=key), np.float64)
@@ -145,21 +158,27 @@ class GaussianNoiseTest(chex.TestCase):
     assert abs(e.var() - stddev**2) < Z * stddev**2 * math.sqrt(2 / N)
     # With x != 0 the noise is added in float32: x + e up to its rounding.
     x = _normal(23, shape)
-    np.testing.assert_allclose(np.asarray(regjax.gaussian_noise(x, stddev, key=key)),
-                               np.asarray(x + expected), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+      np.asarray(regjax.gaussian_noise(x, stddev, key=key)),
+      np.asarray(x + expected),
+      rtol=0,
+      atol=1e-6,
+    )
 
   def test_jax_generator_noise_is_jax_random_normal(self):
     key = jax.random.key(24)
     y = regjax.gaussian_noise(jnp.zeros((32, 24)), 1.0, key=key, rng_impl="jax")
-    np.testing.assert_array_equal(np.asarray(y),
-                                  np.asarray(jax.random.normal(key, (32, 24), jnp.float32)))
+    np.testing.assert_array_equal(
+      np.asarray(y), np.asarray(jax.random.normal(key, (32, 24), jnp.float32))
+    )
 
 
 class AffineNoiseHashTest(parameterized.TestCase):
   """rng_impl='hash' (the default) for alpha_dropout and gaussian_noise."""
 
-  @parameterized.named_parameters(("alpha_dropout", regjax.alpha_dropout, 0.3),
-                                  ("gaussian_noise", regjax.gaussian_noise, 0.5))
+  @parameterized.named_parameters(
+    ("alpha_dropout", regjax.alpha_dropout, 0.3), ("gaussian_noise", regjax.gaussian_noise, 0.5)
+  )
   def test_backward_stores_nothing_per_element(self, op, value):
     # The vjp closes over its residuals: only the two seed words and a few scalars.
     x = _normal(25, (256, 512))
@@ -175,8 +194,9 @@ class AffineNoiseHashTest(parameterized.TestCase):
       a = _alpha_constants(value)[0]
       np.testing.assert_allclose(grad, np.where(kept, a, 0.0), rtol=1e-6, atol=0)
 
-  @parameterized.named_parameters(("alpha_dropout", regjax.alpha_dropout, 0.3),
-                                  ("gaussian_noise", regjax.gaussian_noise, 0.5))
+  @parameterized.named_parameters(
+    ("alpha_dropout", regjax.alpha_dropout, 0.3), ("gaussian_noise", regjax.gaussian_noise, 0.5)
+  )
   def test_same_draw_with_and_without_jit(self, op, value):
     x = _normal(27, (33, 65))
     key = jax.random.key(28)
@@ -189,8 +209,9 @@ class AffineNoiseHashTest(parameterized.TestCase):
       np.testing.assert_array_equal(jitted == d, eager == d)
     np.testing.assert_array_equal(eager, np.asarray(op(x, value, key=jax.random.PRNGKey(28))))
 
-  @parameterized.named_parameters(("alpha_dropout", regjax.alpha_dropout, 0.3),
-                                  ("gaussian_noise", regjax.gaussian_noise, 0.5))
+  @parameterized.named_parameters(
+    ("alpha_dropout", regjax.alpha_dropout, 0.3), ("gaussian_noise", regjax.gaussian_noise, 0.5)
+  )
   def test_bad_rng_impl(self, op, value):
     for bad in ("threefry", None, "HASH"):
       with pytest.raises(ValueError, match=r"`rng_impl` must be one of"):

@@ -28,17 +28,47 @@ FLAX_BN = batch_norm.FLAX_BN
 
 def test_harness_writes_results(tmp_path, capsys):
   out = tmp_path / "results.json"
-  results = run.main(["--sizes", "8x256", "--dtypes", "float32", "--rounds", "2", "--calls", "1",
-                       "--warmup", "1", "--ops", "regjax.dropout(0.5)",
-                       "--sections", "noise,batchnorm,memory", "--out", str(out)])
+  results = run.main(
+    [
+      "--sizes",
+      "8x256",
+      "--dtypes",
+      "float32",
+      "--rounds",
+      "2",
+      "--calls",
+      "1",
+      "--warmup",
+      "1",
+      "--ops",
+      "regjax.dropout(0.5)",
+      "--sections",
+      "noise,batchnorm,memory",
+      "--out",
+      str(out),
+    ]
+  )
   printed = capsys.readouterr().out
   assert "TARGETS" in printed and "MEMORY" in printed
   with open(out, encoding="utf-8") as f:
     saved = json.load(f)
   assert saved["rows"] and len(saved["rows"]) == len(results["rows"])
-  for key in ("jax", "flax", "device", "cpu_count", "loadavg_start", "loadavg_end", "git",
-              "options", "total_seconds", "rows", "memory", "train_step", "targets",
-              "rng_impl"):
+  for key in (
+    "jax",
+    "flax",
+    "device",
+    "cpu_count",
+    "loadavg_start",
+    "loadavg_end",
+    "git",
+    "options",
+    "total_seconds",
+    "rows",
+    "memory",
+    "train_step",
+    "targets",
+    "rng_impl",
+  ):
     assert key in saved, key
 
   rows = {(r["op"], r["mode"]): r for r in saved["rows"]}
@@ -51,15 +81,20 @@ def test_harness_writes_results(tmp_path, capsys):
   assert rows[("regjax.dropout(0.5)", "fwd")]["ref"] == "flax Dropout(0.5)"
   assert rows[("regjax.dropout(0.5)", "fwd+bwd")]["vs_ref"] > 0
   assert not any(op.startswith("regjax.uout") for op, _ in rows)  # --ops filters
-  for name in ("regjax BatchNorm", "flax BatchNorm(fast_var=True)",
-               "flax BatchNorm(fast_var=False)"):
+  for name in (
+    "regjax BatchNorm",
+    "flax BatchNorm(fast_var=True)",
+    "flax BatchNorm(fast_var=False)",
+  ):
     for mode in ("train fwd+bwd", "train fwd", "eval fwd"):
       assert rows[(name, mode)]["median_ms"] > 0
   assert rows[("regjax BatchNorm", "train fwd+bwd")]["vs_ref"] > 0
   # regjax's eval BatchNorm compiles to flax's very program: the harness detects it.
   assert rows[("regjax BatchNorm", "eval fwd")]["same_program_as_ref"] is True
-  assert rows[("flax BatchNorm(fast_var=False)", "eval fwd")]["same_program_as_ref"] in (True,
-                                                                                         False)
+  assert rows[("flax BatchNorm(fast_var=False)", "eval fwd")]["same_program_as_ref"] in (
+    True,
+    False,
+  )
 
   assert saved["train_step"] is None  # section not run
 
@@ -71,15 +106,17 @@ def test_harness_writes_results(tmp_path, capsys):
   verdicts = {t["target"]: t for t in saved["targets"]}
   assert all(t["verdict"] in ("PASS", "FAIL", "SKIP") for t in saved["targets"])
   assert verdicts["CNN train step, regjax layers <= 1x flax layers"]["verdict"] == "SKIP"
-  assert verdicts["regjax.dropout(0.5) fwd <= 1.5x copy floor [small float32]"][
-      "verdict"] == "SKIP"
-  assert verdicts["regjax.dropout backward keeps <= 64 bytes in all [8x256 float32]"][
-      "verdict"] == "PASS"
+  assert verdicts["regjax.dropout(0.5) fwd <= 1.5x copy floor [small float32]"]["verdict"] == "SKIP"
+  assert (
+    verdicts["regjax.dropout backward keeps <= 64 bytes in all [8x256 float32]"]["verdict"]
+    == "PASS"
+  )
 
 
 def shapes(model, x):
-  return jax.tree.map(lambda a: a.shape, jax.eval_shape(
-      lambda: model.init(jax.random.key(0), x, train=False)))
+  return jax.tree.map(
+    lambda a: a.shape, jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+  )
 
 
 def test_model_step_cnn_has_the_example_cnns_parameter_tree():
@@ -87,8 +124,7 @@ def test_model_step_cnn_has_the_example_cnns_parameter_tree():
   parameter tree of the example study's default_cnn('mnist1d')."""
   import examples.models  # a namespace package: its models.py imports only regjax and flax
 
-  ours = examples.models.default_cnn("mnist1d", 10, block_noise="dropout",
-                                     block_noise_value=0.5)
+  ours = examples.models.default_cnn("mnist1d", 10, block_noise="dropout", block_noise_value=0.5)
   x = jnp.zeros((4, model_step.LENGTH, 1))
   assert shapes(model_step.BenchCNN("regjax"), x) == shapes(ours, x)
   assert shapes(model_step.BenchCNN("flax"), x) == shapes(ours, x)
@@ -111,23 +147,33 @@ def test_targets_file_holds_the_readme_bounds():
   assert limits["regjax BatchNorm train fwd+bwd <= 0.5x flax default [large float32]"] == 0.5
   assert limits["regjax BatchNorm train fwd+bwd <= 1x flax default [small float32]"] == 1.0
   assert targets[-1]["target"] == "CNN train step, regjax layers <= 1x flax layers"
-  memory = [{"op": "regjax.dropout(0.5)", "size": "small", "dtype": "float16",
-             "residual_bytes": 65}]
+  memory = [
+    {"op": "regjax.dropout(0.5)", "size": "small", "dtype": "float16", "residual_bytes": 65}
+  ]
   t = report.evaluate_targets([], memory, [])[-1]
   assert t["target"] == "regjax.dropout backward keeps <= 64 bytes in all [small float16]"
   assert t["verdict"] == "FAIL" and t["unit"] == " B"
 
 
-@pytest.mark.parametrize("module, args, expect", [
+@pytest.mark.parametrize(
+  "module, args, expect",
+  [
     ("benchmarks.run", ["--help"], "--sections"),
     ("benchmarks.rng_quality", ["--list"], "bernoulli16"),
-])
+  ],
+)
 def test_runs_as_a_module_from_the_root(module, args, expect):
   """``python -m`` from the repository root; benchmarks.run first re-runs itself with the
   allocator settings (the same command line)."""
   env = {k: v for k, v in os.environ.items() if k not in timing.STEADY_MALLOC}
-  proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-m", module, *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 0, proc.stderr
   assert expect in proc.stdout
 
@@ -141,11 +187,22 @@ def test_median_ci_is_the_binomial_order_statistic_interval():
 
 
 def test_target_verdicts_carry_the_interval():
-  rows = [{"group": "batchnorm", "op": op, "mode": "eval fwd", "ref": ref, "size": "large",
-           "dtype": "float32", "times_s": [m] * 9, "round_medians_s": [m * f for f in fs]}
-          for op, ref, m, fs in (
-              ("regjax BatchNorm", FLAX_BN, 1.0, [1.0, 0.9, 1.1, 0.95, 1.05, 1, 1, 1, 1]),
-              (FLAX_BN, None, 1.0, [1.0] * 9))]
+  rows = [
+    {
+      "group": "batchnorm",
+      "op": op,
+      "mode": "eval fwd",
+      "ref": ref,
+      "size": "large",
+      "dtype": "float32",
+      "times_s": [m] * 9,
+      "round_medians_s": [m * f for f in fs],
+    }
+    for op, ref, m, fs in (
+      ("regjax BatchNorm", FLAX_BN, 1.0, [1.0, 0.9, 1.1, 0.95, 1.05, 1, 1, 1, 1]),
+      (FLAX_BN, None, 1.0, [1.0] * 9),
+    )
+  ]
   report.add_ratios(rows)
   targets = {t["target"]: t for t in report.evaluate_targets(rows, [], ["float32"])}
   t = targets["regjax BatchNorm eval fwd <= 1x flax [large float32]"]
@@ -165,10 +222,20 @@ def test_steady_malloc_environ(monkeypatch):
 
 
 def test_identical_program_passes_a_no_slower_target():
-  rows = [{"group": "batchnorm", "op": op, "mode": "eval fwd", "ref": ref, "size": "small",
-           "dtype": "float32", "times_s": [1.0] * 5, "round_medians_s": [m] * 5,
-           "same_program_as_ref": ref is not None}
-          for op, ref, m in (("regjax BatchNorm", FLAX_BN, 1.2), (FLAX_BN, None, 1.0))]
+  rows = [
+    {
+      "group": "batchnorm",
+      "op": op,
+      "mode": "eval fwd",
+      "ref": ref,
+      "size": "small",
+      "dtype": "float32",
+      "times_s": [1.0] * 5,
+      "round_medians_s": [m] * 5,
+      "same_program_as_ref": ref is not None,
+    }
+    for op, ref, m in (("regjax BatchNorm", FLAX_BN, 1.2), (FLAX_BN, None, 1.0))
+  ]
   report.add_ratios(rows)
   targets = {t["target"]: t for t in report.evaluate_targets(rows, [], ["float32"])}
   t = targets["regjax BatchNorm eval fwd <= 1x flax [small float32]"]
@@ -177,8 +244,7 @@ def test_identical_program_passes_a_no_slower_target():
 
 def test_program_text_ignores_source_locations():
   # Lambdas, so that the XLA module names agree (a def's name is part of them).
-  same = [lambda x: x * 2 + 1,
-          lambda x: (x * 2) + 1]  # another source line, same program
+  same = [lambda x: x * 2 + 1, lambda x: (x * 2) + 1]  # another source line, same program
   x = jnp.ones((4, 8))
   assert timing.program_text(same[0], (x,)) == timing.program_text(same[1], (x,))
   assert timing.program_text(same[0], (x,)) != timing.program_text(lambda x: x * 3 + 1, (x,))
@@ -200,16 +266,21 @@ def test_rng_quality_streams_are_the_ops_words():
 
   np.testing.assert_array_equal(first("words", 4 * n).view(np.uint32), words)
   top = words >> 16
-  np.testing.assert_array_equal(first("bernoulli16", 2 * n).view(np.uint32),
-                                top[0::2] | (top[1::2] << 16))
+  np.testing.assert_array_equal(
+    first("bernoulli16", 2 * n).view(np.uint32), top[0::2] | (top[1::2] << 16)
+  )
   u24 = (words >> 8)[: n // 2]
   b = first("uniform24", 3 * (n // 2)).reshape(-1, 3).astype(np.uint32)
   np.testing.assert_array_equal(b[:, 0] | b[:, 1] << 8 | b[:, 2] << 16, u24)
-  np.testing.assert_array_equal(first("threefry", 4 * n).view(np.uint32),
-                                np.asarray(jax.random.bits(key, (n,), jax.numpy.uint32)))
+  np.testing.assert_array_equal(
+    first("threefry", 4 * n).view(np.uint32),
+    np.asarray(jax.random.bits(key, (n,), jax.numpy.uint32)),
+  )
   keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jax.numpy.arange(8))
-  np.testing.assert_array_equal(first("fold_in/12345", 32).view(np.uint32),
-                                [int(regjax.random.bits(k, (12346,))[12345]) for k in keys])
+  np.testing.assert_array_equal(
+    first("fold_in/12345", 32).view(np.uint32),
+    [int(regjax.random.bits(k, (12346,))[12345]) for k in keys],
+  )
 
 
 def test_rng_quality_reads_practrand_verdicts():

@@ -51,8 +51,7 @@ def test_batch_stats_is_a_plain_dict():
   stats = regjax.init_batch_stats((2, 3))
   assert type(stats) is dict and set(stats) == {"mean", "var"}
   assert set(regjax.BatchStats.__annotations__) == {"mean", "var"}
-  _, new = regjax.batch_norm(jnp.ones((4, 2, 3)), {**stats, "extra": jnp.zeros(())},
-                             axis=(1, 2))
+  _, new = regjax.batch_norm(jnp.ones((4, 2, 3)), {**stats, "extra": jnp.zeros(())}, axis=(1, 2))
   assert type(new) is dict and set(new) == {"mean", "var", "extra"}
 
 
@@ -68,14 +67,22 @@ def test_check_epsilon_accepts_numbers():
 
 
 @pytest.mark.parametrize("dtype", [None, jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("x_dtype,p_dtype", [
-    (jnp.float32, jnp.float32), (jnp.bfloat16, jnp.float32), (jnp.bfloat16, jnp.bfloat16),
-    (jnp.int32, jnp.float16), (jnp.complex64, jnp.float32)])
+@pytest.mark.parametrize(
+  "x_dtype,p_dtype",
+  [
+    (jnp.float32, jnp.float32),
+    (jnp.bfloat16, jnp.float32),
+    (jnp.bfloat16, jnp.bfloat16),
+    (jnp.int32, jnp.float16),
+    (jnp.complex64, jnp.float32),
+  ],
+)
 def test_output_dtype_is_flax_rule(dtype, x_dtype, p_dtype):
   x, p = jnp.zeros((2, 3), x_dtype), jnp.zeros((3,), p_dtype)
   for scale, bias in ((p, p), (None, p), (None, None)):
     assert F.output_dtype(x, scale, bias, dtype) == linen_dtypes.canonicalize_dtype(
-        *(a for a in (x, scale, bias) if a is not None), dtype=dtype)
+      *(a for a in (x, scale, bias) if a is not None), dtype=dtype
+    )
 
 
 def test_running_stats_dtype():
@@ -88,6 +95,7 @@ def test_nnx_batch_norm_variables_are_init_batch_stats():
   from flax import nnx
 
   import regjax.nnx as N
+
   bn = N.BatchNorm((2, 3), axis=(1, 2), rngs=nnx.Rngs(0))
   ref = regjax.init_batch_stats((2, 3))
   for name in ("mean", "var"):

@@ -105,17 +105,43 @@ def test_pure_same_key_same_output(name):
 #          the setting's argument name, regex of its range in the error message,
 #          one out-of-range setting, does setting 1 zero the output)
 OPS = {
-    **{f"alpha_dropout_{impl}": (functools.partial(regjax.alpha_dropout, rng_impl=impl),
-                                 (64, 32), 0.3, "rate", r"\[0, 1\]", 1.5) for impl in IMPLS},
-    **{f"gaussian_noise_{impl}": (functools.partial(regjax.gaussian_noise, rng_impl=impl),
-                                  (64, 32), 0.5, "stddev", r"\[0, inf\)", -0.1)
-       for impl in IMPLS},
-    "channel_dropout": (regjax.channel_dropout, (8, 6, 6, 16), 0.3, "rate", r"\[0, 1\]", -0.1),
-    "drop_path": (regjax.drop_path, (64, 4, 4), 0.3, "rate", r"\[0, 1\]", 1.01),
-    **{f"dropblock_{impl}": (functools.partial(regjax.dropblock, block_size=3, rng_impl=impl),
-                             (4, 12, 12, 8), 0.3, "rate", r"\[0, 1\]", 2.0) for impl in IMPLS},
-    "cutout": (regjax.cutout, (4, 12, 12, 3), 5, "size", r"\[0, 12\]", 13),
-    "dropconnect_dense": (_dropconnect, (16, 32), 0.3, "rate", r"\[0, 1\]", -1.0),
+  **{
+    f"alpha_dropout_{impl}": (
+      functools.partial(regjax.alpha_dropout, rng_impl=impl),
+      (64, 32),
+      0.3,
+      "rate",
+      r"\[0, 1\]",
+      1.5,
+    )
+    for impl in IMPLS
+  },
+  **{
+    f"gaussian_noise_{impl}": (
+      functools.partial(regjax.gaussian_noise, rng_impl=impl),
+      (64, 32),
+      0.5,
+      "stddev",
+      r"\[0, inf\)",
+      -0.1,
+    )
+    for impl in IMPLS
+  },
+  "channel_dropout": (regjax.channel_dropout, (8, 6, 6, 16), 0.3, "rate", r"\[0, 1\]", -0.1),
+  "drop_path": (regjax.drop_path, (64, 4, 4), 0.3, "rate", r"\[0, 1\]", 1.01),
+  **{
+    f"dropblock_{impl}": (
+      functools.partial(regjax.dropblock, block_size=3, rng_impl=impl),
+      (4, 12, 12, 8),
+      0.3,
+      "rate",
+      r"\[0, 1\]",
+      2.0,
+    )
+    for impl in IMPLS
+  },
+  "cutout": (regjax.cutout, (4, 12, 12, 3), 5, "size", r"\[0, 12\]", 13),
+  "dropconnect_dense": (_dropconnect, (16, 32), 0.3, "rate", r"\[0, 1\]", -1.0),
 }
 
 
@@ -134,16 +160,18 @@ def _input(name, dtype=jnp.float32, seed=0):
 # ----------------------------------------------------------------------------
 # Contracts shared by every op
 class ContractTest(chex.TestCase):
-
   # Eager: jit and eager agree (test_same_key_same_draw_with_and_without_jit),
   # and eager primitives are compiled once per shape, not once per test.
   @parameterized.named_parameters(
-      *[(f"{name}_{jnp.dtype(d).name}", name, d) for name in OPS for d in FLOAT_DTYPES])
+    *[(f"{name}_{jnp.dtype(d).name}", name, d) for name in OPS for d in FLOAT_DTYPES]
+  )
   def test_shape_dtype_and_finiteness(self, name, dtype):
     op, _, setting, *_ = OPS[name]
     x = _input(name, dtype)
+
     def apply(x, k):
       return op(x, setting, key=k)
+
     y = apply(x, jax.random.key(1))
     expected_shape = x.shape[:-1] + (24,) if name == "dropconnect_dense" else x.shape
     chex.assert_shape(y, expected_shape)
@@ -193,8 +221,9 @@ class ContractTest(chex.TestCase):
 
     x = _input(name)
     dtype = jnp.int32 if name == "cutout" else jnp.float32
-    outs = [np.asarray(apply(x, jnp.asarray(s, dtype), jax.random.key(4)))
-            for s in (0, setting, setting)]
+    outs = [
+      np.asarray(apply(x, jnp.asarray(s, dtype), jax.random.key(4))) for s in (0, setting, setting)
+    ]
     reference = np.asarray(op(x, setting, key=jax.random.key(4)))
     np.testing.assert_allclose(outs[1], reference, rtol=1e-6, atol=1e-6)
     zero = np.asarray(x @ _DC_KERNEL + _DC_BIAS) if name == "dropconnect_dense" else np.asarray(x)
@@ -209,8 +238,15 @@ class ContractTest(chex.TestCase):
     x = _normal(6, OPS[name][1])
     key = jax.random.key(7)
     # Every op is linear in x for a fixed key, so first order is the whole story.
-    check_grads(lambda x: op(x, setting, key=key), (x,), order=1,
-                modes=("fwd", "rev"), atol=1e-2, rtol=1e-2, eps=1e-2)
+    check_grads(
+      lambda x: op(x, setting, key=key),
+      (x,),
+      order=1,
+      modes=("fwd", "rev"),
+      atol=1e-2,
+      rtol=1e-2,
+      eps=1e-2,
+    )
 
   @parameterized.named_parameters(*OP_CASES)
   def test_missing_key_in_train_mode(self, name):
@@ -236,4 +272,5 @@ class ContractTest(chex.TestCase):
       op(jnp.ones(shape, jnp.int32), setting, key=jax.random.key(0))
     with pytest.raises(TypeError, match="`deterministic` must be a Python bool"):
       jax.jit(lambda x, d: op(x, setting, key=jax.random.key(0), deterministic=d))(
-          _input(name), True)
+        _input(name), True
+      )

@@ -343,7 +343,6 @@ def test_diagnostics_is_a_lazy_submodule():
 
 
 class NNXNet(nnx.Module):
-
   def __init__(self, rngs):
     self.dense0 = nnx.Linear(6, 16, rngs=rngs)
     self.drop = rx.Dropout(0.4, rngs=rngs)
@@ -362,12 +361,12 @@ def test_nnx_and_linen_diagnostics_agree_with_the_same_weights():
   x = jax.random.normal(jax.random.key(0), (512, 6)) + 0.5
   lin = LinenNet()
   variables = lin.init(jax.random.key(1), x, train=False)
-  _, upd = lin.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)},
-                     mutable=["batch_stats"])
+  _, upd = lin.apply(
+    variables, x, train=True, rngs={"dropout": jax.random.key(2)}, mutable=["batch_stats"]
+  )
   variables = {**variables, **upd}
   model = NNXNet(nnx.Rngs(0, dropout=1))
-  names = {"Dense_0": "dense0", "Dense_1": "dense1", "BatchNorm_0": "bn0",
-           "BatchNorm_1": "bn1"}
+  names = {"Dense_0": "dense0", "Dense_1": "dense1", "BatchNorm_0": "bn0", "BatchNorm_1": "bn1"}
   for _collection, tree in variables.items():
     for layer, leaves in tree.items():
       for name, value in leaves.items():
@@ -378,7 +377,8 @@ def test_nnx_and_linen_diagnostics_agree_with_the_same_weights():
   call = lambda m, v: m(v, train=True)  # noqa: E731
   nnx_shift = diagnostics.variance_shift(model, batches, call=call)
   lin_shift = diagnostics.variance_shift(
-      lambda v, x: lin.apply(v, x, train=False), variables, batches)
+    lambda v, x: lin.apply(v, x, train=False), variables, batches
+  )
   assert list(nnx_shift) == ["bn0", "bn1"] and list(lin_shift) == ["BatchNorm_0", "BatchNorm_1"]
   for a, b in zip(nnx_shift.values(), lin_shift.values(), strict=False):
     for field in ("moving_mean", "moving_var", "real_mean", "real_var"):
@@ -387,8 +387,13 @@ def test_nnx_and_linen_diagnostics_agree_with_the_same_weights():
 
   nnx_new = diagnostics.recalibrate_batch_stats(model, batches, call=call)
   lin_new = diagnostics.recalibrate_batch_stats(
-      lambda v, x: lin.apply(v, x, train=False), variables, batches)
+    lambda v, x: lin.apply(v, x, train=False), variables, batches
+  )
   for linen_name, nnx_name in (("BatchNorm_0", "bn0"), ("BatchNorm_1", "bn1")):
     for stat in ("mean", "var"):
-      np.testing.assert_allclose(np.asarray(nnx_new[nnx_name][stat][...]),
-                                 np.asarray(lin_new[linen_name][stat]), rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(
+        np.asarray(nnx_new[nnx_name][stat][...]),
+        np.asarray(lin_new[linen_name][stat]),
+        rtol=1e-5,
+        atol=1e-6,
+      )

@@ -48,17 +48,24 @@ def _assert_same_shifts(a, b):
 def test_front_door_gives_the_framework_modules_results():
   batches = _batches()
   model, variables = _linen()
-  _assert_same_shifts(diagnostics.variance_shift(model.apply, variables, batches),
-                      linen_diagnostics.variance_shift(model.apply, variables, batches))
-  jax.tree.map(np.testing.assert_array_equal,
-               diagnostics.recalibrate_batch_stats(model.apply, variables, batches),
-               linen_diagnostics.recalibrate_batch_stats(model.apply, variables, batches))
+  _assert_same_shifts(
+    diagnostics.variance_shift(model.apply, variables, batches),
+    linen_diagnostics.variance_shift(model.apply, variables, batches),
+  )
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    diagnostics.recalibrate_batch_stats(model.apply, variables, batches),
+    linen_diagnostics.recalibrate_batch_stats(model.apply, variables, batches),
+  )
   bn = rx.BatchNorm(FEATURES, rngs=nnx.Rngs(0))
-  _assert_same_shifts(diagnostics.variance_shift(bn, batches),
-                      nnx_diagnostics.variance_shift(bn, batches))
-  jax.tree.map(np.testing.assert_array_equal,
-               diagnostics.recalibrate_batch_stats(bn, batches),
-               nnx_diagnostics.recalibrate_batch_stats(bn, batches))
+  _assert_same_shifts(
+    diagnostics.variance_shift(bn, batches), nnx_diagnostics.variance_shift(bn, batches)
+  )
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    diagnostics.recalibrate_batch_stats(bn, batches),
+    nnx_diagnostics.recalibrate_batch_stats(bn, batches),
+  )
   assert diagnostics.LayerShift is linen_diagnostics.LayerShift is nnx_diagnostics.LayerShift
 
 
@@ -67,13 +74,13 @@ def test_front_door_takes_keywords_as_before():
   model, variables = _linen()
   expected = diagnostics.variance_shift(model.apply, variables, batches)
   _assert_same_shifts(
-      diagnostics.variance_shift(apply_fn=model.apply, variables=variables, batches=batches),
-      expected)
-  _assert_same_shifts(diagnostics.variance_shift(model.apply, variables, batches=batches),
-                      expected)
+    diagnostics.variance_shift(apply_fn=model.apply, variables=variables, batches=batches), expected
+  )
+  _assert_same_shifts(diagnostics.variance_shift(model.apply, variables, batches=batches), expected)
   bn = rx.BatchNorm(FEATURES, rngs=nnx.Rngs(0))
-  _assert_same_shifts(diagnostics.variance_shift(bn, batches=batches),
-                      diagnostics.variance_shift(bn, batches))
+  _assert_same_shifts(
+    diagnostics.variance_shift(bn, batches=batches), diagnostics.variance_shift(bn, batches)
+  )
 
 
 @pytest.mark.parametrize("fn", [diagnostics.variance_shift, diagnostics.recalibrate_batch_stats])
@@ -81,13 +88,19 @@ def test_front_door_refuses_calls_that_fit_no_signature_like_python(fn):
   model, variables = _linen()
   x = _batches()[0]
   name = fn.__name__
-  with pytest.raises(TypeError, match=rf"^{name}\(\) takes from 1 to 3 positional arguments "
-                                      "but 4 were given$"):
+  with pytest.raises(
+    TypeError,
+    match=rf"^{name}\(\) takes from 1 to 3 positional arguments "
+    "but 4 were given$",
+  ):
     fn(model.apply, variables, [x], None)
   with pytest.raises(TypeError, match=rf"^{name}\(\) got an unexpected keyword argument 'foo'$"):
     fn(model.apply, variables, [x], foo=1)
-  with pytest.raises(TypeError, match=rf"^{name}\(\) got multiple values for argument "
-                                      "'variables'$"):
+  with pytest.raises(
+    TypeError,
+    match=rf"^{name}\(\) got multiple values for argument "
+    "'variables'$",
+  ):
     fn(model.apply, variables, variables=variables)
   with pytest.raises(TypeError, match="missing `batches`"):
     fn(model.apply, variables)
@@ -113,17 +126,24 @@ def test_framework_modules_check_their_own_arguments():
 # Imports: linen use never pulls in NNX, and the framework modules never each other.
 
 
-@pytest.mark.parametrize(("code", "absent"), [
-    ("import regjax.diagnostics as d, regjax.linen as L, jax, jax.numpy as jnp; "
-     "m = L.BatchNorm(deterministic=True); x = jnp.ones((4, 3)); "
-     "d.variance_shift(m.apply, m.init(jax.random.key(0), x), [x])", ("regjax.nnx", "flax.nnx")),
+@pytest.mark.parametrize(
+  ("code", "absent"),
+  [
+    (
+      "import regjax.diagnostics as d, regjax.linen as L, jax, jax.numpy as jnp; "
+      "m = L.BatchNorm(deterministic=True); x = jnp.ones((4, 3)); "
+      "d.variance_shift(m.apply, m.init(jax.random.key(0), x), [x])",
+      ("regjax.nnx", "flax.nnx"),
+    ),
     ("import regjax.linen.diagnostics", ("regjax.nnx",)),
     ("import regjax.nnx.diagnostics", ("regjax.linen",)),
-])
+  ],
+)
 def test_imports_stay_on_their_side(code, absent):
   check = f"{code}; import sys; print(sorted(m for m in sys.modules if m.startswith({absent})))"
-  proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
-                        timeout=300, check=False)
+  proc = subprocess.run(
+    [sys.executable, "-c", check], capture_output=True, text=True, timeout=300, check=False
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.strip() == "[]"
 

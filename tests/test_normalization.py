@@ -39,20 +39,23 @@ import regjax.nnx as rnnx
 # ----------------------------------------------------------------------------
 # Core numerics, each with and without jit
 _LAYOUTS = [
-    ("nc", (64, 6), -1),
-    ("nhwc", (4, 5, 6, 3), -1),
-    ("nchw", (4, 3, 5, 6), 1),
-    ("ntc_two_axes", (16, 4, 3), (-2, -1)),
-    ("nchw_axes_1_3", (4, 3, 5, 2), (1, 3)),  # non-adjacent feature axes
+  ("nc", (64, 6), -1),
+  ("nhwc", (4, 5, 6, 3), -1),
+  ("nchw", (4, 3, 5, 6), 1),
+  ("ntc_two_axes", (16, 4, 3), (-2, -1)),
+  ("nchw_axes_1_3", (4, 3, 5, 2), (1, 3)),  # non-adjacent feature axes
 ]
 
 
 class BatchNormReferenceTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(
-      *[(f"{name}_{'affine' if affine else 'plain'}", shape, axis, affine)
-        for name, shape, axis in _LAYOUTS for affine in (True, False)])
+    *[
+      (f"{name}_{'affine' if affine else 'plain'}", shape, axis, affine)
+      for name, shape, axis in _LAYOUTS
+      for affine in (True, False)
+    ]
+  )
   def test_train_and_eval_match_reference(self, shape, axis, affine):
     x, stats, scale, bias = _problem(shape, axis, seed=len(shape))
     if not affine:
@@ -70,8 +73,9 @@ class BatchNormReferenceTest(chex.TestCase):
 
     evaluate = self.variant(functools.partial(regjax.batch_norm, deterministic=True, **kw))
     ey, same = evaluate(x, stats, scale, bias)
-    ry, _, _ = reference_batch_norm(x, stats["mean"], stats["var"], scale, bias,
-                                    deterministic=True, **kw)
+    ry, _, _ = reference_batch_norm(
+      x, stats["mean"], stats["var"], scale, bias, deterministic=True, **kw
+    )
     _close(ey, ry, err_msg="eval y")
     chex.assert_trees_all_equal(same, stats)
 
@@ -80,8 +84,9 @@ class BatchNormReferenceTest(chex.TestCase):
     # std 3e-3 makes var ~ 1e-5 ~ epsilon, so a wrong default epsilon shows in y.
     x, stats, scale, bias = _problem((128, 4), -1, seed=1, loc=0.0, std=3e-3)
     y, new = self.variant(regjax.batch_norm)(x, stats, scale, bias)
-    ry, rmean, rvar = reference_batch_norm(x, stats["mean"], stats["var"], scale, bias,
-                                           momentum=0.99, epsilon=1e-5)
+    ry, rmean, rvar = reference_batch_norm(
+      x, stats["mean"], stats["var"], scale, bias, momentum=0.99, epsilon=1e-5
+    )
     _close(y, ry)
     _close(new["mean"], rmean)
     _close(new["var"], rvar)
@@ -111,8 +116,9 @@ class BatchNormReferenceTest(chex.TestCase):
     _close(new["var"], rvar, rtol=1e-4, atol=0)
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.named_parameters(("bfloat16", jnp.bfloat16, 2.0**-8),
-                                  ("float16", jnp.float16, 2.0**-11))
+  @parameterized.named_parameters(
+    ("bfloat16", jnp.bfloat16, 2.0**-8), ("float16", jnp.float16, 2.0**-11)
+  )
   def test_half_precision(self, dtype, unit_roundoff):
     x, stats, scale, bias = _problem((512, 8), -1, seed=3, loc=3.0, dtype=dtype)
     kw = dict(momentum=0.9, epsilon=1e-3)
@@ -127,7 +133,8 @@ class BatchNormReferenceTest(chex.TestCase):
     _close(y, ry, rtol=unit_roundoff, atol=1e-4)
     # An explicit float32 `dtype` skips that last rounding.
     y32, _ = self.variant(functools.partial(regjax.batch_norm, dtype=jnp.float32, **kw))(
-        x, stats, scale, bias)
+      x, stats, scale, bias
+    )
     assert y32.dtype == jnp.float32
     _close(y32, ry)
 
@@ -143,10 +150,12 @@ class BatchNormReferenceTest(chex.TestCase):
     x = jnp.asarray(x)
     kw = dict(momentum=0.9, epsilon=1e-3)
     y, new = self.variant(functools.partial(regjax.batch_norm, **kw))(
-        x, stats, scale, bias, mask=jnp.asarray(keep))
+      x, stats, scale, bias, mask=jnp.asarray(keep)
+    )
     rows = keep[:, 0]
-    ry, rmean, rvar = reference_batch_norm(np.asarray(x)[rows], stats["mean"], stats["var"],
-                                           scale, bias, **kw)
+    ry, rmean, rvar = reference_batch_norm(
+      np.asarray(x)[rows], stats["mean"], stats["var"], scale, bias, **kw
+    )
     _close(new["mean"], rmean)
     _close(new["var"], rvar)
     _close(np.asarray(y)[rows], ry)
@@ -159,9 +168,11 @@ class BatchNormReferenceTest(chex.TestCase):
     mask[0, 0, 0] = mask[0, 0, 2] = True
     kw = dict(momentum=0.9, epsilon=1e-3)
     y, new = self.variant(functools.partial(regjax.batch_norm, **kw))(
-        x, stats, scale, bias, mask=jnp.asarray(mask))
-    ry, rmean, rvar = reference_batch_norm(x, stats["mean"], stats["var"], scale, bias,
-                                           mask=mask, **kw)
+      x, stats, scale, bias, mask=jnp.asarray(mask)
+    )
+    ry, rmean, rvar = reference_batch_norm(
+      x, stats["mean"], stats["var"], scale, bias, mask=mask, **kw
+    )
     assert np.all(np.isfinite(new["mean"])) and np.all(np.isfinite(new["var"]))
     # The empty feature keeps its running statistics exactly.
     assert new["mean"][1] == stats["mean"][1] and new["var"][1] == stats["var"][1]
@@ -192,14 +203,16 @@ def test_gradients_match_finite_differences_float64():
     assert x.dtype == jnp.float64
 
     def f(x, scale, bias):  # through the running statistics too
-      y, new = regjax.batch_norm(x, stats, scale, bias, momentum=0.9, epsilon=1e-3,
-                                 unbiased_running_var=True)
+      y, new = regjax.batch_norm(
+        x, stats, scale, bias, momentum=0.9, epsilon=1e-3, unbiased_running_var=True
+      )
       assert y.dtype == new["var"].dtype == jnp.float64
       return y, new["mean"], new["var"]
 
     # jit: a handful of compiles instead of thousands of eager ops.
-    check_grads(jax.jit(f), (x, scale, bias), order=2, modes=("fwd", "rev"), eps=1e-5,
-                atol=1e-6, rtol=1e-6)
+    check_grads(
+      jax.jit(f), (x, scale, bias), order=2, modes=("fwd", "rev"), eps=1e-5, atol=1e-6, rtol=1e-6
+    )
 
 
 def _autodiff_reference(x, scale, bias, *, stats, axis, mask, momentum=0.9, epsilon=1e-3):
@@ -207,8 +220,9 @@ def _autodiff_reference(x, scale, bias, *, stats, axis, mask, momentum=0.9, epsi
   axes = _feature_axes(axis, x.ndim)
   red = tuple(a for a in range(x.ndim) if a not in axes)
   keep = tuple(x.shape[a] if a in axes else 1 for a in range(x.ndim))
-  m = jnp.ones(x.shape, x.dtype) if mask is None else jnp.broadcast_to(mask, x.shape).astype(
-      x.dtype)
+  m = (
+    jnp.ones(x.shape, x.dtype) if mask is None else jnp.broadcast_to(mask, x.shape).astype(x.dtype)
+  )
   n = jnp.maximum(jnp.sum(m, red, keepdims=True), 1)
   mean = jnp.sum(m * x, red, keepdims=True) / n
   var = jnp.sum(m * jnp.square(x - mean), red, keepdims=True) / n
@@ -223,8 +237,17 @@ def _autodiff_reference(x, scale, bias, *, stats, axis, mask, momentum=0.9, epsi
   return y, new_mean, new_var
 
 
-@pytest.mark.parametrize("shape,axis", [((6, 5), -1), ((4, 6), -1), ((5, 6), 0),
-                                        ((2, 3, 2, 4), -1), ((2, 2, 8), -1), ((2, 3, 4), (0, 2))])
+@pytest.mark.parametrize(
+  "shape,axis",
+  [
+    ((6, 5), -1),
+    ((4, 6), -1),
+    ((5, 6), 0),
+    ((2, 3, 2, 4), -1),
+    ((2, 2, 8), -1),
+    ((2, 3, 4), (0, 2)),
+  ],
+)
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("affine", [True, False])
 def test_derivatives_match_autodiff_of_textbook_formula(shape, axis, masked, affine):
@@ -244,8 +267,9 @@ def test_derivatives_match_autodiff_of_textbook_formula(shape, axis, masked, aff
       x = jnp.where(mask, x, 1e3)
 
     def ours(x, scale, bias):
-      y, new = regjax.batch_norm(x, stats, scale, bias, axis=axis, mask=mask, momentum=0.9,
-                                 epsilon=1e-3)
+      y, new = regjax.batch_norm(
+        x, stats, scale, bias, axis=axis, mask=mask, momentum=0.9, epsilon=1e-3
+      )
       return y, new["mean"], new["var"]
 
     ref = functools.partial(_autodiff_reference, stats=stats, axis=axis, mask=mask)
@@ -264,14 +288,14 @@ def test_derivatives_match_autodiff_of_textbook_formula(shape, axis, masked, aff
       vjp_got = jax.vjp(f_ours, *args)[1](cts)
       vjp_want = jax.vjp(f_ref, *args)[1](cts)
       chex.assert_trees_all_close(vjp_got, vjp_want, rtol=1e-9, atol=1e-9)
+
       # second order: reverse over reverse
       def loss(f):
         # loss is used within this iteration, so the late binding of cts is harmless.
         return lambda *a: sum(jnp.vdot(c, o) for c, o in zip(cts, f(*a), strict=False))  # noqa: B023
-      h_got = jax.jvp(jax.grad(loss(f_ours), argnums=(0, 1, 2) if affine else 0),
-                      args, tangents)[1]
-      h_want = jax.jvp(jax.grad(loss(f_ref), argnums=(0, 1, 2) if affine else 0),
-                       args, tangents)[1]
+
+      h_got = jax.jvp(jax.grad(loss(f_ours), argnums=(0, 1, 2) if affine else 0), args, tangents)[1]
+      h_want = jax.jvp(jax.grad(loss(f_ref), argnums=(0, 1, 2) if affine else 0), args, tangents)[1]
       chex.assert_trees_all_close(h_got, h_want, rtol=1e-7, atol=1e-8)
 
 
@@ -280,8 +304,10 @@ def test_gradient_large_mean_is_finite_and_accurate(rows, features):
   x = 1e4 + jnp.asarray(np.random.default_rng(5).standard_normal((rows, features)), jnp.float32)
   cotangent = jnp.asarray(np.random.default_rng(4).standard_normal(x.shape), jnp.float32)
   stats = regjax.init_batch_stats(features)
+
   def loss(x):
     return jnp.sum(regjax.batch_norm(x, stats)[0] * cotangent)
+
   dx = jax.grad(loss)(x)
   assert np.all(np.isfinite(dx))
   with jax.enable_x64(True):
@@ -321,10 +347,8 @@ def test_traced_deterministic_is_a_type_error():
   with pytest.raises(TypeError, match="`deterministic`"):
     f(x, True)
   # Marked static it works.
-  g = jax.jit(lambda x, d: regjax.batch_norm(x, stats, deterministic=d)[0],
-              static_argnames="d")
-  _close(g(x, d=True), reference_batch_norm(x, stats["mean"], stats["var"],
-                                            deterministic=True)[0])
+  g = jax.jit(lambda x, d: regjax.batch_norm(x, stats, deterministic=d)[0], static_argnames="d")
+  _close(g(x, d=True), reference_batch_norm(x, stats["mean"], stats["var"], deterministic=True)[0])
 
 
 # ----------------------------------------------------------------------------
@@ -333,33 +357,41 @@ _Z3 = np.zeros(3, np.float32)
 
 
 _BAD_INPUTS = [
-    ("momentum_negative", dict(momentum=-0.1), ValueError, "`momentum`"),
-    ("momentum_above_one", dict(momentum=1.5), ValueError, "`momentum`"),
-    ("momentum_nan", dict(momentum=float("nan")), ValueError, "`momentum`"),
-    ("epsilon_zero", dict(epsilon=0.0), ValueError, "`epsilon`"),
-    ("epsilon_negative", dict(epsilon=-1.0), ValueError, "`epsilon`"),
-    ("epsilon_nan", dict(epsilon=float("nan")), ValueError, "`epsilon`"),
-    ("stats_missing_var", dict(batch_stats={"mean": _Z3}), ValueError, "`batch_stats`"),
-    ("stats_wrong_shape", dict(batch_stats=regjax.init_batch_stats(4)), ValueError,
-     re.escape("`batch_stats['mean']`")),
-    ("stats_not_a_dict", dict(batch_stats=(_Z3, _Z3 + 1)), (ValueError, TypeError),
-     "`batch_stats`"),
-    ("scale_wrong_shape", dict(scale=jnp.ones(4)), ValueError, "`scale`"),
-    ("bias_wrong_shape", dict(bias=jnp.ones((1, 3))), ValueError, "`bias`"),
-    ("axis_out_of_range", dict(axis=2), ValueError, "`axis`"),
-    ("axis_negative_out_of_range", dict(axis=-3), ValueError, "`axis`"),
-    ("axis_repeated", dict(axis=(1, -1)), ValueError, "`axis`"),
-    ("integer_x", dict(x=jnp.ones((8, 3), jnp.int32)), TypeError, "`x`"),
-    ("mask_not_bool", dict(mask=jnp.ones((8, 1), jnp.float32)), TypeError, "`mask`"),
-    ("mask_not_broadcastable", dict(mask=jnp.ones((5, 3), bool)), ValueError, "`mask`"),
-    ("mask_higher_rank", dict(mask=jnp.ones((2, 8, 3), bool)), ValueError, "`mask`"),
-    ("unbiased_single_value", dict(x=jnp.ones((1, 3)), unbiased_running_var=True), ValueError,
-     "`unbiased_running_var"),
+  ("momentum_negative", dict(momentum=-0.1), ValueError, "`momentum`"),
+  ("momentum_above_one", dict(momentum=1.5), ValueError, "`momentum`"),
+  ("momentum_nan", dict(momentum=float("nan")), ValueError, "`momentum`"),
+  ("epsilon_zero", dict(epsilon=0.0), ValueError, "`epsilon`"),
+  ("epsilon_negative", dict(epsilon=-1.0), ValueError, "`epsilon`"),
+  ("epsilon_nan", dict(epsilon=float("nan")), ValueError, "`epsilon`"),
+  ("stats_missing_var", dict(batch_stats={"mean": _Z3}), ValueError, "`batch_stats`"),
+  (
+    "stats_wrong_shape",
+    dict(batch_stats=regjax.init_batch_stats(4)),
+    ValueError,
+    re.escape("`batch_stats['mean']`"),
+  ),
+  ("stats_not_a_dict", dict(batch_stats=(_Z3, _Z3 + 1)), (ValueError, TypeError), "`batch_stats`"),
+  ("scale_wrong_shape", dict(scale=jnp.ones(4)), ValueError, "`scale`"),
+  ("bias_wrong_shape", dict(bias=jnp.ones((1, 3))), ValueError, "`bias`"),
+  ("axis_out_of_range", dict(axis=2), ValueError, "`axis`"),
+  ("axis_negative_out_of_range", dict(axis=-3), ValueError, "`axis`"),
+  ("axis_repeated", dict(axis=(1, -1)), ValueError, "`axis`"),
+  ("integer_x", dict(x=jnp.ones((8, 3), jnp.int32)), TypeError, "`x`"),
+  ("mask_not_bool", dict(mask=jnp.ones((8, 1), jnp.float32)), TypeError, "`mask`"),
+  ("mask_not_broadcastable", dict(mask=jnp.ones((5, 3), bool)), ValueError, "`mask`"),
+  ("mask_higher_rank", dict(mask=jnp.ones((2, 8, 3), bool)), ValueError, "`mask`"),
+  (
+    "unbiased_single_value",
+    dict(x=jnp.ones((1, 3)), unbiased_running_var=True),
+    ValueError,
+    "`unbiased_running_var",
+  ),
 ]
 
 
-@pytest.mark.parametrize("overrides,error,match", [c[1:] for c in _BAD_INPUTS],
-                         ids=[c[0] for c in _BAD_INPUTS])
+@pytest.mark.parametrize(
+  "overrides,error,match", [c[1:] for c in _BAD_INPUTS], ids=[c[0] for c in _BAD_INPUTS]
+)
 def test_bad_input_names_the_argument(overrides, error, match):
   args = dict(x=jnp.ones((8, 3)), batch_stats=regjax.init_batch_stats(3))
   args.update(overrides)
@@ -392,7 +424,8 @@ def test_property_matches_reference(problem):
   fshape = (x.shape[axis],)
   # jit compiles once per example (~0.15 s), cheaper here than eager op-by-op.
   y, _ = jax.jit(functools.partial(regjax.batch_norm, axis=axis))(
-      jnp.asarray(x), regjax.init_batch_stats(fshape))
+    jnp.asarray(x), regjax.init_batch_stats(fshape)
+  )
   ry, _, _ = reference_batch_norm(x, np.zeros(fshape), np.ones(fshape), axis=axis)
   red = tuple(a for a in range(x.ndim) if a != axis % x.ndim)
   var = np.var(x.astype(np.float64), red)
@@ -501,9 +534,20 @@ def cross_device_results():
   return json.loads(stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case", ["shard_map", "shard_map_unbiased", "shard_map_mask", "pmap",
-                                  "pmap_mask", "pmap_groups", "jit_sharded",
-                                  "jit_sharded_mask", "jit_sharded_auto"])
+@pytest.mark.parametrize(
+  "case",
+  [
+    "shard_map",
+    "shard_map_unbiased",
+    "shard_map_mask",
+    "pmap",
+    "pmap_mask",
+    "pmap_groups",
+    "jit_sharded",
+    "jit_sharded_mask",
+    "jit_sharded_auto",
+  ],
+)
 def test_cross_device_statistics_match_full_batch(cross_device_results, case):
   diffs = cross_device_results[case]
   assert "error" not in diffs, diffs["error"]
@@ -658,10 +702,10 @@ def test_nonfinite_padding_leaves_statistics_and_gradients_finite(shape):
     y, new = regjax.batch_norm(x, regjax.init_batch_stats(c), scale, bias, mask=mask)
     return jnp.sum(jnp.where(mask, y * w, 0.0)), new
 
-  (got, got_stats), got_grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(
-      bad, scale, bias)
+  (got, got_stats), got_grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(bad, scale, bias)
   (want, want_stats), want_grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(
-      clean, scale, bias)
+    clean, scale, bias
+  )
   np.testing.assert_allclose(got, want, rtol=1e-6)
   for k in ("mean", "var"):
     np.testing.assert_array_equal(got_stats[k], want_stats[k])
@@ -673,14 +717,16 @@ def test_nonfinite_padding_leaves_statistics_and_gradients_finite(shape):
 def test_masked_finite_positions_keep_their_exact_derivative():
   # Finite padding still differentiates exactly (check_grads, both modes).
   rng = np.random.default_rng(5)
-  x = jnp.asarray(rng.standard_normal((12, 3)), jnp.float64 if jax.config.x64_enabled
-                  else jnp.float32)
+  x = jnp.asarray(
+    rng.standard_normal((12, 3)), jnp.float64 if jax.config.x64_enabled else jnp.float32
+  )
   mask = jnp.ones((12, 1), bool).at[0].set(False)
   scale = jnp.asarray(rng.uniform(0.5, 1.5, 3), x.dtype)
+
   def f(x, s):
     return regjax.batch_norm(x, regjax.init_batch_stats(3), s, mask=mask)[0]
-  check_grads(f, (x, scale), order=1, modes=("fwd", "rev"), atol=5e-2,
-                            rtol=5e-2)
+
+  check_grads(f, (x, scale), order=1, modes=("fwd", "rev"), atol=5e-2, rtol=5e-2)
 
 
 # ----------------------------------------------------------------------------
@@ -690,8 +736,10 @@ def test_masked_finite_positions_keep_their_exact_derivative():
 def test_empty_batch_keeps_statistics(use_mask, jit):
   stats = {"mean": jnp.arange(8.0), "var": jnp.arange(1.0, 9.0)}
   mask = jnp.ones((0, 8), bool) if use_mask else None
+
   def fn(x):
     return regjax.batch_norm(x, stats, mask=mask)
+
   y, new = (jax.jit(fn) if jit else fn)(jnp.ones((0, 8)))
   assert y.shape == (0, 8)
   np.testing.assert_array_equal(new["mean"], stats["mean"])
@@ -764,7 +812,8 @@ def test_numpy_epsilon_is_accepted_everywhere(eps):
   np.testing.assert_array_equal(got, want)
   variables = rnn.BatchNorm(use_running_average=False, epsilon=eps).init(jax.random.key(0), x)
   got, _ = rnn.BatchNorm(use_running_average=False, epsilon=eps).apply(
-      variables, x, mutable=["batch_stats"])
+    variables, x, mutable=["batch_stats"]
+  )
   np.testing.assert_array_equal(got, want)
   np.testing.assert_array_equal(rnnx.BatchNorm(3, epsilon=eps, rngs=nnx.Rngs(0))(x), want)
 

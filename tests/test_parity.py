@@ -59,22 +59,23 @@ def _shapes_dtypes(tree):
 
 
 _LINEN_CASES = [
-    ("default", dict(), (32, 4), jnp.float32),
-    ("no_scale", dict(use_scale=False), (32, 4), jnp.float32),
-    ("no_bias", dict(use_bias=False), (32, 4), jnp.float32),
-    ("no_affine", dict(use_scale=False, use_bias=False), (32, 4), jnp.float32),
-    ("axis_1", dict(axis=1), (8, 3, 4, 4), jnp.float32),
-    ("momentum_epsilon", dict(momentum=0.9, epsilon=1e-2), (32, 4), jnp.float32),
-    ("param_bf16", dict(param_dtype=jnp.bfloat16), (32, 4), jnp.float32),
-    ("dtype_bf16", dict(dtype=jnp.bfloat16), (32, 4), jnp.float32),
-    ("x_bf16", dict(), (32, 4), jnp.bfloat16),
-    ("x_bf16_dtype_f32", dict(dtype=jnp.float32), (32, 4), jnp.bfloat16),
-    ("all_bf16", dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16), (32, 4), jnp.bfloat16),
+  ("default", dict(), (32, 4), jnp.float32),
+  ("no_scale", dict(use_scale=False), (32, 4), jnp.float32),
+  ("no_bias", dict(use_bias=False), (32, 4), jnp.float32),
+  ("no_affine", dict(use_scale=False, use_bias=False), (32, 4), jnp.float32),
+  ("axis_1", dict(axis=1), (8, 3, 4, 4), jnp.float32),
+  ("momentum_epsilon", dict(momentum=0.9, epsilon=1e-2), (32, 4), jnp.float32),
+  ("param_bf16", dict(param_dtype=jnp.bfloat16), (32, 4), jnp.float32),
+  ("dtype_bf16", dict(dtype=jnp.bfloat16), (32, 4), jnp.float32),
+  ("x_bf16", dict(), (32, 4), jnp.bfloat16),
+  ("x_bf16_dtype_f32", dict(dtype=jnp.float32), (32, 4), jnp.bfloat16),
+  ("all_bf16", dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16), (32, 4), jnp.bfloat16),
 ]
 
 
-@pytest.mark.parametrize("kwargs,shape,x_dtype", [c[1:] for c in _LINEN_CASES],
-                         ids=[c[0] for c in _LINEN_CASES])
+@pytest.mark.parametrize(
+  "kwargs,shape,x_dtype", [c[1:] for c in _LINEN_CASES], ids=[c[0] for c in _LINEN_CASES]
+)
 def test_linen_matches_flax(kwargs, shape, x_dtype):
   x, _, _, _ = _problem(shape, kwargs.get("axis", -1), seed=21, dtype=x_dtype)
   ours, theirs = rnn.BatchNorm(**kwargs), nn.BatchNorm(**kwargs)
@@ -86,8 +87,9 @@ def test_linen_matches_flax(kwargs, shape, x_dtype):
 
   variables = _randomize(theirs_vars, seed=22)
   y_ours, upd_ours = ours.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
-  y_theirs, upd_theirs = theirs.apply(variables, x, use_running_average=False,
-                                      mutable=["batch_stats"])
+  y_theirs, upd_theirs = theirs.apply(
+    variables, x, use_running_average=False, mutable=["batch_stats"]
+  )
   e_ours = ours.apply(variables, x, use_running_average=True)
   e_theirs = theirs.apply(variables, x, use_running_average=True)
   assert y_ours.dtype == y_theirs.dtype and e_ours.dtype == e_theirs.dtype
@@ -122,11 +124,14 @@ def test_flax_checkpoint_loads_into_regjax():
   template = ours.init(jax.random.key(2), x, use_running_average=True)
   restored = flax.serialization.from_bytes(template, blob)
   chex.assert_trees_all_equal(restored, trained)
-  _close(ours.apply(restored, x, use_running_average=True),
-         theirs.apply(trained, x, use_running_average=True))
+  _close(
+    ours.apply(restored, x, use_running_average=True),
+    theirs.apply(trained, x, use_running_average=True),
+  )
   y_ours, upd_ours = ours.apply(restored, x, use_running_average=False, mutable=["batch_stats"])
-  y_theirs, upd_theirs = theirs.apply(trained, x, use_running_average=False,
-                                      mutable=["batch_stats"])
+  y_theirs, upd_theirs = theirs.apply(
+    trained, x, use_running_average=False, mutable=["batch_stats"]
+  )
   _close(y_ours, y_theirs)
   chex.assert_trees_all_close(upd_ours, upd_theirs, rtol=RTOL, atol=ATOL)
 
@@ -136,8 +141,7 @@ def test_init_does_not_update_statistics(module_cls):
   x, _, _, _ = _problem((32, 3), -1, seed=29, loc=5.0, std=3.0)
   # axis_name is ignored at init: no named axis needs to exist there.
   variables = module_cls(use_running_average=False, axis_name="batch").init(jax.random.key(0), x)
-  chex.assert_trees_all_equal(variables["batch_stats"],
-                              {"mean": jnp.zeros(3), "var": jnp.ones(3)})
+  chex.assert_trees_all_equal(variables["batch_stats"], {"mean": jnp.zeros(3), "var": jnp.ones(3)})
 
 
 def test_jax_generator_masks_are_flax_dropout_masks_for_broadcast_ops():
@@ -145,13 +149,15 @@ def test_jax_generator_masks_are_flax_dropout_masks_for_broadcast_ops():
   # draws with the same key and broadcast_dims (the values differ only by x / keep
   # versus x * (1 / keep)).
   import flax.linen as nn
+
   x = jax.random.normal(jax.random.key(62), (8, 5, 5, 6))
   key = jax.random.key(63)
   cases = ((regjax.channel_dropout, (1, 2)), (regjax.drop_path, (1, 2, 3)))
   for op, dims in cases:
     ours = np.asarray(op(x, 0.4, key=key, rng_impl="jax"))
-    theirs = np.asarray(nn.Dropout(0.4, broadcast_dims=dims, deterministic=False).apply(
-        {}, x, rng=key))
+    theirs = np.asarray(
+      nn.Dropout(0.4, broadcast_dims=dims, deterministic=False).apply({}, x, rng=key)
+    )
     np.testing.assert_array_equal(ours != 0, theirs != 0)
     np.testing.assert_allclose(ours, theirs, rtol=1e-6)
 
@@ -165,23 +171,25 @@ def test_complex_input_matches_flax(use_running_average):
   if use_running_average:  # statistics from a previous (complex) training step
     _, upd = theirs.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
     variables = {**variables, **upd}
-  got, got_upd = ours.apply(variables, x, use_running_average=use_running_average,
-                            mutable=["batch_stats"])
-  want, want_upd = theirs.apply(variables, x, use_running_average=use_running_average,
-                                mutable=["batch_stats"])
+  got, got_upd = ours.apply(
+    variables, x, use_running_average=use_running_average, mutable=["batch_stats"]
+  )
+  want, want_upd = theirs.apply(
+    variables, x, use_running_average=use_running_average, mutable=["batch_stats"]
+  )
   assert got.dtype == want.dtype == jnp.complex64
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   for k in ("mean", "var"):
     assert got_upd["batch_stats"][k].dtype == want_upd["batch_stats"][k].dtype
-    np.testing.assert_allclose(got_upd["batch_stats"][k], want_upd["batch_stats"][k],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      got_upd["batch_stats"][k], want_upd["batch_stats"][k], rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("force", [True, False])
 def test_force_float32_reductions_matches_flax(force):
   x = jnp.asarray(3 + np.random.default_rng(10).standard_normal((32, 4)), jnp.bfloat16)
-  kw = dict(use_running_average=False, param_dtype=jnp.bfloat16,
-            force_float32_reductions=force)
+  kw = dict(use_running_average=False, param_dtype=jnp.bfloat16, force_float32_reductions=force)
   ours, theirs = rnn.BatchNorm(**kw), nn.BatchNorm(**kw)
   variables = theirs.init(jax.random.key(0), x)
   ours_vars = ours.init(jax.random.key(0), x)
@@ -235,8 +243,9 @@ def test_dropout_matches_flax_nnx_dropout_key_for_key():
   for _ in range(2):  # the kept stream forks and advances exactly as flax's does
     np.testing.assert_allclose(np.asarray(ours(x)), np.asarray(theirs(x)), rtol=1e-6)
   key = jax.random.key(7)
-  np.testing.assert_allclose(np.asarray(ours(x, rngs=key)), np.asarray(theirs(x, rngs=key)),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(ours(x, rngs=key)), np.asarray(theirs(x, rngs=key)), rtol=1e-6
+  )
 
 
 def test_noise_constructor_matches_flax_nnx_dropout():
@@ -246,8 +255,7 @@ def test_noise_constructor_matches_flax_nnx_dropout():
   extra = ours.pop("rng_impl")
   assert extra.kind == inspect.Parameter.KEYWORD_ONLY and extra.default == "hash"
   assert list(ours) == list(theirs)
-  assert all(ours[p].default == theirs[p].default and ours[p].kind == theirs[p].kind
-             for p in ours)
+  assert all(ours[p].default == theirs[p].default and ours[p].kind == theirs[p].kind for p in ours)
   call_ours = inspect.signature(rx.Dropout.__call__).parameters
   call_theirs = inspect.signature(nnx.Dropout.__call__).parameters
   assert list(call_ours) == list(call_theirs)
@@ -260,13 +268,18 @@ def test_drop_connect_is_an_nnx_linear_drop_in():
   assert set(nnx.state(ours)) == {"kernel", "bias", "rngs"}
   assert set(nnx.state(ours, nnx.Param)) == set(nnx.state(linear, nnx.Param))
   for name in ("kernel", "bias"):
-    np.testing.assert_array_equal(np.asarray(getattr(ours, name)[...]),
-                                  np.asarray(getattr(linear, name)[...]))
+    np.testing.assert_array_equal(
+      np.asarray(getattr(ours, name)[...]), np.asarray(getattr(linear, name)[...])
+    )
   assert ours.kernel.shape == (5, 4) and ours.bias.shape == (4,)
   params_ours = inspect.signature(rx.DropConnect.__init__).parameters
   params_linear = inspect.signature(nnx.Linear.__init__).parameters
-  assert set(params_ours) - set(params_linear) == {"rate", "deterministic", "rng_collection",
-                                                   "rng_impl"}
+  assert set(params_ours) - set(params_linear) == {
+    "rate",
+    "deterministic",
+    "rng_collection",
+    "rng_impl",
+  }
   for p in params_linear:
     assert params_ours[p].default == params_linear[p].default, p
   x = _x((3, 5))
@@ -282,7 +295,8 @@ def test_drop_connect_is_an_nnx_linear_drop_in():
   linen = rnn.DropConnect(4, rate=0.4)
   variables = {"params": {"kernel": linear.kernel[...], "bias": linear.bias[...]}}
   np.testing.assert_array_equal(
-      np.asarray(y), np.asarray(linen.apply(variables, x, deterministic=False, rng=key)))
+    np.asarray(y), np.asarray(linen.apply(variables, x, deterministic=False, rng=key))
+  )
   assert not np.allclose(np.asarray(y), np.asarray(linear(x)))
   # The kept stream advances; rate 0 and eval need no stream.
   assert not np.array_equal(np.asarray(ours(x)), np.asarray(ours(x)))
@@ -290,8 +304,9 @@ def test_drop_connect_is_an_nnx_linear_drop_in():
   assert no_stream.bias is None and set(nnx.state(no_stream)) == {"kernel"}
   with pytest.raises(ValueError, match="needs the 'dropout' PRNG stream"):
     no_stream(x)
-  np.testing.assert_array_equal(np.asarray(no_stream(x, deterministic=True)),
-                                np.asarray(x @ no_stream.kernel[...]))
+  np.testing.assert_array_equal(
+    np.asarray(no_stream(x, deterministic=True)), np.asarray(x @ no_stream.kernel[...])
+  )
   with pytest.raises(ValueError, match="`kernel` must have shape"):
     ours(_x((3, 6)), deterministic=True)
 
@@ -304,20 +319,34 @@ def test_batch_norm_constructor_matches_flax_nnx():
   for p in set(theirs) & set(ours) - {"bias_init", "scale_init"}:
     assert ours[p].default == theirs[p].default and ours[p].kind == theirs[p].kind, p
   mine, ref = rx.BatchNorm(5, rngs=nnx.Rngs(0)), nnx.BatchNorm(5, rngs=nnx.Rngs(0))
-  for attr in ("num_features", "use_running_average", "axis", "momentum", "epsilon", "dtype",
-               "param_dtype", "use_bias", "use_scale", "axis_name", "axis_index_groups",
-               "use_fast_variance"):
+  for attr in (
+    "num_features",
+    "use_running_average",
+    "axis",
+    "momentum",
+    "epsilon",
+    "dtype",
+    "param_dtype",
+    "use_bias",
+    "use_scale",
+    "axis_name",
+    "axis_index_groups",
+    "use_fast_variance",
+  ):
     assert getattr(mine, attr) == getattr(ref, attr), attr
   for a, b in zip(jax.tree.leaves(nnx.state(mine)), jax.tree.leaves(nnx.state(ref)), strict=False):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("kwargs, shape", [
+@pytest.mark.parametrize(
+  "kwargs, shape",
+  [
     ({}, (32, 5)),
     ({"momentum": 0.9, "epsilon": 1e-3}, (8, 4, 4, 3)),
     ({"axis": 1, "momentum": 0.8}, (8, 3, 4)),
     ({"use_scale": False, "use_bias": False}, (16, 5)),
-])
+  ],
+)
 def test_batch_norm_matches_flax_nnx_batch_norm(kwargs, shape):
   n = shape[kwargs.get("axis", -1)]
   ours = rx.BatchNorm(n, **kwargs, rngs=nnx.Rngs(0))
@@ -327,8 +356,12 @@ def test_batch_norm_matches_flax_nnx_batch_norm(kwargs, shape):
     y_ours, y_theirs = both(ours, theirs, 2.0 + 3.0 * _x(shape, seed=step))
     np.testing.assert_allclose(np.asarray(y_ours), np.asarray(y_theirs), atol=2e-5)
     for name in ("mean", "var"):
-      np.testing.assert_allclose(np.asarray(getattr(ours, name)[...]),
-                                 np.asarray(getattr(theirs, name)[...]), rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(
+        np.asarray(getattr(ours, name)[...]),
+        np.asarray(getattr(theirs, name)[...]),
+        rtol=1e-5,
+        atol=1e-6,
+      )
   ours.eval()
   theirs.eval()
   y_ours, y_theirs = both(ours, theirs, _x(shape, seed=9))

@@ -34,10 +34,26 @@ N = 1 << 20
 # The first words of two keys' streams. A change here changes every draw of every
 # rng_impl='hash' op: it must be deliberate (and the study rerun).
 PINNED = {
-    "key(0)": [3364256016, 1571403676, 2399786363, 1394078221,
-               168138991, 3403861498, 3110797534, 2854828000],
-    "PRNGKey(1234)": [1612046569, 3717232789, 3034579837, 335127837,
-                      1504577741, 4201403039, 2273757330, 1127904217],
+  "key(0)": [
+    3364256016,
+    1571403676,
+    2399786363,
+    1394078221,
+    168138991,
+    3403861498,
+    3110797534,
+    2854828000,
+  ],
+  "PRNGKey(1234)": [
+    1612046569,
+    3717232789,
+    3034579837,
+    335127837,
+    1504577741,
+    4201403039,
+    2273757330,
+    1127904217,
+  ],
 }
 
 
@@ -46,7 +62,6 @@ def _keys():
 
 
 class StreamDefinitionTest(parameterized.TestCase):
-
   @parameterized.parameters("key(0)", "PRNGKey(1234)")
   def test_first_words_are_pinned(self, name):
     words = np.asarray(rrandom.bits(_keys()[name], (8,)))
@@ -57,10 +72,12 @@ class StreamDefinitionTest(parameterized.TestCase):
     key = jax.random.key(1)
     seed = rrandom.seed_words(key)
     assert seed.shape == (rrandom.SEED_WORDS,) and seed.dtype == jnp.uint32
-    np.testing.assert_array_equal(np.asarray(seed),
-                                  np.asarray(jax.random.bits(key, (4,), jnp.uint32)))
-    np.testing.assert_array_equal(np.asarray(rrandom.bits(key, (5, 7))),
-                                  np.asarray(rrandom.counter_bits(seed, (5, 7))))
+    np.testing.assert_array_equal(
+      np.asarray(seed), np.asarray(jax.random.bits(key, (4,), jnp.uint32))
+    )
+    np.testing.assert_array_equal(
+      np.asarray(rrandom.bits(key, (5, 7))), np.asarray(rrandom.counter_bits(seed, (5, 7)))
+    )
 
   def test_reference_definition_in_numpy(self):
     # The module docstring's definition, written out in NumPy uint32 arithmetic.
@@ -100,8 +117,9 @@ class StreamDefinitionTest(parameterized.TestCase):
   def test_typed_and_raw_keys_with_the_same_data_give_the_same_words(self):
     typed = jax.random.key(7)
     raw = jax.random.key_data(typed)
-    np.testing.assert_array_equal(np.asarray(rrandom.bits(typed, (64,))),
-                                  np.asarray(rrandom.bits(raw, (64,))))
+    np.testing.assert_array_equal(
+      np.asarray(rrandom.bits(typed, (64,))), np.asarray(rrandom.bits(raw, (64,)))
+    )
 
   def test_same_words_with_and_without_jit_and_under_vmap(self):
     key = jax.random.key(8)
@@ -132,8 +150,7 @@ class WideCounterTest(parameterized.TestCase):
   """Noise arrays of more than 2**32 elements: the counter's high word."""
 
   @settings(max_examples=60, deadline=None)
-  @given(dims=st.lists(st.integers(1, 2**16), min_size=1, max_size=2),
-         data=st.data())
+  @given(dims=st.lists(st.integers(1, 2**16), min_size=1, max_size=2), data=st.data())
   def test_flat_index_words_are_the_exact_64_bit_index(self, dims, data):
     shape = tuple(dims) + (2**31 + 11,)  # always beyond 2**32 elements, below 2**64
     index = tuple(data.draw(st.integers(0, d - 1)) for d in shape)
@@ -150,8 +167,9 @@ class WideCounterTest(parameterized.TestCase):
     np.testing.assert_array_equal(np.asarray(hi), 0)
     np.testing.assert_array_equal(np.asarray(lo), np.asarray(rrandom._flat_index(shape)))
     seed = rrandom.seed_words(jax.random.key(9))
-    np.testing.assert_array_equal(np.asarray(rrandom.hash_counter(seed, lo, hi)),
-                                  np.asarray(rrandom.counter_bits(seed, shape)))
+    np.testing.assert_array_equal(
+      np.asarray(rrandom.hash_counter(seed, lo, hi)), np.asarray(rrandom.counter_bits(seed, shape))
+    )
 
   def test_high_word_gives_a_different_uncorrelated_block(self):
     seed = rrandom.seed_words(jax.random.key(10))
@@ -163,8 +181,13 @@ class WideCounterTest(parameterized.TestCase):
 
   def test_arrays_beyond_2_pow_32_elements_trace(self):
     x = jax.ShapeDtypeStruct((1 << 16, (1 << 16) + 1), jnp.float32)
-    for op, value in ((regjax.dropout, 0.5), (regjax.gaussian_dropout, 0.5), (regjax.uout, 0.1),
-                      (regjax.alpha_dropout, 0.1), (regjax.gaussian_noise, 0.1)):
+    for op, value in (
+      (regjax.dropout, 0.5),
+      (regjax.gaussian_dropout, 0.5),
+      (regjax.uout, 0.1),
+      (regjax.alpha_dropout, 0.1),
+      (regjax.gaussian_noise, 0.1),
+    ):
       out = jax.eval_shape(lambda x: op(x, value, key=jax.random.key(0)), x)  # noqa: B023
       assert out.shape == x.shape
     assert jax.eval_shape(lambda: rrandom.bits(jax.random.key(0), x.shape)).shape == x.shape
@@ -175,31 +198,32 @@ class WideCounterTest(parameterized.TestCase):
 
 
 OPS = {
-    "dropout": (regjax.dropout, 0.3),
-    "gaussian_dropout": (regjax.gaussian_dropout, 0.3),
-    "uout": (regjax.uout, 0.4),
-    "alpha_dropout": (regjax.alpha_dropout, 0.2),
-    "gaussian_noise": (regjax.gaussian_noise, 0.5),
-    "channel_dropout": (regjax.channel_dropout, 0.3),
-    "drop_path": (regjax.drop_path, 0.3),
-    "dropblock": (functools.partial(regjax.dropblock, block_size=3), 0.2),
+  "dropout": (regjax.dropout, 0.3),
+  "gaussian_dropout": (regjax.gaussian_dropout, 0.3),
+  "uout": (regjax.uout, 0.4),
+  "alpha_dropout": (regjax.alpha_dropout, 0.2),
+  "gaussian_noise": (regjax.gaussian_noise, 0.5),
+  "channel_dropout": (regjax.channel_dropout, 0.3),
+  "drop_path": (regjax.drop_path, 0.3),
+  "dropblock": (functools.partial(regjax.dropblock, block_size=3), 0.2),
 }
 
 
 class SymbolicShapeTest(parameterized.TestCase):
-
   @parameterized.named_parameters(*[(name, name) for name in OPS])
   def test_export_with_a_symbolic_batch(self, name):
     op, value = OPS[name]
-    shape = ("b, 3, 2" if name not in ("channel_dropout", "dropblock") else "b, 6, 5, 2")
+    shape = "b, 3, 2" if name not in ("channel_dropout", "dropblock") else "b, 6, 5, 2"
     concrete = (3, 2) if name not in ("channel_dropout", "dropblock") else (6, 5, 2)
 
     def f(x, key):
       return op(x, value, key=key)
 
     key = jax.random.key(11)
-    args = (jax.ShapeDtypeStruct(export.symbolic_shape(shape), jnp.float32),
-            jax.ShapeDtypeStruct(key.shape, key.dtype))
+    args = (
+      jax.ShapeDtypeStruct(export.symbolic_shape(shape), jnp.float32),
+      jax.ShapeDtypeStruct(key.shape, key.dtype),
+    )
     exported = export.export(jax.jit(f))(*args)
     for batch in (1, 7):
       x = jax.random.normal(jax.random.key(12), (batch,) + concrete)
@@ -211,16 +235,19 @@ class SymbolicShapeTest(parameterized.TestCase):
     def f(x, key):
       return rrandom.bits(key, x.shape)
 
-    args = (jax.ShapeDtypeStruct(export.symbolic_shape("b, 5"), jnp.float32),
-            jax.ShapeDtypeStruct(key.shape, key.dtype))
+    args = (
+      jax.ShapeDtypeStruct(export.symbolic_shape("b, 5"), jnp.float32),
+      jax.ShapeDtypeStruct(key.shape, key.dtype),
+    )
     exported = export.export(jax.jit(f))(*args)
     for batch in (2, 9):
-      np.testing.assert_array_equal(np.asarray(exported.call(jnp.zeros((batch, 5)), key)),
-                                    np.asarray(rrandom.bits(key, (batch, 5))))
+      np.testing.assert_array_equal(
+        np.asarray(exported.call(jnp.zeros((batch, 5)), key)),
+        np.asarray(rrandom.bits(key, (batch, 5))),
+      )
 
 
 class DrawsTest(parameterized.TestCase):
-
   @parameterized.parameters(0.001, 0.1, 0.5, 0.77, 0.999)
   def test_bernoulli_probability(self, p):
     draws = np.asarray(rrandom.bernoulli(jax.random.key(20), p, (N,)))
@@ -239,11 +266,16 @@ class DrawsTest(parameterized.TestCase):
   def test_bernoulli_is_the_dropout_mask(self):
     key = jax.random.key(22)
     y = regjax.dropout(jnp.ones((64, 96)), 0.3, key=key)
-    np.testing.assert_array_equal(np.asarray(y != 0),
-                                  np.asarray(rrandom.bernoulli(key, 0.7, (64, 96))))
+    np.testing.assert_array_equal(
+      np.asarray(y != 0), np.asarray(rrandom.bernoulli(key, 0.7, (64, 96)))
+    )
 
-  @parameterized.parameters((jnp.float32, 0.0, 1.0), (jnp.float32, -2.0, 3.0),
-                            (jnp.bfloat16, 0.0, 1.0), (jnp.float16, -1.0, 1.0))
+  @parameterized.parameters(
+    (jnp.float32, 0.0, 1.0),
+    (jnp.float32, -2.0, 3.0),
+    (jnp.bfloat16, 0.0, 1.0),
+    (jnp.float16, -1.0, 1.0),
+  )
   def test_uniform_range_and_moments(self, dtype, lo, hi):
     u = rrandom.uniform(jax.random.key(23), (N,), dtype, lo, hi)
     assert u.dtype == dtype
@@ -285,18 +317,28 @@ class DrawsTest(parameterized.TestCase):
 _KERNEL = np.linspace(-1, 1, 30, dtype=np.float32).reshape(6, 5)
 
 
-JIT_OPS = dict(OPS, dropconnect=(
+JIT_OPS = dict(
+  OPS,
+  dropconnect=(
     lambda x, rate, key, rng_impl="hash": regjax.dropconnect_dense(
-        x, jnp.asarray(_KERNEL, x.dtype), None, rate, key=key, rng_impl=rng_impl),
-    0.3))
+      x, jnp.asarray(_KERNEL, x.dtype), None, rate, key=key, rng_impl=rng_impl
+    ),
+    0.3,
+  ),
+)
 
 
 class SameResultWithAndWithoutJitTest(parameterized.TestCase):
   """Bit for bit: eager, jit with the strength as a constant, jit with a traced strength."""
 
-  @parameterized.named_parameters(*[(f"{name}_{impl}_{dtype.__name__}", name, impl, dtype)
-                                    for name in JIT_OPS for impl in ("hash", "jax")
-                                    for dtype in (jnp.float32, jnp.bfloat16)])
+  @parameterized.named_parameters(
+    *[
+      (f"{name}_{impl}_{dtype.__name__}", name, impl, dtype)
+      for name in JIT_OPS
+      for impl in ("hash", "jax")
+      for dtype in (jnp.float32, jnp.bfloat16)
+    ]
+  )
   def test_bit_identical(self, name, impl, dtype):
     op, value = JIT_OPS[name]
     op = functools.partial(op, rng_impl=impl)
@@ -315,11 +357,11 @@ class SameResultWithAndWithoutJitTest(parameterized.TestCase):
     # run time under jit too, never folded at compile time: identical for every value.
     x = jax.random.normal(jax.random.key(42), (64, 32))
     key = jax.random.key(43)
-    for op in (regjax.gaussian_dropout, regjax.uout, regjax.alpha_dropout,
-               regjax.gaussian_noise):
+    for op in (regjax.gaussian_dropout, regjax.uout, regjax.alpha_dropout, regjax.gaussian_noise):
       eager = np.asarray(op(x, value, key=key))
       np.testing.assert_array_equal(
-          np.asarray(jax.jit(lambda x, k: op(x, value, key=k))(x, key)), eager)  # noqa: B023
+        np.asarray(jax.jit(lambda x, k, op=op: op(x, value, key=k))(x, key)), eager
+      )
 
 
 class OpsUseTheWordsTest(parameterized.TestCase):
@@ -338,24 +380,31 @@ class OpsUseTheWordsTest(parameterized.TestCase):
     alpha = np.asarray(regjax.alpha_dropout(x, 0.3, key=key))
     np.testing.assert_array_equal(alpha != alpha.min(), keep(0.3))
     u = rrandom.symmetric_uniform_from_bits(words)
-    np.testing.assert_allclose(np.asarray(regjax.uout(x, 0.5, key=key)),
-                               np.asarray(1 + 0.5 * u), rtol=1e-6)
+    np.testing.assert_allclose(
+      np.asarray(regjax.uout(x, 0.5, key=key)), np.asarray(1 + 0.5 * u), rtol=1e-6
+    )
     e = rrandom.normal_from_bits(words)
-    np.testing.assert_allclose(np.asarray(regjax.gaussian_noise(x, 0.5, key=key)),
-                               np.asarray(1 + 0.5 * e), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+      np.asarray(regjax.gaussian_noise(x, 0.5, key=key)),
+      np.asarray(1 + 0.5 * e),
+      rtol=1e-6,
+      atol=1e-6,
+    )
     # Broadcast masks read the words of the noise shape.
     channel = np.asarray(regjax.channel_dropout(x, 0.3, key=key) != 0)
     channel_words = rrandom.bits(key, (32, 1, 1, 4))
     np.testing.assert_array_equal(
-        channel, np.broadcast_to(np.asarray(rrandom.bernoulli_from_bits(channel_words, 0.7)),
-                                 shape))
+      channel, np.broadcast_to(np.asarray(rrandom.bernoulli_from_bits(channel_words, 0.7)), shape)
+    )
     path = np.asarray(regjax.drop_path(x, 0.3, key=key) != 0)
     np.testing.assert_array_equal(
-        path[:, 0, 0, 0], np.asarray(rrandom.bernoulli(key, 0.7, (32, 1, 1, 1))).ravel())
+      path[:, 0, 0, 0], np.asarray(rrandom.bernoulli(key, 0.7, (32, 1, 1, 1))).ravel()
+    )
     kernel = jnp.ones((6, 5))
     dropped = regjax.dropconnect_dense(jnp.eye(6), kernel, None, 0.3, key=key)
-    np.testing.assert_array_equal(np.asarray(dropped != 0),
-                                  np.asarray(rrandom.bernoulli(key, 0.7, (6, 5))))
+    np.testing.assert_array_equal(
+      np.asarray(dropped != 0), np.asarray(rrandom.bernoulli(key, 0.7, (6, 5)))
+    )
 
   def test_reusing_a_key_across_ops_correlates_their_noise(self):
     # Why the docs say: never give two layers the same key.
@@ -392,8 +441,9 @@ class HashGeneratorTest(parameterized.TestCase):
     assert abs((y != 0).mean() - realised) < Z * se + 1e-12
     np.testing.assert_allclose(y[y != 0], 1 / keep, rtol=1e-6)
 
-  @parameterized.parameters(0.3, 0.999, 5.5 * 2.0**-16, 6.5 * 2.0**-16, 2.0**-18,
-                            1 - 2.0**-17, 1 - 3 * 2.0**-16, 0.0, 1.0)
+  @parameterized.parameters(
+    0.3, 0.999, 5.5 * 2.0**-16, 6.5 * 2.0**-16, 2.0**-18, 1 - 2.0**-17, 1 - 3 * 2.0**-16, 0.0, 1.0
+  )
   def test_keep_threshold_resolution_is_2_pow_minus_16(self, keep):
     # Every 16-bit value once: the kept count IS 2**16 times the realised keep
     # probability, which must be round(keep * 2**16) / 2**16 exactly (half to even).
@@ -418,13 +468,17 @@ class HashGeneratorTest(parameterized.TestCase):
     key = jax.random.key(41)
     y = regjax.dropout(jnp.ones((64, 48)), 0.3, key=key)
     bits = rrandom.bits(key, (64, 48))
-    np.testing.assert_array_equal(np.asarray(y != 0),
-                                  np.asarray(rrandom.bernoulli_from_bits(bits, jnp.float32(0.7))))
+    np.testing.assert_array_equal(
+      np.asarray(y != 0), np.asarray(rrandom.bernoulli_from_bits(bits, jnp.float32(0.7)))
+    )
 
   def test_uniforms_pass_chi_square(self):
     u = _u24(jax.random.key(42), (N,))
-    for name, values in (("high byte", np.floor(u / 2**16)), ("low byte", u % 256),
-                         ("middle byte", np.floor(u / 2**8) % 256)):
+    for name, values in (
+      ("high byte", np.floor(u / 2**16)),
+      ("low byte", u % 256),
+      ("middle byte", np.floor(u / 2**8) % 256),
+    ):
       counts = np.bincount(values.astype(np.int64), minlength=256)
       expected = N / 256
       sd = math.sqrt(expected * (1 - 1 / 256))
@@ -455,8 +509,10 @@ class HashGeneratorTest(parameterized.TestCase):
     for i in range(len(draws) - 1):
       assert abs(_corr(draws[i], draws[i + 1])) < Z / math.sqrt(n)
     # Also same-position agreement of dropout masks: P(equal) = keep**2 + rate**2.
-    masks = [np.asarray(regjax.dropout(jnp.ones(n), 0.5, key=jax.random.fold_in(base, i)) != 0)
-             for i in range(4)]
+    masks = [
+      np.asarray(regjax.dropout(jnp.ones(n), 0.5, key=jax.random.fold_in(base, i)) != 0)
+      for i in range(4)
+    ]
     for i in range(3):
       assert abs((masks[i] == masks[i + 1]).mean() - 0.5) < Z * math.sqrt(0.25 / n)
 
@@ -487,8 +543,9 @@ class HashGeneratorTest(parameterized.TestCase):
     for lag in (1, 2, 256, 65536):
       assert abs(_corr(u[:-lag], u[lag:])) < Z / math.sqrt(N - lag), (s1, lag)
 
-  @parameterized.parameters(*[(word, delta) for word in range(4)
-                              for delta in (1, 2, 6, 12345, 1 << 31)])
+  @parameterized.parameters(
+    *[(word, delta) for word in range(4) for delta in (1, 2, 6, 12345, 1 << 31)]
+  )
   def test_nearby_seed_words_give_unrelated_streams(self, word, delta):
     # Seeds differing by a small offset or in one bit of any one word must not give
     # related streams: same-position correlation and mask agreement as for independent
@@ -499,10 +556,13 @@ class HashGeneratorTest(parameterized.TestCase):
     other = list(base)
     other[word] = (other[word] + delta) % 2**32 if word % 2 == 0 else other[word] ^ delta
     a, b = (rrandom.counter_bits(jnp.asarray(s, jnp.uint32), (n,)) for s in (base, other))
-    assert abs(_corr(np.asarray(a >> 8, np.float64),
-                     np.asarray(b >> 8, np.float64))) < Z / math.sqrt(n)
-    agree = np.mean(np.asarray(rrandom.bernoulli_from_bits(a, jnp.float32(0.5)))
-                    == np.asarray(rrandom.bernoulli_from_bits(b, jnp.float32(0.5))))
+    assert abs(
+      _corr(np.asarray(a >> 8, np.float64), np.asarray(b >> 8, np.float64))
+    ) < Z / math.sqrt(n)
+    agree = np.mean(
+      np.asarray(rrandom.bernoulli_from_bits(a, jnp.float32(0.5)))
+      == np.asarray(rrandom.bernoulli_from_bits(b, jnp.float32(0.5)))
+    )
     assert abs(agree - 0.5) < Z * math.sqrt(0.25 / n)
 
   def test_split_keys_uncorrelated_raw_bits(self):
@@ -540,15 +600,17 @@ class HashGeneratorTest(parameterized.TestCase):
     assert stored <= 8, stored
     # ... and the gradient is still exactly the noise factor.
     np.testing.assert_array_equal(
-        np.asarray(vjp(jnp.ones_like(x))[0]),
-        np.asarray(op(jnp.ones_like(x), rate, key=jax.random.key(51))))
+      np.asarray(vjp(jnp.ones_like(x))[0]),
+      np.asarray(op(jnp.ones_like(x), rate, key=jax.random.key(51))),
+    )
 
   def test_gradient_with_traced_rate_is_the_mask(self):
     x = jax.random.normal(jax.random.key(52), (64, 64))
     key = jax.random.key(53)
     grad = jax.jit(jax.grad(lambda x, r: jnp.sum(regjax.dropout(x, r, key=key))))(x, 0.4)
-    np.testing.assert_array_equal(np.asarray(grad),
-                                  np.asarray(regjax.dropout(jnp.ones_like(x), 0.4, key=key)))
+    np.testing.assert_array_equal(
+      np.asarray(grad), np.asarray(regjax.dropout(jnp.ones_like(x), 0.4, key=key))
+    )
 
   @parameterized.named_parameters(*OP_CASES)
   def test_bad_rng_impl(self, name):
@@ -569,9 +631,14 @@ def test_flat_draws_are_jax_randoms_draws():
   # regjax._random draws on (prod(shape),) and reshapes (it compiles faster);
   # the bits must be exactly jax.random's, for typed and raw keys.
   from regjax import _random
+
   shape = (2, 1, 3, 4)
   for key in (jax.random.key(90), jax.random.PRNGKey(90)):
-    np.testing.assert_array_equal(np.asarray(_random.bernoulli(key, 0.3, shape)),
-                                  np.asarray(jax.random.bernoulli(key, 0.3, shape)))
-    np.testing.assert_array_equal(np.asarray(_random.normal(key, shape, jnp.float32)),
-                                  np.asarray(jax.random.normal(key, shape, jnp.float32)))
+    np.testing.assert_array_equal(
+      np.asarray(_random.bernoulli(key, 0.3, shape)),
+      np.asarray(jax.random.bernoulli(key, 0.3, shape)),
+    )
+    np.testing.assert_array_equal(
+      np.asarray(_random.normal(key, shape, jnp.float32)),
+      np.asarray(jax.random.normal(key, shape, jnp.float32)),
+    )

@@ -25,17 +25,20 @@ def _dropconnect(x, rate, **kw):
 
 # op, its spec, a value inside the range that draws
 OPS = {
-    "dropout": (regjax.dropout, _specs.DROPOUT, 0.3),
-    "gaussian_dropout": (regjax.gaussian_dropout, _specs.GAUSSIAN_DROPOUT, 0.3),
-    "uout": (regjax.uout, _specs.UOUT, 0.3),
-    "alpha_dropout": (regjax.alpha_dropout, _specs.ALPHA_DROPOUT, 0.3),
-    "gaussian_noise": (regjax.gaussian_noise, _specs.GAUSSIAN_NOISE, 0.3),
-    "channel_dropout": (regjax.channel_dropout, _specs.CHANNEL_DROPOUT, 0.3),
-    "drop_path": (regjax.drop_path, _specs.DROP_PATH, 0.3),
-    "dropblock": (lambda x, r, **kw: regjax.dropblock(x, r, block_size=3, **kw),
-                  _specs.DROPBLOCK, 0.3),
-    "dropconnect_dense": (_dropconnect, _specs.DROPCONNECT, 0.3),
-    "cutout": (regjax.cutout, _specs.CUTOUT, 2),
+  "dropout": (regjax.dropout, _specs.DROPOUT, 0.3),
+  "gaussian_dropout": (regjax.gaussian_dropout, _specs.GAUSSIAN_DROPOUT, 0.3),
+  "uout": (regjax.uout, _specs.UOUT, 0.3),
+  "alpha_dropout": (regjax.alpha_dropout, _specs.ALPHA_DROPOUT, 0.3),
+  "gaussian_noise": (regjax.gaussian_noise, _specs.GAUSSIAN_NOISE, 0.3),
+  "channel_dropout": (regjax.channel_dropout, _specs.CHANNEL_DROPOUT, 0.3),
+  "drop_path": (regjax.drop_path, _specs.DROP_PATH, 0.3),
+  "dropblock": (
+    lambda x, r, **kw: regjax.dropblock(x, r, block_size=3, **kw),
+    _specs.DROPBLOCK,
+    0.3,
+  ),
+  "dropconnect_dense": (_dropconnect, _specs.DROPCONNECT, 0.3),
+  "cutout": (regjax.cutout, _specs.CUTOUT, 2),
 }
 RANGED = [name for name in OPS if name != "cutout"]  # cutout's bound is the image's side
 
@@ -83,8 +86,13 @@ def test_the_op_rejects_what_the_spec_rejects_with_the_same_message(name):
 
 
 def test_spec_table():
-  drop = (_specs.DROPOUT, _specs.CHANNEL_DROPOUT, _specs.DROP_PATH, _specs.DROPCONNECT,
-          _specs.ALPHA_DROPOUT)
+  drop = (
+    _specs.DROPOUT,
+    _specs.CHANNEL_DROPOUT,
+    _specs.DROP_PATH,
+    _specs.DROPCONNECT,
+    _specs.ALPHA_DROPOUT,
+  )
   for spec in drop:
     assert (spec.name, spec.low, spec.high, spec.high_inclusive) == ("rate", 0.0, 1.0, True)
     assert spec.identity_at == (0.0,) and spec.zeros_at == (1.0,)
@@ -96,7 +104,9 @@ def test_spec_table():
     _specs.DROPOUT.low = 1.0  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("name, ctor, spec", [
+@pytest.mark.parametrize(
+  "name, ctor, spec",
+  [
     ("Dropout", N.Dropout, _specs.DROPOUT),
     ("GaussianDropout", N.GaussianDropout, _specs.GAUSSIAN_DROPOUT),
     ("Uout", N.Uout, _specs.UOUT),
@@ -105,7 +115,8 @@ def test_spec_table():
     ("ChannelDropout", N.ChannelDropout, _specs.CHANNEL_DROPOUT),
     ("DropPath", N.DropPath, _specs.DROP_PATH),
     ("DropBlock", N.DropBlock, _specs.DROPBLOCK),
-])
+  ],
+)
 def test_nnx_constructors_check_with_the_op_spec(name, ctor, spec):
   bad = spec.high if not spec.high_inclusive else spec.high + 0.5
   with pytest.raises(ValueError, match=rf"regjax\.nnx\.{name}: `{spec.name}` must be in"):
@@ -118,14 +129,26 @@ def test_nnx_constructors_check_with_the_op_spec(name, ctor, spec):
 
 def test_nnx_dropconnect_checks_its_rate():
   from flax import nnx
+
   with pytest.raises(ValueError, match=r"regjax\.nnx\.DropConnect: `rate` must be in \[0, 1\]"):
     N.DropConnect(3, 4, rngs=nnx.Rngs(0), rate=1.5)
 
 
-@pytest.mark.parametrize("module", [
-    L.Dropout(1.0), L.Dropout(0.0), L.AlphaDropout(1.0), L.GaussianDropout(0.0), L.Uout(0.0),
-    L.GaussianNoise(0.0), L.ChannelDropout(1.0), L.DropPath(1.0), L.DropBlock(0.0, block_size=3),
-    L.Cutout(0)])
+@pytest.mark.parametrize(
+  "module",
+  [
+    L.Dropout(1.0),
+    L.Dropout(0.0),
+    L.AlphaDropout(1.0),
+    L.GaussianDropout(0.0),
+    L.Uout(0.0),
+    L.GaussianNoise(0.0),
+    L.ChannelDropout(1.0),
+    L.DropPath(1.0),
+    L.DropBlock(0.0, block_size=3),
+    L.Cutout(0),
+  ],
+)
 def test_linen_modules_ask_for_no_key_where_the_spec_needs_no_draw(module):
   module.apply({}, X, deterministic=False)  # no 'dropout' stream
 
@@ -136,8 +159,14 @@ def test_linen_modules_ask_for_a_key_otherwise():
 
 
 def test_nnx_modules_ask_for_no_key_where_the_spec_needs_no_draw():
-  for module in (N.Dropout(1.0), N.AlphaDropout(0.0), N.Uout(0.0), N.DropPath(1.0),
-                 N.Cutout(0), N.DropBlock(0.0, block_size=3)):
+  for module in (
+    N.Dropout(1.0),
+    N.AlphaDropout(0.0),
+    N.Uout(0.0),
+    N.DropPath(1.0),
+    N.Cutout(0),
+    N.DropBlock(0.0, block_size=3),
+  ):
     module(X)  # train mode by default, and no stream kept
   with pytest.raises(ValueError, match="no `rngs` argument was provided"):
     N.DropBlock(1.0, block_size=3)(X)
@@ -145,8 +174,9 @@ def test_nnx_modules_ask_for_no_key_where_the_spec_needs_no_draw():
 
 def test_check_rate_with_an_open_lower_bound():
   def check(value):
-    return _checks.check_rate(value, "OP", "c", low=0.0, high=math.inf, low_inclusive=False,
-                              high_inclusive=False)
+    return _checks.check_rate(
+      value, "OP", "c", low=0.0, high=math.inf, low_inclusive=False, high_inclusive=False
+    )
 
   assert check(0.5) == 0.5
   for bad in (0.0, -0.0, -1.0, math.nan, math.inf):
@@ -186,10 +216,10 @@ def _old_schedule(step, total_steps, final_rate):
   return jnp.clip(jnp.asarray(final_rate, jnp.float32), 0.0, 1.0) * fraction
 
 
-@pytest.mark.parametrize("total_steps, final_rate", [(10, 0.3), (100, 0.1), (7, 0.25),
-                                                     (1000, 0.15), (3, 1.0), (1, 0.5)])
-def test_dropblock_rate_schedule_is_deprecated_for_optax_with_equal_values(total_steps,
-                                                                           final_rate):
+@pytest.mark.parametrize(
+  "total_steps, final_rate", [(10, 0.3), (100, 0.1), (7, 0.25), (1000, 0.15), (3, 1.0), (1, 0.5)]
+)
+def test_dropblock_rate_schedule_is_deprecated_for_optax_with_equal_values(total_steps, final_rate):
   ramp = optax.linear_schedule(0.0, final_rate, total_steps)
   ulp = float(np.spacing(np.float32(final_rate)))
   for step in range(-2, total_steps + 3):

@@ -37,12 +37,20 @@ class MomentsTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(
-      ("rate_0.1_hash", 0.1, "hash"), ("rate_0.1_jax", 0.1, "jax"),
-      ("rate_0.5_hash", 0.5, "hash"), ("rate_0.5_jax", 0.5, "jax"),
-      ("rate_0.9_hash", 0.9, "hash"), ("rate_0.9_jax", 0.9, "jax"))
+    ("rate_0.1_hash", 0.1, "hash"),
+    ("rate_0.1_jax", 0.1, "jax"),
+    ("rate_0.5_hash", 0.5, "hash"),
+    ("rate_0.5_jax", 0.5, "jax"),
+    ("rate_0.9_hash", 0.9, "hash"),
+    ("rate_0.9_jax", 0.9, "jax"),
+  )
   def test_dropout_keep_rate_and_moments(self, rate, impl):
-    y = _noise(functools.partial(regjax.dropout, rng_impl=impl), rate, jax.random.key(1),
-               variant=self.variant)
+    y = _noise(
+      functools.partial(regjax.dropout, rng_impl=impl),
+      rate,
+      jax.random.key(1),
+      variant=self.variant,
+    )
     keep = 1 - rate
     kept = y != 0
     np.testing.assert_allclose(y[kept], 1 / keep, rtol=1e-6)
@@ -53,30 +61,47 @@ class MomentsTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(
-      ("rate_0.1_hash", 0.1, "hash"), ("rate_0.1_jax", 0.1, "jax"),
-      ("rate_0.5_hash", 0.5, "hash"), ("rate_0.5_jax", 0.5, "jax"),
-      ("rate_0.8_hash", 0.8, "hash"), ("rate_0.8_jax", 0.8, "jax"))
+    ("rate_0.1_hash", 0.1, "hash"),
+    ("rate_0.1_jax", 0.1, "jax"),
+    ("rate_0.5_hash", 0.5, "hash"),
+    ("rate_0.5_jax", 0.5, "jax"),
+    ("rate_0.8_hash", 0.8, "hash"),
+    ("rate_0.8_jax", 0.8, "jax"),
+  )
   def test_gaussian_dropout_moments(self, rate, impl):
-    y = _noise(functools.partial(regjax.gaussian_dropout, rng_impl=impl), rate, jax.random.key(2),
-               variant=self.variant)
+    y = _noise(
+      functools.partial(regjax.gaussian_dropout, rng_impl=impl),
+      rate,
+      jax.random.key(2),
+      variant=self.variant,
+    )
     s2 = rate / (1 - rate)
     e = (y - 1) / math.sqrt(s2)  # should be N(0, 1)
     assert abs(e.mean()) < Z / math.sqrt(N)
     assert abs(e.var() - 1) < Z * math.sqrt(2 / N)
     within_one = 0.6826894921370859  # P(|e| < 1)
     assert abs((np.abs(e) < 1).mean() - within_one) < Z * math.sqrt(
-        within_one * (1 - within_one) / N)
+      within_one * (1 - within_one) / N
+    )
     # Excess kurtosis 0 (Var of e**4 is 96 for a normal).
     assert abs((e**4).mean() - 3) < Z * math.sqrt(96 / N)
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(
-      ("beta_0.1_hash", 0.1, "hash"), ("beta_0.1_jax", 0.1, "jax"),
-      ("beta_0.5_hash", 0.5, "hash"), ("beta_0.5_jax", 0.5, "jax"),
-      ("beta_1.7_hash", 1.7, "hash"), ("beta_1.7_jax", 1.7, "jax"))
+    ("beta_0.1_hash", 0.1, "hash"),
+    ("beta_0.1_jax", 0.1, "jax"),
+    ("beta_0.5_hash", 0.5, "hash"),
+    ("beta_0.5_jax", 0.5, "jax"),
+    ("beta_1.7_hash", 1.7, "hash"),
+    ("beta_1.7_jax", 1.7, "jax"),
+  )
   def test_uout_moments_and_uniformity(self, beta, impl):
-    r = _noise(functools.partial(regjax.uout, rng_impl=impl), beta, jax.random.key(3),
-               variant=self.variant) - 1
+    r = (
+      _noise(
+        functools.partial(regjax.uout, rng_impl=impl), beta, jax.random.key(3), variant=self.variant
+      )
+      - 1
+    )
     assert r.min() >= -beta * (1 + 1e-6) and r.max() <= beta * (1 + 1e-6)
     assert abs(r.mean()) < Z * math.sqrt(beta**2 / 3 / N)
     # Var(r**2) = E r^4 - (E r^2)^2 = beta^4/5 - beta^4/9 for U(-beta, beta).
@@ -141,8 +166,13 @@ class ContractTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(
-      *[(f"{name}_{jnp.dtype(d).name}_{impl}", name, d, impl)
-        for name in OPS for d in (jnp.float32, jnp.bfloat16, jnp.float16) for impl in IMPLS])
+    *[
+      (f"{name}_{jnp.dtype(d).name}_{impl}", name, d, impl)
+      for name in OPS
+      for d in (jnp.float32, jnp.bfloat16, jnp.float16)
+      for impl in IMPLS
+    ]
+  )
   def test_shape_and_dtype_kept(self, name, dtype, impl):
     _, rate, s2 = OPS[name]
     op = _op(name, impl)
@@ -176,8 +206,10 @@ class ContractTest(chex.TestCase):
   def test_dropout_rate_one_gives_zeros_and_zero_gradients(self, impl):
     x = jax.random.normal(jax.random.key(13), (16, 8))
     drop = functools.partial(regjax.dropout, rng_impl=impl)
+
     def loss(x):
       return jnp.sum(drop(x, 1.0) ** 2 + drop(x, 1.0))
+
     value, grad = self.variant(jax.value_and_grad(loss))(x)
     assert value == 0
     np.testing.assert_array_equal(np.asarray(grad), 0)
@@ -186,8 +218,10 @@ class ContractTest(chex.TestCase):
   def test_traced_dropout_rate_one_gives_zeros_and_finite_gradients(self, impl):
     x = jax.random.normal(jax.random.key(14), (16, 8))
     key = jax.random.key(15)
+
     def loss(x, r):
       return jnp.sum(regjax.dropout(x, r, key=key, rng_impl=impl) * 3.0)
+
     value, grad = jax.jit(jax.value_and_grad(loss))(x, 1.0)
     assert value == 0
     np.testing.assert_array_equal(np.asarray(grad), 0)
@@ -213,12 +247,12 @@ class ContractTest(chex.TestCase):
 
   def test_dropout_draws_the_same_mask_as_flax_linen(self):
     import flax.linen as nn  # the comparison target, not a dependency of the op
+
     x = jax.random.normal(jax.random.key(19), (64, 33))
     key = jax.random.key(20)
     # rng_impl='jax' draws with jax.random.bernoulli, exactly as flax does.
     ours = regjax.dropout(x, 0.25, key=key, broadcast_dims=(0,), rng_impl="jax")
-    theirs = nn.Dropout(0.25, broadcast_dims=(0,), deterministic=False).apply(
-        {}, x, rng=key)
+    theirs = nn.Dropout(0.25, broadcast_dims=(0,), deterministic=False).apply({}, x, rng=key)
     np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-6)
 
 
@@ -243,15 +277,21 @@ class TracedRateTest(parameterized.TestCase):
 
 
 class GradientTest(parameterized.TestCase):
-
   @parameterized.named_parameters(*OP_IMPL_CASES)
   def test_check_grads(self, name, impl):
     _, rate, _ = OPS[name]
     op = _op(name, impl)
     key = jax.random.key(22)
     x = jax.random.normal(jax.random.key(23), (6, 5))
-    check_grads(lambda x: op(x, rate, key=key), (x,), order=2, modes=("fwd", "rev"),
-                atol=1e-2, rtol=1e-2, eps=1e-2)
+    check_grads(
+      lambda x: op(x, rate, key=key),
+      (x,),
+      order=2,
+      modes=("fwd", "rev"),
+      atol=1e-2,
+      rtol=1e-2,
+      eps=1e-2,
+    )
 
   @parameterized.named_parameters(*OP_IMPL_CASES)
   def test_gradient_is_the_noise(self, name, impl):
@@ -261,8 +301,9 @@ class GradientTest(parameterized.TestCase):
     key = jax.random.key(24)
     x = jax.random.normal(jax.random.key(25), (100,))
     grad = jax.grad(lambda x: jnp.sum(op(x, rate, key=key)))(x)
-    np.testing.assert_allclose(np.asarray(grad), np.asarray(op(jnp.ones_like(x), rate, key=key)),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+      np.asarray(grad), np.asarray(op(jnp.ones_like(x), rate, key=key)), rtol=1e-6
+    )
 
 
 class BadInputTest(parameterized.TestCase):
@@ -340,8 +381,7 @@ class BadInputTest(parameterized.TestCase):
     _, rate, _ = OPS[name]
     op = _op(name, impl)
     with pytest.raises(TypeError, match="`deterministic` must be a Python bool"):
-      jax.jit(lambda x, d: op(x, rate, key=jax.random.key(0), deterministic=d))(
-          jnp.ones(3), True)
+      jax.jit(lambda x, d: op(x, rate, key=jax.random.key(0), deterministic=d))(jnp.ones(3), True)
 
 
 # Shapes come from a fixed set: each new shape would cost an eager compilation.
@@ -352,12 +392,15 @@ class PropertyTest(parameterized.TestCase):
   """Per-element properties that hold for every shape, rate and key."""
 
   @settings(max_examples=30, deadline=None)
-  @given(shape=SHAPES,
-         rate=st.floats(0.01, 0.99), seed=st.integers(0, 2**31 - 1), impl=st.sampled_from(IMPLS))
+  @given(
+    shape=SHAPES,
+    rate=st.floats(0.01, 0.99),
+    seed=st.integers(0, 2**31 - 1),
+    impl=st.sampled_from(IMPLS),
+  )
   def test_dropout_outputs_zero_or_scaled_input(self, shape, rate, seed, impl):
     x = jax.random.normal(jax.random.key(seed), shape)
-    y = np.asarray(regjax.dropout(x, rate, key=jax.random.key(seed + 1), rng_impl=impl),
-                   np.float64)
+    y = np.asarray(regjax.dropout(x, rate, key=jax.random.key(seed + 1), rng_impl=impl), np.float64)
     # The op computes keep = 1 - rate in float32, so compare with that keep (a float64
     # keep differs by up to ~6e-8 / keep relative: 6e-6 at rate 0.99).
     keep = np.float64(np.float32(1) - np.float32(rate))
@@ -366,12 +409,15 @@ class PropertyTest(parameterized.TestCase):
     assert ok.all()
 
   @settings(max_examples=30, deadline=None)
-  @given(shape=SHAPES,
-         beta=st.floats(0.0, 3.0), seed=st.integers(0, 2**31 - 1), impl=st.sampled_from(IMPLS))
+  @given(
+    shape=SHAPES,
+    beta=st.floats(0.0, 3.0),
+    seed=st.integers(0, 2**31 - 1),
+    impl=st.sampled_from(IMPLS),
+  )
   def test_uout_stays_within_its_band(self, shape, beta, seed, impl):
     x = jax.random.normal(jax.random.key(seed), shape)
-    y = np.asarray(regjax.uout(x, beta, key=jax.random.key(seed + 1), rng_impl=impl),
-                   np.float64)
+    y = np.asarray(regjax.uout(x, beta, key=jax.random.key(seed + 1), rng_impl=impl), np.float64)
     xa = np.asarray(x, np.float64)
     assert np.all(np.abs(y - xa) <= beta * np.abs(xa) * (1 + 1e-6) + 1e-7)
 
@@ -395,9 +441,11 @@ def test_dropout_and_uout_commute_with_relu(impl):
   key = jax.random.key(31)
   for op, value in ((regjax.dropout, 0.4), (regjax.uout, 0.9)):
     op = functools.partial(op, rng_impl=impl)
-    np.testing.assert_array_equal(np.asarray(jax.nn.relu(op(x, value, key=key))),
-                                  np.asarray(op(jax.nn.relu(x), value, key=key)))
+    np.testing.assert_array_equal(
+      np.asarray(jax.nn.relu(op(x, value, key=key))), np.asarray(op(jax.nn.relu(x), value, key=key))
+    )
   # Gaussian dropout's factor can be negative, so it does not commute.
   g = functools.partial(regjax.gaussian_dropout, rng_impl=impl)
-  assert not np.array_equal(np.asarray(jax.nn.relu(g(x, 0.5, key=key))),
-                            np.asarray(g(jax.nn.relu(x), 0.5, key=key)))
+  assert not np.array_equal(
+    np.asarray(jax.nn.relu(g(x, 0.5, key=key))), np.asarray(g(jax.nn.relu(x), 0.5, key=key))
+  )

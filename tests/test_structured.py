@@ -24,11 +24,14 @@ from regjax import random as rrandom
 # ----------------------------------------------------------------------------
 # Channel dropout and drop path
 class ChannelDropoutTest(chex.TestCase):
-
   @parameterized.named_parameters(
-      ("1d_last", (256, 10, 32), -1), ("1d_first", (256, 32, 10), 1),
-      ("2d_last", (128, 6, 6, 32), -1), ("2d_first", (128, 32, 6, 6), 1),
-      ("3d_last", (64, 3, 4, 4, 32), -1), ("3d_first", (64, 32, 3, 4, 4), 1))
+    ("1d_last", (256, 10, 32), -1),
+    ("1d_first", (256, 32, 10), 1),
+    ("2d_last", (128, 6, 6, 32), -1),
+    ("2d_first", (128, 32, 6, 6), 1),
+    ("3d_last", (64, 3, 4, 4, 32), -1),
+    ("3d_first", (64, 32, 3, 4, 4), 1),
+  )
   def test_whole_feature_maps_are_kept_or_zeroed(self, shape, channel_axis):
     rate = 0.3
     x = jnp.ones(shape)
@@ -45,8 +48,9 @@ class ChannelDropoutTest(chex.TestCase):
     x = _normal(31, (8, 5, 5, 16))
     key = jax.random.key(32)
     np.testing.assert_array_equal(
-        np.asarray(regjax.channel_dropout(x, 0.4, key=key)),
-        np.asarray(regjax.dropout(x, 0.4, key=key, broadcast_dims=(1, 2))))
+      np.asarray(regjax.channel_dropout(x, 0.4, key=key)),
+      np.asarray(regjax.dropout(x, 0.4, key=key, broadcast_dims=(1, 2))),
+    )
     np.testing.assert_array_equal(np.asarray(regjax.channel_dropout(x, 1.0)), 0)
 
   def test_bad_channel_axis_and_rank(self):
@@ -62,13 +66,13 @@ class ChannelDropoutTest(chex.TestCase):
 
 
 class DropPathTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(("rate_0.1", 0.1), ("rate_0.5", 0.5))
   def test_row_mode_drops_whole_samples_and_preserves_the_mean(self, rate):
     n = 1 << 16
     y = self.variant(lambda x, k: regjax.drop_path(x, rate, key=k))(
-        jnp.ones((n, 3, 2)), jax.random.key(40))
+      jnp.ones((n, 3, 2)), jax.random.key(40)
+    )
     y = np.asarray(y, np.float64).reshape(n, -1)
     np.testing.assert_array_equal(y.min(axis=1), y.max(axis=1))
     assert np.all(np.isclose(y[:, 0], 0) | np.isclose(y[:, 0], 1 / (1 - rate), rtol=1e-6))
@@ -79,8 +83,9 @@ class DropPathTest(chex.TestCase):
   def test_batch_mode_drops_the_whole_batch_with_probability_rate(self):
     rate, draws = 0.3, 20000
     keys = jax.random.split(jax.random.key(41), draws)
-    y = jax.jit(jax.vmap(lambda k: regjax.drop_path(jnp.ones((4, 3)), rate, key=k,
-                                                    mode="batch")))(keys)
+    y = jax.jit(jax.vmap(lambda k: regjax.drop_path(jnp.ones((4, 3)), rate, key=k, mode="batch")))(
+      keys
+    )
     y = np.asarray(y, np.float64).reshape(draws, -1)
     np.testing.assert_array_equal(y.min(axis=1), y.max(axis=1))
     dropped = (y[:, 0] == 0).mean()
@@ -103,8 +108,9 @@ class DropPathTest(chex.TestCase):
 
   def test_drop_path_rates_conventions(self):
     np.testing.assert_allclose(regjax.drop_path_rates(4, 0.2), [0.05, 0.1, 0.15, 0.2])
-    np.testing.assert_allclose(regjax.drop_path_rates(5, 0.2, convention="linspace"),
-                               np.linspace(0, 0.2, 5))  # timm's dpr
+    np.testing.assert_allclose(
+      regjax.drop_path_rates(5, 0.2, convention="linspace"), np.linspace(0, 0.2, 5)
+    )  # timm's dpr
     assert regjax.drop_path_rates(4, 0.2)[-1] == 0.2
     assert regjax.drop_path_rates(3, 0.3, convention="linspace")[-1] == 0.3
     assert regjax.drop_path_rates(1, 0.3) == (0.3,)
@@ -121,8 +127,7 @@ class DropPathTest(chex.TestCase):
 # DropBlock
 def _coverage_counts(size, block_size):
   """How many fitting block positions cover each index of an axis of length size."""
-  return np.array([min(i, size - block_size) - max(0, i - block_size + 1) + 1
-                   for i in range(size)])
+  return np.array([min(i, size - block_size) - max(0, i - block_size + 1) + 1 for i in range(size)])
 
 
 def _seed_probability(height, width, block_size, rate, impl="jax"):
@@ -153,7 +158,6 @@ def _union_of_all_zero_blocks(zero, block_size, axes=(1, 2)):
 
 
 class DropBlockTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(*IMPL_CASES)
   def test_per_position_drop_probability_and_fraction(self, impl):
@@ -162,9 +166,9 @@ class DropBlockTest(chex.TestCase):
     # (With 'hash', gamma is the realised 16-bit one: 3413 / 2**16 here, not 0.0520833;
     # the difference is far inside the tolerance, but the formula uses the exact value.)
     rate, block_size, (n, h, w, c) = 0.3, 3, (2048, 10, 10, 4)
-    y = self.variant(lambda x, k: regjax.dropblock(x, rate, key=k, block_size=block_size,
-                                                   rng_impl=impl))(
-        jnp.ones((n, h, w, c)), jax.random.key(50))
+    y = self.variant(
+      lambda x, k: regjax.dropblock(x, rate, key=k, block_size=block_size, rng_impl=impl)
+    )(jnp.ones((n, h, w, c)), jax.random.key(50))
     dropped = np.asarray(y) == 0
     maps = n * c
     p, _ = _exact_drop_probability(h, w, block_size, rate, impl)
@@ -188,11 +192,13 @@ class DropBlockTest(chex.TestCase):
     assert abs(y.sum() / y.size - 1) < 1e-5  # the whole tensor's mean is preserved
 
   @parameterized.named_parameters(
-      *[(f"block_{b}_{impl}", b, impl) for b in (1, 2, 3, 4, 9) for impl in IMPLS])
+    *[(f"block_{b}_{impl}", b, impl) for b in (1, 2, 3, 4, 9) for impl in IMPLS]
+  )
   def test_dropped_regions_are_unions_of_whole_blocks(self, block_size, impl):
     x = jnp.ones((6, 11, 9, 3))  # non-square, odd and even block sizes
-    y = np.asarray(regjax.dropblock(x, 0.4, key=jax.random.key(52), block_size=block_size,
-                                    rng_impl=impl))
+    y = np.asarray(
+      regjax.dropblock(x, 0.4, key=jax.random.key(52), block_size=block_size, rng_impl=impl)
+    )
     zero = y == 0
     assert zero.any() and not zero.all()
     # Every zero lies in some all-zero block that fits, and nothing else is zero.
@@ -201,25 +207,40 @@ class DropBlockTest(chex.TestCase):
   @parameterized.named_parameters(*IMPL_CASES)
   def test_nchw_layout(self, impl):
     x = jnp.ones((6, 3, 11, 9))
-    y = np.asarray(regjax.dropblock(x, 0.4, key=jax.random.key(53), block_size=3,
-                                    data_format="NCHW", rng_impl=impl))
+    y = np.asarray(
+      regjax.dropblock(
+        x, 0.4, key=jax.random.key(53), block_size=3, data_format="NCHW", rng_impl=impl
+      )
+    )
     zero = y == 0
     assert zero.any()
     np.testing.assert_array_equal(_union_of_all_zero_blocks(zero, 3, axes=(2, 3)), zero)
-    shared = np.asarray(regjax.dropblock(x, 0.4, key=jax.random.key(53), block_size=3,
-                                         data_format="NCHW", share_channels=True,
-                                         rng_impl=impl))
+    shared = np.asarray(
+      regjax.dropblock(
+        x,
+        0.4,
+        key=jax.random.key(53),
+        block_size=3,
+        data_format="NCHW",
+        share_channels=True,
+        rng_impl=impl,
+      )
+    )
     np.testing.assert_array_equal(shared, np.broadcast_to(shared[:, :1], shared.shape))
 
   @parameterized.named_parameters(*IMPL_CASES)
   def test_share_channels(self, impl):
     x = jnp.ones((8, 12, 12, 5))
-    shared = np.asarray(regjax.dropblock(x, 0.3, key=jax.random.key(54), block_size=3,
-                                         share_channels=True, rng_impl=impl))
+    shared = np.asarray(
+      regjax.dropblock(
+        x, 0.3, key=jax.random.key(54), block_size=3, share_channels=True, rng_impl=impl
+      )
+    )
     np.testing.assert_array_equal(shared, np.broadcast_to(shared[..., :1], shared.shape))
     assert (shared == 0).any()
-    independent = np.asarray(regjax.dropblock(x, 0.3, key=jax.random.key(54), block_size=3,
-                                              rng_impl=impl))
+    independent = np.asarray(
+      regjax.dropblock(x, 0.3, key=jax.random.key(54), block_size=3, rng_impl=impl)
+    )
     assert not np.array_equal(independent, np.broadcast_to(independent[..., :1], x.shape))
     # Samples still differ from one another.
     assert not np.array_equal(shared[0], shared[1])
@@ -228,9 +249,10 @@ class DropBlockTest(chex.TestCase):
   def test_everything_dropped_gives_zeros_not_nan(self, impl):
     # block_size == H == W: gamma == rate, so rate 1 drops every map.
     x = _normal(55, (2, 4, 4, 3))
+
     def loss(x, r):
-      return jnp.sum(regjax.dropblock(x, r, key=jax.random.key(56), block_size=4,
-                                                     rng_impl=impl))
+      return jnp.sum(regjax.dropblock(x, r, key=jax.random.key(56), block_size=4, rng_impl=impl))
+
     y = regjax.dropblock(x, 1.0, key=jax.random.key(56), block_size=4, rng_impl=impl)
     np.testing.assert_array_equal(np.asarray(y), 0)
     value, grad = jax.jit(jax.value_and_grad(loss))(x, 1.0)
@@ -245,7 +267,7 @@ class DropBlockTest(chex.TestCase):
     @jax.jit
     @chex.assert_max_traces(n=1)
     def train_step(x, step, key):
-      rate = regjax.dropblock_rate_schedule(step, total, 0.3)
+      rate = optax.linear_schedule(0.0, 0.3, total)(step)  # the paper's linear ramp
       return regjax.dropblock(x, rate, key=key, block_size=3, rng_impl=impl), rate
 
     x = jnp.ones((16, 12, 12, 8))
@@ -258,6 +280,7 @@ class DropBlockTest(chex.TestCase):
     assert fractions[0] == 0.0
     assert fractions[1] < fractions[2] < fractions[3]
 
+  @pytest.mark.filterwarnings("ignore:regjax.dropblock_rate_schedule is deprecated")
   def test_rate_schedule(self):
     s = regjax.dropblock_rate_schedule
     assert float(s(0, 10, 0.1)) == 0.0
@@ -316,14 +339,19 @@ class DropBlockTest(chex.TestCase):
     return np.asarray(x, np.float64) * np.where(keep, keep.size / keep.sum(), 0.0), keep
 
   @parameterized.named_parameters(
-      *[(f"{name}_{impl}", shape, fmt, share, b, rate, impl)
-        for name, shape, fmt, share, b, rate in (
-            ("nhwc", (4, 13, 11, 6), "NHWC", False, 4, 0.3),
-            ("nchw_shared", (5, 3, 9, 12), "NCHW", True, 3, 0.5),
-            ("block_1", (3, 6, 7, 2), "NHWC", False, 1, 0.2))
-        for impl in IMPLS])
-  def test_seed_mask_is_the_documented_draw(self, shape, data_format, share, block_size, rate,
-                                            impl):
+    *[
+      (f"{name}_{impl}", shape, fmt, share, b, rate, impl)
+      for name, shape, fmt, share, b, rate in (
+        ("nhwc", (4, 13, 11, 6), "NHWC", False, 4, 0.3),
+        ("nchw_shared", (5, 3, 9, 12), "NCHW", True, 3, 0.5),
+        ("block_1", (3, 6, 7, 2), "NHWC", False, 1, 0.2),
+      )
+      for impl in IMPLS
+    ]
+  )
+  def test_seed_mask_is_the_documented_draw(
+    self, shape, data_format, share, block_size, rate, impl
+  ):
     # 'hash': regjax.random.bernoulli_from_bits of the key's hashed bits over the seed array's flat
     # index; 'jax': jax.random.bernoulli(key, gamma, seed_shape), as before rng_impl.
     x = _normal(58, shape)
@@ -336,29 +364,44 @@ class DropBlockTest(chex.TestCase):
     if share:
       seed_shape[c_axis] = 1
     gamma = np.float32(rate) * np.float32(
-        h * w / (block_size**2 * (h - block_size + 1) * (w - block_size + 1)))
+      h * w / (block_size**2 * (h - block_size + 1) * (w - block_size + 1))
+    )
     seeds = self._documented_seeds(impl, key, tuple(seed_shape), gamma)
     assert seeds.any() and not seeds.all()
     expected, keep = self._expected(x, seeds, block_size, axes)
+
     def run(x, k):
-      return regjax.dropblock(x, rate, key=k, block_size=block_size,
-                                            share_channels=share, data_format=data_format,
-                                            rng_impl=impl)
+      return regjax.dropblock(
+        x,
+        rate,
+        key=k,
+        block_size=block_size,
+        share_channels=share,
+        data_format=data_format,
+        rng_impl=impl,
+      )
+
     for y in (run(x, key), jax.jit(run)(x, key), run(x, jax.random.PRNGKey(59))):
       y = np.asarray(y)
       np.testing.assert_array_equal(y != 0, np.broadcast_to(keep, shape))  # the exact mask
       np.testing.assert_allclose(y, expected, rtol=1e-6, atol=0)
     if impl == "hash":  # the default
       np.testing.assert_array_equal(
-          np.asarray(regjax.dropblock(x, rate, key=key, block_size=block_size,
-                                      share_channels=share, data_format=data_format)),
-          np.asarray(run(x, key)))
+        np.asarray(
+          regjax.dropblock(
+            x, rate, key=key, block_size=block_size, share_channels=share, data_format=data_format
+          )
+        ),
+        np.asarray(run(x, key)),
+      )
 
   def test_hash_same_draw_with_and_without_jit(self):
     x = _normal(60, (3, 17, 15, 5))
     key = jax.random.key(61)
+
     def run(x, r, k):
       return regjax.dropblock(x, r, key=k, block_size=4)
+
     eager = np.asarray(run(x, 0.35, key))
     for jitted in (jax.jit(run)(x, 0.35, key), jax.jit(run, static_argnums=1)(x, 0.35, key)):
       np.testing.assert_array_equal(np.asarray(jitted) == 0, eager == 0)
@@ -389,13 +432,13 @@ class DropBlockTest(chex.TestCase):
     kept = y != 0
     np.testing.assert_allclose(grad, np.where(kept, kept.size / kept.sum(), 0.0), rtol=1e-6)
     # 'jax' keeps the bool mask, 1 byte per element (not a float32 factor).
-    _, vjp = jax.vjp(lambda x: regjax.dropblock(x, 0.3, key=key, block_size=3, rng_impl="jax"),
-                     x)
+    _, vjp = jax.vjp(lambda x: regjax.dropblock(x, 0.3, key=key, block_size=3, rng_impl="jax"), x)
     leaves = jax.tree_util.tree_leaves(vjp)
     assert sum(leaf.size * leaf.dtype.itemsize for leaf in leaves) <= x.size + 64
 
   def test_count_in_uint8_partial_sums_is_exact(self):
     from regjax.structured import _count
+
     for h in (255, 256, 300):  # 255 * 1 fits a uint8; 256 and above take the int32 path
       mask = jnp.ones((2, h, 3, 4), bool)
       assert int(_count(mask, 1)) == mask.size
@@ -410,19 +453,17 @@ def _square_rows_probability(size, length):
   hits = np.zeros(length)
   for centre in range(length):
     start = centre - size // 2
-    hits[max(start, 0):max(min(start + size, length), 0)] += 1
+    hits[max(start, 0) : max(min(start + size, length), 0)] += 1
   return hits / length
 
 
 class CutoutTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(("even", 4), ("odd", 3))
   def test_one_clipped_square_per_sample_and_nothing_else(self, size):
     n, h, w, c = 4096, 8, 10, 2
     x = _uniform(60, (n, h, w, c), 1.0, 2.0)
-    y = np.asarray(self.variant(lambda x, k: regjax.cutout(x, size, key=k))(
-        x, jax.random.key(61)))
+    y = np.asarray(self.variant(lambda x, k: regjax.cutout(x, size, key=k))(x, jax.random.key(61)))
     zero = y == 0
     np.testing.assert_array_equal(zero, np.broadcast_to(zero[..., :1], zero.shape))
     np.testing.assert_array_equal(y[~zero], np.asarray(x)[~zero])  # untouched elsewhere
@@ -446,8 +487,7 @@ class CutoutTest(chex.TestCase):
     y = np.asarray(regjax.cutout(x, 4, key=jax.random.key(62), data_format="NCHW"))
     np.testing.assert_array_equal(y, np.broadcast_to(y[:, :1], y.shape))
     assert np.all((y == 0).sum(axis=(2, 3))[:, 0] <= 16) and (y == 0).any()
-    traced = jax.jit(lambda x, s: regjax.cutout(x, s, key=jax.random.key(62),
-                                                 data_format="NCHW"))
+    traced = jax.jit(lambda x, s: regjax.cutout(x, s, key=jax.random.key(62), data_format="NCHW"))
     np.testing.assert_array_equal(np.asarray(traced(x, 4)), y)
     np.testing.assert_array_equal(np.asarray(traced(x, 0)), np.asarray(x))
 

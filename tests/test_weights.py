@@ -17,7 +17,6 @@ import regjax
 # ----------------------------------------------------------------------------
 # DropConnect
 class DropConnectTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   def test_train_output_is_the_masked_kernel_product(self):
     rate = 0.4
@@ -26,8 +25,9 @@ class DropConnectTest(chex.TestCase):
     y = self.variant(lambda x, k: _dropconnect(x, rate, key=k))(x, key)
     # DropConnect's mask is the one regjax.dropout draws for the kernel's shape.
     mask = np.asarray(regjax.dropout(jnp.ones(_DC_KERNEL.shape), rate, key=key)) != 0
-    reference = (np.asarray(x, np.float64) @ (np.asarray(_DC_KERNEL, np.float64) * mask)
-                 / (1 - rate) + np.asarray(_DC_BIAS, np.float64))
+    reference = np.asarray(x, np.float64) @ (np.asarray(_DC_KERNEL, np.float64) * mask) / (
+      1 - rate
+    ) + np.asarray(_DC_BIAS, np.float64)
     np.testing.assert_allclose(np.asarray(y, np.float64), reference, rtol=1e-5, atol=1e-5)
     assert 0.5 < mask.mean() < 0.7
 
@@ -38,29 +38,37 @@ class DropConnectTest(chex.TestCase):
     ys = np.asarray(jax.jit(jax.vmap(lambda k: _dropconnect(x, rate, key=k)))(keys), np.float64)
     eval_y = np.asarray(_dropconnect(x, rate, deterministic=True), np.float64)
     # Var of one draw: sum_i x_i**2 W_ij**2 * rate / (1 - rate), independent weights.
-    var = (np.asarray(x, np.float64) ** 2) @ (np.asarray(_DC_KERNEL, np.float64) ** 2) * (
-        rate / (1 - rate))
+    var = (
+      (np.asarray(x, np.float64) ** 2)
+      @ (np.asarray(_DC_KERNEL, np.float64) ** 2)
+      * (rate / (1 - rate))
+    )
     np.testing.assert_array_less(np.abs(ys.mean(axis=0) - eval_y), Z * np.sqrt(var / draws))
     np.testing.assert_allclose(ys.var(axis=0), var, rtol=Z * math.sqrt(2 / draws) * 2)
 
   def test_rate_one_gives_the_bias(self):
     x = _normal(74, (4, 32))
-    np.testing.assert_array_equal(np.asarray(_dropconnect(x, 1.0)),
-                                  np.broadcast_to(np.asarray(_DC_BIAS), (4, 24)))
+    np.testing.assert_array_equal(
+      np.asarray(_dropconnect(x, 1.0)), np.broadcast_to(np.asarray(_DC_BIAS), (4, 24))
+    )
     grad = jax.jit(jax.grad(lambda x, r: jnp.sum(_dropconnect(x, r, key=jax.random.key(0)))))(
-        x, 1.0)
+      x, 1.0
+    )
     np.testing.assert_array_equal(np.asarray(grad), 0)
 
   def test_gradient_wrt_kernel_is_masked(self):
     x = _normal(75, (8, 32))
     key = jax.random.key(76)
     grad = jax.grad(lambda w: jnp.sum(regjax.dropconnect_dense(x, w, None, 0.5, key=key)))(
-        _DC_KERNEL)
+      _DC_KERNEL
+    )
     mask = np.asarray(regjax.dropout(jnp.ones(_DC_KERNEL.shape), 0.5, key=key)) != 0
     np.testing.assert_array_equal(np.asarray(grad)[~mask], 0)
     np.testing.assert_allclose(
-        np.asarray(grad)[mask],
-        np.broadcast_to(2 * np.asarray(x).sum(axis=0)[:, None], mask.shape)[mask], rtol=1e-5)
+      np.asarray(grad)[mask],
+      np.broadcast_to(2 * np.asarray(x).sum(axis=0)[:, None], mask.shape)[mask],
+      rtol=1e-5,
+    )
 
   def test_bad_shapes(self):
     key = jax.random.key(0)
@@ -69,18 +77,17 @@ class DropConnectTest(chex.TestCase):
     with pytest.raises(ValueError, match=r"`bias` must have shape \(24,\)"):
       regjax.dropconnect_dense(jnp.ones((2, 32)), _DC_KERNEL, jnp.ones(3), 0.5, key=key)
     with pytest.raises(TypeError, match="`kernel` must be a floating-point array"):
-      regjax.dropconnect_dense(jnp.ones((2, 32)), jnp.ones((32, 4), jnp.int32), None, 0.5,
-                               key=key)
+      regjax.dropconnect_dense(jnp.ones((2, 32)), jnp.ones((32, 4), jnp.int32), None, 0.5, key=key)
 
 
 # ----------------------------------------------------------------------------
 # Max-norm
 def _params():
   return {
-      "Dense_0": {"kernel": 2.0 * _normal(80, (16, 8)), "bias": 10 * jnp.ones(8)},
-      "Conv_0": {"kernel": _normal(81, (3, 3, 4, 6))},
-      "Embed_0": {"embedding": 10 * _normal(82, (10, 4))},
-      "BatchNorm_0": {"scale": 10 * jnp.ones(6)},
+    "Dense_0": {"kernel": 2.0 * _normal(80, (16, 8)), "bias": 10 * jnp.ones(8)},
+    "Conv_0": {"kernel": _normal(81, (3, 3, 4, 6))},
+    "Embed_0": {"embedding": 10 * _normal(82, (10, 4))},
+    "BatchNorm_0": {"scale": 10 * jnp.ones(6)},
   }
 
 
@@ -91,7 +98,6 @@ def _unit_norms(kernel, axes=None):
 
 
 class MaxNormTest(parameterized.TestCase):
-
   def test_projects_units_outside_the_ball_and_leaves_the_rest(self):
     c = 6.0
     params = _params()
@@ -106,16 +112,19 @@ class MaxNormTest(parameterized.TestCase):
       b, a = np.asarray(before), np.asarray(after)
       np.testing.assert_array_equal(a[..., inside], b[..., inside])  # bit for bit
       # Projected units keep their direction.
-      np.testing.assert_allclose(a[..., ~inside] * (norms_before[~inside] / c),
-                                 b[..., ~inside], rtol=1e-5)
+      np.testing.assert_allclose(
+        a[..., ~inside] * (norms_before[~inside] / c), b[..., ~inside], rtol=1e-5
+      )
     # Biases, embeddings and BN scales are not kernels: the same objects come back.
     for layer, name in (("Dense_0", "bias"), ("Embed_0", "embedding"), ("BatchNorm_0", "scale")):
       assert out[layer][name] is params[layer][name]
 
   def test_filter_and_axis(self):
     params = _params()
+
     def only_dense(path, leaf):
       return path[0].startswith("Dense") and path[-1] == "kernel"
+
     out = regjax.max_norm(params, 1.0, filter=only_dense)
     assert out["Conv_0"]["kernel"] is params["Conv_0"]["kernel"]
     np.testing.assert_array_less(_unit_norms(out["Dense_0"]["kernel"]), 1 + 1e-6)
@@ -123,8 +132,10 @@ class MaxNormTest(parameterized.TestCase):
     conv = regjax.max_norm(params, 1.0, axis=0)["Conv_0"]["kernel"]
     np.testing.assert_array_less(_unit_norms(conv, axes=(0,)), 1 + 1e-6)
     assert _unit_norms(conv).max() > 1.5
+
     def everything(path, leaf):
       return leaf.ndim >= 1
+
     out = regjax.max_norm(params, 1.0, filter=everything, axis=0)
     assert np.all(np.abs(np.asarray(out["Dense_0"]["bias"])) <= 1 + 1e-6)
 
@@ -138,10 +149,11 @@ class MaxNormTest(parameterized.TestCase):
     c = 0.5
     x = _normal(82, (64, 16))
     target = _normal(83, (64, 8))
-    params = {"Dense_0": {"kernel": 0.1 * _normal(84, (16, 8)),
-                          "bias": jnp.zeros(8)}}
+    params = {"Dense_0": {"kernel": 0.1 * _normal(84, (16, 8)), "bias": jnp.zeros(8)}}
+
     def loss(p):
       return jnp.mean((x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"] - target) ** 2)
+
     sgd = optax.sgd(0.5)
     chained = optax.chain(optax.sgd(0.5), regjax.max_norm_projection(c))
 
@@ -149,22 +161,32 @@ class MaxNormTest(parameterized.TestCase):
     def step(params, chained_params, state, chained_state):
       updates, state = sgd.update(jax.grad(loss)(params), state, params)
       params = regjax.max_norm(optax.apply_updates(params, updates), c)
-      updates, chained_state = chained.update(jax.grad(loss)(chained_params), chained_state,
-                                              chained_params)
+      updates, chained_state = chained.update(
+        jax.grad(loss)(chained_params), chained_state, chained_params
+      )
       return params, optax.apply_updates(chained_params, updates), state, chained_state
 
     state, chained_state, chained_params = sgd.init(params), chained.init(params), params
     for _ in range(20):
-      params, chained_params, state, chained_state = step(params, chained_params, state,
-                                                          chained_state)
+      params, chained_params, state, chained_state = step(
+        params, chained_params, state, chained_state
+      )
       for p in (params, chained_params):
         np.testing.assert_array_less(_unit_norms(p["Dense_0"]["kernel"]), c * (1 + 1e-6))
     assert _unit_norms(params["Dense_0"]["kernel"]).max() > c * (1 - 1e-6)  # it was binding
-    np.testing.assert_allclose(np.asarray(chained_params["Dense_0"]["kernel"]),
-                               np.asarray(params["Dense_0"]["kernel"]), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+      np.asarray(chained_params["Dense_0"]["kernel"]),
+      np.asarray(params["Dense_0"]["kernel"]),
+      rtol=1e-4,
+      atol=1e-6,
+    )
     # The bias is unconstrained and its update passes through unchanged.
-    np.testing.assert_allclose(np.asarray(chained_params["Dense_0"]["bias"]),
-                               np.asarray(params["Dense_0"]["bias"]), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+      np.asarray(chained_params["Dense_0"]["bias"]),
+      np.asarray(params["Dense_0"]["bias"]),
+      rtol=1e-4,
+      atol=1e-6,
+    )
 
   def test_bad_arguments(self):
     params = _params()

@@ -17,9 +17,17 @@ from benchmarks.cases import noise
 
 FLOOR = "copy x*2 (floor)"
 # The noise rows measured, in table order (names of ``noise.noise_ops``).
-OPS = ("regjax.dropout(0.5)", "regjax.dropout(0.5, rng_impl='jax')", noise.FLAX_DROPOUT,
-       "regjax.gaussian_dropout(0.5)", noise.GAUSSIAN_REF, "regjax.uout(0.1)", noise.UOUT_REF,
-       "regjax.gaussian_dropout(0.5, rng_impl='jax')", "regjax.uout(0.1, rng_impl='jax')")
+OPS = (
+  "regjax.dropout(0.5)",
+  "regjax.dropout(0.5, rng_impl='jax')",
+  noise.FLAX_DROPOUT,
+  "regjax.gaussian_dropout(0.5)",
+  noise.GAUSSIAN_REF,
+  "regjax.uout(0.1)",
+  noise.UOUT_REF,
+  "regjax.gaussian_dropout(0.5, rng_impl='jax')",
+  "regjax.uout(0.1, rng_impl='jax')",
+)
 
 
 def array_nbytes(leaf) -> int:
@@ -42,15 +50,20 @@ def measure(row: dict[str, Any], f, x: jax.Array, ct: jax.Array, key: jax.Array)
   row["bytes_per_element"] = kept / x.size
   stats = jax.jit(noise.vjp_fn(f)).lower(x, key, ct).compile().memory_analysis()
   if stats is not None:
-    for field in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-                  "temp_size_in_bytes"):
+    for field in (
+      "argument_size_in_bytes",
+      "output_size_in_bytes",
+      "alias_size_in_bytes",
+      "temp_size_in_bytes",
+    ):
       row[field] = getattr(stats, field, None)
     if row.get("temp_size_in_bytes") is not None:
       row["temp_bytes_per_element"] = row["temp_size_in_bytes"] / x.size
 
 
-def memory_rows(x: jax.Array, ct: jax.Array, key: jax.Array,
-                patterns: list[str] | None = None) -> list[dict[str, Any]]:
+def memory_rows(
+  x: jax.Array, ct: jax.Array, key: jax.Array, patterns: list[str] | None = None
+) -> list[dict[str, Any]]:
   """One row per op matching ``patterns`` (plus its reference and the floor); an op
   that fails gets an ``error`` instead of figures."""
   by_name = {o.name: o for o in noise.noise_ops(noise.as_4d(x))}

@@ -25,8 +25,10 @@ import regjax.linen as rnn
 from benchmarks.timing import Case, calls_needed, run_cases
 
 BATCH, LENGTH, NUM_CLASSES = 128, 40, 10
-MODEL = ("the benchmark's CNN (the shape of examples' default_cnn('mnist1d')), "
-         "conv-bn-act-drop-pool x3, dropout 0.5 in the blocks")
+MODEL = (
+  "the benchmark's CNN (the shape of examples' default_cnn('mnist1d')), "
+  "conv-bn-act-drop-pool x3, dropout 0.5 in the blocks"
+)
 
 
 class BenchCNN(nn.Module):
@@ -65,8 +67,9 @@ class BenchCNN(nn.Module):
     window = (2,) * spatial
     for i, features in enumerate(self.features):
       # No conv bias: the BatchNorm after it subtracts the mean.
-      x = nn.Conv(features, (self.kernel_size,) * spatial, padding="SAME", use_bias=False,
-                  name=f"conv{i}")(x)
+      x = nn.Conv(
+        features, (self.kernel_size,) * spatial, padding="SAME", use_bias=False, name=f"conv{i}"
+      )(x)
       x = nn.relu(self.norm(x, train, f"bn{i}"))
       x = self.drop(x, train, f"noise{i}")
       x = nn.max_pool(x, window, strides=window, padding="SAME")
@@ -81,31 +84,48 @@ def make_optimizer() -> optax.GradientTransformation:
   return optax.adamw(optax.cosine_decay_schedule(3e-3, 1000), weight_decay=1e-4)
 
 
-def init_state(model: nn.Module, tx: optax.GradientTransformation, x: jax.Array
-               ) -> dict[str, Any]:
+def init_state(model: nn.Module, tx: optax.GradientTransformation, x: jax.Array) -> dict[str, Any]:
   """``{'step', 'params', 'batch_stats', 'opt_state'}`` of a freshly initialized model."""
   variables = model.init(jax.random.key(0), x, train=False)
-  return {"step": jnp.zeros((), jnp.int32), "params": variables["params"],
-          "batch_stats": variables["batch_stats"], "opt_state": tx.init(variables["params"])}
+  return {
+    "step": jnp.zeros((), jnp.int32),
+    "params": variables["params"],
+    "batch_stats": variables["batch_stats"],
+    "opt_state": tx.init(variables["params"]),
+  }
 
 
-def train_step(model: nn.Module, tx: optax.GradientTransformation, state: dict[str, Any],
-               x: jax.Array, y: jax.Array, key: jax.Array
-               ) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+def train_step(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  state: dict[str, Any],
+  x: jax.Array,
+  y: jax.Array,
+  key: jax.Array,
+) -> tuple[dict[str, Any], dict[str, jax.Array]]:
   """One AdamW step on ``(x, y)`` with dropout drawn from ``key``; the new state and the
   batch's train-mode loss and accuracy."""
 
   def loss_fn(params):
-    logits, updates = model.apply({"params": params, "batch_stats": state["batch_stats"]}, x,
-                                  train=True, rngs={"dropout": key}, mutable=["batch_stats"])
+    logits, updates = model.apply(
+      {"params": params, "batch_stats": state["batch_stats"]},
+      x,
+      train=True,
+      rngs={"dropout": key},
+      mutable=["batch_stats"],
+    )
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     acc = jnp.mean(jnp.argmax(logits, -1) == y)
     return loss, (acc, updates["batch_stats"])
 
   (loss, (acc, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-  new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-               "batch_stats": batch_stats, "opt_state": opt_state}
+  new_state = {
+    "step": state["step"] + 1,
+    "params": optax.apply_updates(state["params"], updates),
+    "batch_stats": batch_stats,
+    "opt_state": opt_state,
+  }
   return new_state, {"loss": loss, "acc": acc}
 
 
@@ -128,8 +148,16 @@ def train_step_rows(opts: argparse.Namespace) -> dict[str, Any]:
     def args(i: int, state=state) -> tuple:
       return state, x, y, keys[i]
 
-    cases.append(Case("trainstep", f"CNN train step, {layers} layers", "train step", step, args,
-                      None if layers == "flax" else "CNN train step, flax layers"))
+    cases.append(
+      Case(
+        "trainstep",
+        f"CNN train step, {layers} layers",
+        "train step",
+        step,
+        args,
+        None if layers == "flax" else "CNN train step, flax layers",
+      )
+    )
   out["rows"] = run_cases(cases, opts)
   out["same_param_shapes"] = shapes["regjax"] == shapes["flax"]
   if not out["same_param_shapes"]:

@@ -57,7 +57,7 @@ def straightforward_alpha_dropout(x, rate, key):
   """Keras' AlphaDropout: dropped units set to SELU's saturation, then an affine fix-up."""
   alpha_p = -1.7580993408473766  # -scale * alpha of SELU
   keep = 1.0 - rate
-  a = (keep + alpha_p ** 2 * keep * rate) ** -0.5
+  a = (keep + alpha_p**2 * keep * rate) ** -0.5
   b = -a * alpha_p * rate
   mask = jax.random.bernoulli(key, keep, x.shape)
   return (a * jnp.where(mask, x, jnp.asarray(alpha_p, x.dtype)) + b).astype(x.dtype)
@@ -84,17 +84,25 @@ def reference(fn: Callable, value) -> Callable:
   return lambda x, key: fn(x, value, key)
 
 
-def jax_twin(name: str, op: Callable, value, ref: str | None, on_4d: bool = False,
-             **kwargs) -> Op:
+def jax_twin(name: str, op: Callable, value, ref: str | None, on_4d: bool = False, **kwargs) -> Op:
   """The ``rng_impl='jax'`` row of a regjax op: the option goes in its name's parentheses."""
   head, _, tail = name.rpartition(")")
-  return Op(f"{head}, rng_impl='jax'){tail}", regjax_op(op, value, rng_impl="jax", **kwargs),
-            ref, on_4d)
+  return Op(
+    f"{head}, rng_impl='jax'){tail}", regjax_op(op, value, rng_impl="jax", **kwargs), ref, on_4d
+  )
 
 
-def op_rows(name: str, op: Callable, value, ref: str | None = None,
-            ref_fn: Callable | None = None, *, on_4d: bool = False, twin: bool = True,
-            **kwargs) -> list[Op]:
+def op_rows(
+  name: str,
+  op: Callable,
+  value,
+  ref: str | None = None,
+  ref_fn: Callable | None = None,
+  *,
+  on_4d: bool = False,
+  twin: bool = True,
+  **kwargs,
+) -> list[Op]:
   """A regjax op's row, its reference's row (given ``ref_fn``) and its ``rng_impl='jax'``
   twin (when ``twin``), in that order; ``kwargs`` go to the op."""
   rows = [Op(name, regjax_op(op, value, **kwargs), ref, on_4d)]
@@ -110,30 +118,58 @@ def noise_ops(x4: jax.Array) -> list[Op]:
   h = x4.shape[1]
   block = max(1, min(5, h))
   cut = max(1, h // 2)
-  main = (("regjax.dropout(0.5)", regjax.dropout, 0.5, FLAX_DROPOUT),
-          ("regjax.gaussian_dropout(0.5)", regjax.gaussian_dropout, 0.5, GAUSSIAN_REF),
-          ("regjax.uout(0.1)", regjax.uout, 0.1, UOUT_REF))
+  main = (
+    ("regjax.dropout(0.5)", regjax.dropout, 0.5, FLAX_DROPOUT),
+    ("regjax.gaussian_dropout(0.5)", regjax.gaussian_dropout, 0.5, GAUSSIAN_REF),
+    ("regjax.uout(0.1)", regjax.uout, 0.1, UOUT_REF),
+  )
   return [
-      *op_rows(*main[0], flax_dropout(0.5), twin=False),
-      *[Op(f"{FLAX_DROPOUT} [{impl} key]", flax_dropout(0.5), FLAX_DROPOUT, key_impl=impl)
-        for impl in FLAX_KEY_IMPLS],
-      *op_rows(*main[1], reference(straightforward_gaussian_dropout, 0.5), twin=False),
-      *op_rows(*main[2], reference(straightforward_uout, 0.1), twin=False),
-      # The three main ops' rng_impl='jax' rows follow all three pairs.
-      *[jax_twin(*m) for m in main],
-      *op_rows("regjax.alpha_dropout(0.1)", regjax.alpha_dropout, 0.1,
-               "keras-style alpha_dropout(0.1)", reference(straightforward_alpha_dropout, 0.1)),
-      *op_rows("regjax.gaussian_noise(0.1)", regjax.gaussian_noise, 0.1,
-               "straightforward gaussian_noise(0.1)",
-               reference(straightforward_gaussian_noise, 0.1)),
-      *op_rows("regjax.channel_dropout(0.5) 4-D", regjax.channel_dropout, 0.5,
-               "flax Dropout(0.5, bcast H,W) 4-D", flax_dropout(0.5, broadcast_dims=(1, 2)),
-               on_4d=True),
-      *op_rows("regjax.drop_path(0.2)", regjax.drop_path, 0.2, "flax Dropout(0.2, bcast cols)",
-               flax_dropout(0.2, broadcast_dims=(1,))),
-      *op_rows(f"regjax.dropblock(0.1, block={block}) 4-D", regjax.dropblock, 0.1, on_4d=True,
-               block_size=block),
-      *op_rows(f"regjax.cutout(size={cut}) 4-D", regjax.cutout, cut, on_4d=True, twin=False),
+    *op_rows(*main[0], flax_dropout(0.5), twin=False),
+    *[
+      Op(f"{FLAX_DROPOUT} [{impl} key]", flax_dropout(0.5), FLAX_DROPOUT, key_impl=impl)
+      for impl in FLAX_KEY_IMPLS
+    ],
+    *op_rows(*main[1], reference(straightforward_gaussian_dropout, 0.5), twin=False),
+    *op_rows(*main[2], reference(straightforward_uout, 0.1), twin=False),
+    # The three main ops' rng_impl='jax' rows follow all three pairs.
+    *[jax_twin(*m) for m in main],
+    *op_rows(
+      "regjax.alpha_dropout(0.1)",
+      regjax.alpha_dropout,
+      0.1,
+      "keras-style alpha_dropout(0.1)",
+      reference(straightforward_alpha_dropout, 0.1),
+    ),
+    *op_rows(
+      "regjax.gaussian_noise(0.1)",
+      regjax.gaussian_noise,
+      0.1,
+      "straightforward gaussian_noise(0.1)",
+      reference(straightforward_gaussian_noise, 0.1),
+    ),
+    *op_rows(
+      "regjax.channel_dropout(0.5) 4-D",
+      regjax.channel_dropout,
+      0.5,
+      "flax Dropout(0.5, bcast H,W) 4-D",
+      flax_dropout(0.5, broadcast_dims=(1, 2)),
+      on_4d=True,
+    ),
+    *op_rows(
+      "regjax.drop_path(0.2)",
+      regjax.drop_path,
+      0.2,
+      "flax Dropout(0.2, bcast cols)",
+      flax_dropout(0.2, broadcast_dims=(1,)),
+    ),
+    *op_rows(
+      f"regjax.dropblock(0.1, block={block}) 4-D",
+      regjax.dropblock,
+      0.1,
+      on_4d=True,
+      block_size=block,
+    ),
+    *op_rows(f"regjax.cutout(size={cut}) 4-D", regjax.cutout, cut, on_4d=True, twin=False),
   ]
 
 
@@ -169,13 +205,15 @@ def copy_cases(x: jax.Array, ct: jax.Array) -> list[Case]:
   def copy(x, key):
     return x * 2
 
-  return [Case("floor", COPY, "fwd", lambda x: x * 2, lambda i: (x,)),
-          Case("floor", COPY, "fwd+bwd", lambda x, ct: vjp_fn(copy)(x, None, ct),
-               lambda i: (x, ct))]
+  return [
+    Case("floor", COPY, "fwd", lambda x: x * 2, lambda i: (x,)),
+    Case("floor", COPY, "fwd+bwd", lambda x, ct: vjp_fn(copy)(x, None, ct), lambda i: (x, ct)),
+  ]
 
 
-def noise_cases(x: jax.Array, ct: jax.Array, keys: dict[str, list[jax.Array]],
-                patterns: list[str] | None = None) -> list[Case]:
+def noise_cases(
+  x: jax.Array, ct: jax.Array, keys: dict[str, list[jax.Array]], patterns: list[str] | None = None
+) -> list[Case]:
   """Forward and forward+backward of each noise op matching ``patterns`` (and of its
   reference); call ``i`` gets key ``i`` of the row's key implementation."""
   x4, ct4 = as_4d(x), as_4d(ct)
@@ -192,7 +230,6 @@ def noise_cases(x: jax.Array, ct: jax.Array, keys: dict[str, list[jax.Array]],
   return cases
 
 
-def call_args(keys: list[jax.Array], x: jax.Array, *rest: jax.Array
-              ) -> Callable[[int], tuple]:
+def call_args(keys: list[jax.Array], x: jax.Array, *rest: jax.Array) -> Callable[[int], tuple]:
   """Call ``i``'s arguments ``(x, keys[i], *rest)``."""
   return lambda i: (x, keys[i], *rest)

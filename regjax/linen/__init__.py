@@ -7,15 +7,15 @@ from regjax.linen.structured import ChannelDropout, Cutout, DropBlock, DropPath
 from regjax.linen.weights import DropConnect
 
 __all__ = [
-    "AlphaDropout",
-    "BatchNorm",
-    "ChannelDropout",
-    "Cutout",
-    "DropBlock",
-    "DropConnect",
-    "DropPath",
-    "Dropout",
-    "GaussianDropout",
-    "GaussianNoise",
-    "Uout",
+  "AlphaDropout",
+  "BatchNorm",
+  "ChannelDropout",
+  "Cutout",
+  "DropBlock",
+  "DropConnect",
+  "DropPath",
+  "Dropout",
+  "GaussianDropout",
+  "GaussianNoise",
+  "Uout",
 ]

@@ -34,17 +34,25 @@ def noise_key(module: nn.Module, deterministic: bool, rng, trivial: bool):
   collection = module.rng_collection
   if not module.has_rng(collection):
     raise ValueError(
-        f"{type(module).__name__} in train mode (deterministic=False) needs the "
-        f"'{collection}' PRNG stream: pass "
-        f"`rngs={{'{collection}': key}}` to init/apply or `rng=key` at the "
-        "call, or set deterministic=True. (regjax never falls back to the 'params' "
-        "stream, which would reuse initialization randomness as noise.)")
+      f"{type(module).__name__} in train mode (deterministic=False) needs the "
+      f"'{collection}' PRNG stream: pass "
+      f"`rngs={{'{collection}': key}}` to init/apply or `rng=key` at the "
+      "call, or set deterministic=True. (regjax never falls back to the 'params' "
+      "stream, which would reuse initialization randomness as noise.)"
+    )
   return module.make_rng(collection)
 
 
-def apply_noise(module: nn.Module, op: Callable[..., jax.Array], spec: _specs.Strength,
-                strength, inputs: jax.Array, deterministic: bool | None,
-                rng: jax.Array | None, **kwargs) -> jax.Array:
+def apply_noise(
+  module: nn.Module,
+  op: Callable[..., jax.Array],
+  spec: _specs.Strength,
+  strength,
+  inputs: jax.Array,
+  deterministic: bool | None,
+  rng: jax.Array | None,
+  **kwargs,
+) -> jax.Array:
   """``op(inputs, strength, key=..., deterministic=..., **kwargs)`` for ``module``.
 
   ``deterministic`` is the call's value merged with the field, as in

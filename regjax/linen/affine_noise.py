@@ -35,11 +35,20 @@ class AlphaDropout(nn.Module):
   rng_impl: str = "hash"
 
   @nn.compact
-  def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
-               rng: jax.Array | None = None) -> jax.Array:
-    return apply_noise(self, F.alpha_dropout, _specs.ALPHA_DROPOUT, self.rate, inputs,
-                       deterministic, rng, broadcast_dims=self.broadcast_dims,
-                       rng_impl=self.rng_impl)
+  def __call__(
+    self, inputs: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None
+  ) -> jax.Array:
+    return apply_noise(
+      self,
+      F.alpha_dropout,
+      _specs.ALPHA_DROPOUT,
+      self.rate,
+      inputs,
+      deterministic,
+      rng,
+      broadcast_dims=self.broadcast_dims,
+      rng_impl=self.rng_impl,
+    )
 
 
 class GaussianNoise(nn.Module):
@@ -61,8 +70,17 @@ class GaussianNoise(nn.Module):
   rng_impl: str = "hash"
 
   @nn.compact
-  def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
-               rng: jax.Array | None = None) -> jax.Array:
-    return apply_noise(self, F.gaussian_noise, _specs.GAUSSIAN_NOISE, self.stddev, inputs,
-                       deterministic, rng, broadcast_dims=self.broadcast_dims,
-                       rng_impl=self.rng_impl)
+  def __call__(
+    self, inputs: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None
+  ) -> jax.Array:
+    return apply_noise(
+      self,
+      F.gaussian_noise,
+      _specs.GAUSSIAN_NOISE,
+      self.stddev,
+      inputs,
+      deterministic,
+      rng,
+      broadcast_dims=self.broadcast_dims,
+      rng_impl=self.rng_impl,
+    )

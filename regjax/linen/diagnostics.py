@@ -32,8 +32,13 @@ ApplyFn = Callable[[Any, Any], Any]
 Capture = Callable[[Mapping[str, Any], Any], list[tuple[str, tuple]]]
 
 
-def variance_shift(apply_fn: ApplyFn, variables: Mapping[str, Any], batches: Iterable[Any], *,
-                   bn_types: BNTypes = None) -> dict[str, LayerShift]:
+def variance_shift(
+  apply_fn: ApplyFn,
+  variables: Mapping[str, Any],
+  batches: Iterable[Any],
+  *,
+  bn_types: BNTypes = None,
+) -> dict[str, LayerShift]:
   """Per BatchNorm layer: running vs eval-mode ("real") statistics of its input.
 
   Args:
@@ -59,14 +64,16 @@ def variance_shift(apply_fn: ApplyFn, variables: Mapping[str, Any], batches: Ite
   """
   op = "variance_shift"
   types = _check_args(op, apply_fn, variables, bn_types)
-  capture = _CAPTURES.get(apply_fn, ("moments", types),
-                          lambda resolve: _in_call_order(_moments_capture(resolve, types)))
+  capture = _CAPTURES.get(
+    apply_fn, ("moments", types), lambda resolve: _in_call_order(_moments_capture(resolve, types))
+  )
   moving: dict[str, tuple] = {}
 
   def records() -> Iterator[common.Record]:
     for batch in batches:
       for path, (count, mean, m2, moving_mean, moving_var) in capture(
-          variables, common.input_of(batch)):
+        variables, common.input_of(batch)
+      ):
         moving[path] = (moving_mean, moving_var)
         yield path, count, mean, m2
 
@@ -76,9 +83,13 @@ def variance_shift(apply_fn: ApplyFn, variables: Mapping[str, Any], batches: Ite
   return common.layer_shifts(pooled, moving)
 
 
-def recalibrate_batch_stats(apply_fn: ApplyFn, variables: Mapping[str, Any],
-                            batches: Iterable[Any], *,
-                            bn_types: BNTypes = None) -> dict[str, Any]:
+def recalibrate_batch_stats(
+  apply_fn: ApplyFn,
+  variables: Mapping[str, Any],
+  batches: Iterable[Any],
+  *,
+  bn_types: BNTypes = None,
+) -> dict[str, Any]:
   """Re-estimates every BatchNorm's population statistics with regularizers off.
 
   Each BN normalizes with its batch statistics while ``apply_fn`` keeps the
@@ -101,8 +112,11 @@ def recalibrate_batch_stats(apply_fn: ApplyFn, variables: Mapping[str, Any],
   """
   op = "recalibrate_batch_stats"
   types = _check_args(op, apply_fn, variables, bn_types)
-  capture = _CAPTURES.get(apply_fn, ("batch_stats", types),
-                          lambda resolve: _in_call_order(_batch_stats_capture(resolve, types)))
+  capture = _CAPTURES.get(
+    apply_fn,
+    ("batch_stats", types),
+    lambda resolve: _in_call_order(_batch_stats_capture(resolve, types)),
+  )
   unbiased: dict[str, bool] = {}
 
   def records() -> Iterator[common.Record]:
@@ -126,30 +140,41 @@ def recalibrate_batch_stats(apply_fn: ApplyFn, variables: Mapping[str, Any],
 def check_apply_fn(op: str, apply_fn: Any) -> None:
   """Raises TypeError unless ``apply_fn`` is a function (not the Module itself)."""
   if isinstance(apply_fn, nn.Module):
-    raise TypeError(f"{op}: got a linen Module, not its apply function; pass e.g. "
-                    f"`lambda v, x: model.apply(v, x, train=False)`. Use {common.forms(op)}.")
+    raise TypeError(
+      f"{op}: got a linen Module, not its apply function; pass e.g. "
+      f"`lambda v, x: model.apply(v, x, train=False)`. Use {common.forms(op)}."
+    )
   if not callable(apply_fn):
-    raise TypeError(f"{op}: the first argument must be an apply function or an nnx.Module; "
-                    f"got {type(apply_fn).__name__}. Use {common.forms(op)}.")
+    raise TypeError(
+      f"{op}: the first argument must be an apply function or an nnx.Module; "
+      f"got {type(apply_fn).__name__}. Use {common.forms(op)}."
+    )
 
 
-def _check_args(op: str, apply_fn: Any, variables: Any,
-                bn_types: BNTypes) -> tuple[type, ...] | None:
+def _check_args(
+  op: str, apply_fn: Any, variables: Any, bn_types: BNTypes
+) -> tuple[type, ...] | None:
   check_apply_fn(op, apply_fn)
   if not isinstance(variables, Mapping):
-    raise TypeError(f"{op}: `variables` must be the linen variables dict (with "
-                    f"'batch_stats'); got {type(variables).__name__}. Use {common.forms(op)}.")
+    raise TypeError(
+      f"{op}: `variables` must be the linen variables dict (with "
+      f"'batch_stats'); got {type(variables).__name__}. Use {common.forms(op)}."
+    )
   return common.bn_type_tuple(bn_types, op)
 
 
 def _no_bn_call(op: str, variables: Mapping[str, Any]) -> ValueError:
   extra = ""
   if "batch_stats" not in variables:
-    extra = (f" `variables` has no 'batch_stats' collection either (got collections "
-             f"{sorted(map(str, variables))}): the diagnostics need a model with "
-             "BatchNorm layers and its full variables, e.g. those from `model.init`.")
-  return ValueError(f"{op}: no BatchNorm call was seen; pass at least one batch, and "
-                    f"`bn_types` if the model uses its own BatchNorm class.{extra}")
+    extra = (
+      f" `variables` has no 'batch_stats' collection either (got collections "
+      f"{sorted(map(str, variables))}): the diagnostics need a model with "
+      "BatchNorm layers and its full variables, e.g. those from `model.init`."
+    )
+  return ValueError(
+    f"{op}: no BatchNorm call was seen; pass at least one batch, and "
+    f"`bn_types` if the model uses its own BatchNorm class.{extra}"
+  )
 
 
 # --------------------------------------------------------------------------
@@ -162,6 +187,7 @@ def _bn_calls(bn_types: tuple[type, ...] | None) -> Callable[[Any], bool]:
 
   def is_bn_call(context) -> bool:
     return context.method_name == "__call__" and isinstance(context.module, types)
+
   return is_bn_call
 
 
@@ -174,15 +200,17 @@ def _running_stats(module: nn.Module, op: str, variables: Mapping[str, Any]) -> 
   var: Any = module.get_variable("batch_stats", "var")
   if mean is None or var is None:
     raise ValueError(
-        f"{op}: the BatchNorm at '{_path(module)}' has no running statistics in "
-        "`variables`: `variables` must hold the model's 'batch_stats' collection "
-        "(e.g. the full dict returned by `model.init`), with 'mean' and 'var' for "
-        f"every BatchNorm; got collections {sorted(map(str, variables))}.")
+      f"{op}: the BatchNorm at '{_path(module)}' has no running statistics in "
+      "`variables`: `variables` must hold the model's 'batch_stats' collection "
+      "(e.g. the full dict returned by `model.init`), with 'mean' and 'var' for "
+      f"every BatchNorm; got collections {sorted(map(str, variables))}."
+    )
   return {"mean": mean, "var": var}
 
 
-def _check_not_mapped(module: nn.Module, variables: Mapping[str, Any], stats: Mapping[str, Any],
-                      op: str) -> None:
+def _check_not_mapped(
+  module: nn.Module, variables: Mapping[str, Any], stats: Mapping[str, Any], op: str
+) -> None:
   """Raises if the BN's statistics are sliced by a lifted transform.
 
   Under ``nn.scan``/``nn.vmap`` with ``variable_axes`` over ``batch_stats``, one
@@ -199,12 +227,13 @@ def _check_not_mapped(module: nn.Module, variables: Mapping[str, Any], stats: Ma
   seen = tuple(np.shape(stats["mean"]))
   if stored != seen:
     raise NotImplementedError(
-        f"{op}: the BatchNorm at '{_path(module)}' runs inside a lifted transform "
-        f"that maps over its 'batch_stats' (nn.scan or nn.vmap with `variable_axes` "
-        f"covering 'batch_stats': stored statistics of shape {stored}, the layer sees "
-        f"a slice of shape {seen}). Such a stack of BatchNorms under one path is not "
-        "supported; nn.jit, nn.remat, and nn.scan/nn.vmap that broadcast "
-        "'batch_stats' (`variable_broadcast`) are.")
+      f"{op}: the BatchNorm at '{_path(module)}' runs inside a lifted transform "
+      f"that maps over its 'batch_stats' (nn.scan or nn.vmap with `variable_axes` "
+      f"covering 'batch_stats': stored statistics of shape {stored}, the layer sees "
+      f"a slice of shape {seen}). Such a stack of BatchNorms under one path is not "
+      "supported; nn.jit, nn.remat, and nn.scan/nn.vmap that broadcast "
+      "'batch_stats' (`variable_broadcast`) are."
+    )
 
 
 def _bn_module(module: nn.Module, op: str, variables: Mapping[str, Any]) -> dict[str, Any]:
@@ -217,8 +246,10 @@ def _bn_module(module: nn.Module, op: str, variables: Mapping[str, Any]) -> dict
 Emit = Callable[[str, tuple, tuple], None]
 
 
-def _moments_capture(resolve: Callable[[], ApplyFn], bn_types: tuple[type, ...] | None,
-                     ) -> Callable[[Mapping[str, Any], Any, Emit], None]:
+def _moments_capture(
+  resolve: Callable[[], ApplyFn],
+  bn_types: tuple[type, ...] | None,
+) -> Callable[[Mapping[str, Any], Any, Emit], None]:
   """``capture(variables, x, emit)`` emitting ``(count, mean, m2, moving_mean,
   moving_var)`` per BN call, the BN running as the model says (eval mode)."""
   is_bn_call = _bn_calls(bn_types)
@@ -234,11 +265,14 @@ def _moments_capture(resolve: Callable[[], ApplyFn], bn_types: tuple[type, ...] 
 
     with nn.intercept_methods(interceptor):
       resolve()(variables, x)
+
   return capture
 
 
-def _batch_stats_capture(resolve: Callable[[], ApplyFn], bn_types: tuple[type, ...] | None,
-                         ) -> Callable[[Mapping[str, Any], Any, Emit], None]:
+def _batch_stats_capture(
+  resolve: Callable[[], ApplyFn],
+  bn_types: tuple[type, ...] | None,
+) -> Callable[[Mapping[str, Any], Any, Emit], None]:
   """``capture(variables, x, emit)`` emitting ``(unbiased, count, mean, m2)``
   per BN call, each BN normalizing with its batch statistics as in training
   (the noise stays off via apply_fn); ``count`` is per feature, ``m2 = count *
@@ -251,28 +285,41 @@ def _batch_stats_capture(resolve: Callable[[], ApplyFn], bn_types: tuple[type, .
         return next_fun(*args, **kwargs)
       module, value, mask = context.module, args[0], kwargs.get("mask")
       y, count, mean, m2 = _normalize_with_batch_stats(
-          module, value, mask, _bn_module(module, "recalibrate_batch_stats", variables))
-      emit(_path(module), (bool(getattr(module, "unbiased_running_var", False)),),
-           (count, mean, m2))
+        module, value, mask, _bn_module(module, "recalibrate_batch_stats", variables)
+      )
+      emit(
+        _path(module), (bool(getattr(module, "unbiased_running_var", False)),), (count, mean, m2)
+      )
       return y
 
     with nn.intercept_methods(interceptor):
       resolve()(variables, x)
+
   return capture
 
 
-def _normalize_with_batch_stats(module: nn.Module, value: Any, mask: Any,
-                                stats: Mapping[str, Any]) -> tuple[Any, Any, Any, Any]:
+def _normalize_with_batch_stats(
+  module: nn.Module, value: Any, mask: Any, stats: Mapping[str, Any]
+) -> tuple[Any, Any, Any, Any]:
   """``(y, count, mean, m2)``: the BN's output on batch statistics, and those
   statistics (``momentum=0``: the "updated" running statistics are this
   batch's, biased; the layer's convention is applied once, after pooling)."""
   scale = module.get_variable("params", "scale") if module.use_scale else None
   bias = module.get_variable("params", "bias") if module.use_bias else None
   y, batch = normalization.batch_norm(
-      value, stats, scale, bias, deterministic=False, momentum=0.0,
-      epsilon=module.epsilon, axis=module.axis, mask=mask,
-      dtype=dtypes.canonicalize_dtype(
-          *(a for a in (value, scale, bias) if a is not None), dtype=module.dtype))
+    value,
+    stats,
+    scale,
+    bias,
+    deterministic=False,
+    momentum=0.0,
+    epsilon=module.epsilon,
+    axis=module.axis,
+    mask=mask,
+    dtype=dtypes.canonicalize_dtype(
+      *(a for a in (value, scale, bias) if a is not None), dtype=module.dtype
+    ),
+  )
   count = common.selected_count(value, module.axis, mask)
   return y, count, batch["mean"], batch["var"].astype(jnp.float32) * count
 
@@ -317,6 +364,7 @@ def _in_call_order(capture_fn: Callable[[Mapping[str, Any], Any, Emit], None]) -
       finally:
         sink.clear()
     return [(path, record) for _, path, record in calls]
+
   return run
 
 
@@ -329,8 +377,9 @@ _CAPTURES: common.WeakCache[Capture] = common.WeakCache()
 # The new batch_stats tree.
 
 
-def _rebuild_batch_stats(root: Mapping[str, Any], pooled: common.Pooled,
-                         unbiased: Mapping[str, bool]) -> dict[str, Any]:
+def _rebuild_batch_stats(
+  root: Mapping[str, Any], pooled: common.Pooled, unbiased: Mapping[str, bool]
+) -> dict[str, Any]:
   """``root`` with the ``mean`` and ``var`` of every pooled path replaced."""
 
   def new_stats(path, node):
@@ -341,8 +390,11 @@ def _rebuild_batch_stats(root: Mapping[str, Any], pooled: common.Pooled,
     out = {}
     for name, node in tree.items():
       path = "/".join(prefix + (name,))
-      if isinstance(node, Mapping) and {"mean", "var"} <= set(node) and not isinstance(
-          node["mean"], Mapping):
+      if (
+        isinstance(node, Mapping)
+        and {"mean", "var"} <= set(node)
+        and not isinstance(node["mean"], Mapping)
+      ):
         out[name] = new_stats(path, node) if path in pooled else node
       elif isinstance(node, Mapping):
         out[name] = rebuild(node, prefix + (name,))

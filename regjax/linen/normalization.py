@@ -58,39 +58,54 @@ class BatchNorm(nn.Module):
   force_float32_reductions: bool = True
 
   @nn.compact
-  def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
-               deterministic: bool | None = None, mask: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    use_running_average: bool | None = None,
+    *,
+    deterministic: bool | None = None,
+    mask: jax.Array | None = None,
+  ) -> jax.Array:
     deterministic = nn.merge_param(
-        "deterministic",
-        resolve_deterministic_alias(self.deterministic, self.use_running_average,
-                                    "module attributes"),
-        resolve_deterministic_alias(deterministic, use_running_average, "call arguments"))
+      "deterministic",
+      resolve_deterministic_alias(
+        self.deterministic, self.use_running_average, "module attributes"
+      ),
+      resolve_deterministic_alias(deterministic, use_running_average, "call arguments"),
+    )
     feature_axes = canonical_axes(self.axis, x.ndim, "BatchNorm")
     feature_shape = tuple(x.shape[a] for a in feature_axes)
 
     stats_dtype = F.running_stats_dtype(self.param_dtype, self.force_float32_reductions)
-    ra_mean = self.variable("batch_stats", "mean",
-                            lambda s: jnp.zeros(s, stats_dtype), feature_shape)
-    ra_var = self.variable("batch_stats", "var",
-                           lambda s: jnp.ones(s, stats_dtype), feature_shape)
-    scale = (self.param("scale", self.scale_init, feature_shape, self.param_dtype)
-             if self.use_scale else None)
-    bias = (self.param("bias", self.bias_init, feature_shape, self.param_dtype)
-            if self.use_bias else None)
+    ra_mean = self.variable(
+      "batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), feature_shape
+    )
+    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), feature_shape)
+    scale = (
+      self.param("scale", self.scale_init, feature_shape, self.param_dtype)
+      if self.use_scale
+      else None
+    )
+    bias = (
+      self.param("bias", self.bias_init, feature_shape, self.param_dtype) if self.use_bias else None
+    )
 
     initializing = self.is_initializing()
     y, new_stats = F.batch_norm(
-        x, {"mean": ra_mean.value, "var": ra_var.value}, scale, bias,
-        deterministic=deterministic,
-        momentum=self.momentum,
-        epsilon=self.epsilon,
-        axis=self.axis,
-        axis_name=None if initializing else self.axis_name,
-        axis_index_groups=None if initializing else self.axis_index_groups,
-        unbiased_running_var=self.unbiased_running_var,
-        mask=mask,
-        force_float32_reductions=self.force_float32_reductions,
-        dtype=F.output_dtype(x, scale, bias, self.dtype),
+      x,
+      {"mean": ra_mean.value, "var": ra_var.value},
+      scale,
+      bias,
+      deterministic=deterministic,
+      momentum=self.momentum,
+      epsilon=self.epsilon,
+      axis=self.axis,
+      axis_name=None if initializing else self.axis_name,
+      axis_index_groups=None if initializing else self.axis_index_groups,
+      unbiased_running_var=self.unbiased_running_var,
+      mask=mask,
+      force_float32_reductions=self.force_float32_reductions,
+      dtype=F.output_dtype(x, scale, bias, self.dtype),
     )
     if not deterministic and not initializing:
       ra_mean.value = new_stats["mean"]

@@ -39,10 +39,20 @@ class Dropout(nn.Module):
   rng_impl: str = "hash"
 
   @nn.compact
-  def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
-               rng: jax.Array | None = None) -> jax.Array:
-    return apply_noise(self, F.dropout, _specs.DROPOUT, self.rate, inputs, deterministic, rng,
-                       broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)
+  def __call__(
+    self, inputs: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None
+  ) -> jax.Array:
+    return apply_noise(
+      self,
+      F.dropout,
+      _specs.DROPOUT,
+      self.rate,
+      inputs,
+      deterministic,
+      rng,
+      broadcast_dims=self.broadcast_dims,
+      rng_impl=self.rng_impl,
+    )
 
 
 class GaussianDropout(nn.Module):
@@ -55,11 +65,20 @@ class GaussianDropout(nn.Module):
   rng_impl: str = "hash"
 
   @nn.compact
-  def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
-               rng: jax.Array | None = None) -> jax.Array:
-    return apply_noise(self, F.gaussian_dropout, _specs.GAUSSIAN_DROPOUT, self.rate, inputs,
-                       deterministic, rng, broadcast_dims=self.broadcast_dims,
-                       rng_impl=self.rng_impl)
+  def __call__(
+    self, inputs: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None
+  ) -> jax.Array:
+    return apply_noise(
+      self,
+      F.gaussian_dropout,
+      _specs.GAUSSIAN_DROPOUT,
+      self.rate,
+      inputs,
+      deterministic,
+      rng,
+      broadcast_dims=self.broadcast_dims,
+      rng_impl=self.rng_impl,
+    )
 
 
 class Uout(nn.Module):
@@ -72,7 +91,17 @@ class Uout(nn.Module):
   rng_impl: str = "hash"
 
   @nn.compact
-  def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
-               rng: jax.Array | None = None) -> jax.Array:
-    return apply_noise(self, F.uout, _specs.UOUT, self.beta, inputs, deterministic, rng,
-                       broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)
+  def __call__(
+    self, inputs: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None
+  ) -> jax.Array:
+    return apply_noise(
+      self,
+      F.uout,
+      _specs.UOUT,
+      self.beta,
+      inputs,
+      deterministic,
+      rng,
+      broadcast_dims=self.broadcast_dims,
+      rng_impl=self.rng_impl,
+    )

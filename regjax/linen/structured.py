@@ -41,11 +41,20 @@ class ChannelDropout(nn.Module):
   rng_impl: str = "hash"
 
   @nn.compact
-  def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
-               rng: jax.Array | None = None) -> jax.Array:
-    return apply_noise(self, F.channel_dropout, _specs.CHANNEL_DROPOUT, self.rate, inputs,
-                       deterministic, rng, channel_axis=self.channel_axis,
-                       rng_impl=self.rng_impl)
+  def __call__(
+    self, inputs: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None
+  ) -> jax.Array:
+    return apply_noise(
+      self,
+      F.channel_dropout,
+      _specs.CHANNEL_DROPOUT,
+      self.rate,
+      inputs,
+      deterministic,
+      rng,
+      channel_axis=self.channel_axis,
+      rng_impl=self.rng_impl,
+    )
 
 
 class DropPath(nn.Module):
@@ -70,10 +79,20 @@ class DropPath(nn.Module):
   rng_impl: str = "hash"
 
   @nn.compact
-  def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
-               rng: jax.Array | None = None) -> jax.Array:
-    return apply_noise(self, F.drop_path, _specs.DROP_PATH, self.rate, inputs, deterministic,
-                       rng, mode=self.mode, rng_impl=self.rng_impl)
+  def __call__(
+    self, inputs: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None
+  ) -> jax.Array:
+    return apply_noise(
+      self,
+      F.drop_path,
+      _specs.DROP_PATH,
+      self.rate,
+      inputs,
+      deterministic,
+      rng,
+      mode=self.mode,
+      rng_impl=self.rng_impl,
+    )
 
 
 class DropBlock(nn.Module):
@@ -101,11 +120,22 @@ class DropBlock(nn.Module):
   rng_impl: str = "hash"
 
   @nn.compact
-  def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
-               rng: jax.Array | None = None) -> jax.Array:
-    return apply_noise(self, F.dropblock, _specs.DROPBLOCK, self.rate, inputs, deterministic,
-                       rng, block_size=self.block_size, share_channels=self.share_channels,
-                       data_format=self.data_format, rng_impl=self.rng_impl)
+  def __call__(
+    self, inputs: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None
+  ) -> jax.Array:
+    return apply_noise(
+      self,
+      F.dropblock,
+      _specs.DROPBLOCK,
+      self.rate,
+      inputs,
+      deterministic,
+      rng,
+      block_size=self.block_size,
+      share_channels=self.share_channels,
+      data_format=self.data_format,
+      rng_impl=self.rng_impl,
+    )
 
 
 class Cutout(nn.Module):
@@ -124,7 +154,16 @@ class Cutout(nn.Module):
   rng_collection: str = "dropout"
 
   @nn.compact
-  def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
-               rng: jax.Array | None = None) -> jax.Array:
-    return apply_noise(self, F.cutout, _specs.CUTOUT, self.size, inputs, deterministic, rng,
-                       data_format=self.data_format)
+  def __call__(
+    self, inputs: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None
+  ) -> jax.Array:
+    return apply_noise(
+      self,
+      F.cutout,
+      _specs.CUTOUT,
+      self.size,
+      inputs,
+      deterministic,
+      rng,
+      data_format=self.data_format,
+    )

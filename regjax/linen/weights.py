@@ -56,18 +56,30 @@ class DropConnect(nn.Module):
   rng_impl: str = "hash"
 
   @nn.compact
-  def __call__(self, inputs: jax.Array, deterministic: bool | None = None,
-               rng: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self, inputs: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None
+  ) -> jax.Array:
     deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-    kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features),
-                        self.param_dtype)
-    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias else None)
+    kernel = self.param(
+      "kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype
+    )
+    bias = (
+      self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+      if self.use_bias
+      else None
+    )
     inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
     # dot_general None: jax.lax.dot_general
-    dot_general = (self.dot_general_cls() if self.dot_general_cls is not None
-                   else self.dot_general)
+    dot_general = self.dot_general_cls() if self.dot_general_cls is not None else self.dot_general
     key = noise_key(self, deterministic, rng, _specs.DROPCONNECT.needs_no_draw(self.rate))
-    return F.dropconnect_dense(inputs, kernel, bias, self.rate, key=key,
-                               deterministic=deterministic, precision=self.precision,
-                               dot_general=dot_general, rng_impl=self.rng_impl)
+    return F.dropconnect_dense(
+      inputs,
+      kernel,
+      bias,
+      self.rate,
+      key=key,
+      deterministic=deterministic,
+      precision=self.precision,
+      dot_general=dot_general,
+      rng_impl=self.rng_impl,
+    )

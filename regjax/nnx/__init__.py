@@ -15,15 +15,15 @@ from regjax.nnx.structured import ChannelDropout, Cutout, DropBlock, DropPath
 from regjax.nnx.weights import DropConnect
 
 __all__ = [
-    "AlphaDropout",
-    "BatchNorm",
-    "ChannelDropout",
-    "Cutout",
-    "DropBlock",
-    "DropConnect",
-    "DropPath",
-    "Dropout",
-    "GaussianDropout",
-    "GaussianNoise",
-    "Uout",
+  "AlphaDropout",
+  "BatchNorm",
+  "ChannelDropout",
+  "Cutout",
+  "DropBlock",
+  "DropConnect",
+  "DropPath",
+  "Dropout",
+  "GaussianDropout",
+  "GaussianNoise",
+  "Uout",
 ]

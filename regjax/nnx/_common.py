@@ -45,8 +45,9 @@ def own_stream(module_name: str, rngs, rng_collection: str):
   if rngs is None:
     return None
   raise TypeError(
-      f"{module_name}: `rngs` must be an nnx.Rngs, an nnx.RngStream or None; got "
-      f"{type(rngs).__name__}.")
+    f"{module_name}: `rngs` must be an nnx.Rngs, an nnx.RngStream or None; got "
+    f"{type(rngs).__name__}."
+  )
 
 
 def hashable(value):
@@ -71,8 +72,9 @@ class NoiseModule(nnx.Module):
   def _rng_impl(self, rng_impl) -> str:
     return _noise.check_rng_impl(rng_impl, self._op_name())
 
-  def _init_noise(self, deterministic: bool | None, rng_collection: str,
-                  rngs: nnx.Rngs | nnx.RngStream | None) -> None:
+  def _init_noise(
+    self, deterministic: bool | None, rng_collection: str, rngs: nnx.Rngs | nnx.RngStream | None
+  ) -> None:
     name = type(self).__name__
     if not isinstance(rng_collection, str):
       raise TypeError(f"{name}: `rng_collection` must be a str; got {rng_collection!r}.")
@@ -97,9 +99,10 @@ class NoiseModule(nnx.Module):
     value = deterministic if deterministic is not None else self.deterministic
     if value is None:
       raise ValueError(
-          f"{type(self).__name__}: no `deterministic` value: pass it to the constructor, "
-          "at call, or switch the model with model.train() / model.eval() or "
-          "nnx.view(model, deterministic=...).")
+        f"{type(self).__name__}: no `deterministic` value: pass it to the constructor, "
+        "at call, or switch the model with model.train() / model.eval() or "
+        "nnx.view(model, deterministic=...)."
+      )
     return _checks.check_deterministic(value, self._op_name())
 
   def _key(self, deterministic: bool, rngs: RngsArg, trivial: bool):
@@ -116,32 +119,42 @@ class NoiseModule(nnx.Module):
     if isinstance(rngs, nnx.Rngs):
       if collection not in rngs:
         raise ValueError(
-            f"{name} in train mode (deterministic=False) needs the '{collection}' PRNG "
-            f"stream, but the nnx.Rngs passed at call has only {sorted(rngs)}. Pass "
-            f"`nnx.Rngs({collection}=seed)`. (regjax never falls back to the 'default' "
-            "stream.)")
+          f"{name} in train mode (deterministic=False) needs the '{collection}' PRNG "
+          f"stream, but the nnx.Rngs passed at call has only {sorted(rngs)}. Pass "
+          f"`nnx.Rngs({collection}=seed)`. (regjax never falls back to the 'default' "
+          "stream.)"
+        )
       return rngs[collection]()
     if isinstance(rngs, nnx.RngStream):
       return rngs()
     if rngs is None:
       # Starts with flax's own message, which flax's tests match.
       raise ValueError(
-          f"`deterministic` is False, but no `rngs` argument was provided to {name} "
-          "as either a __call__ argument or class attribute. "
-          f"{name} in train mode (deterministic=False) needs the '{collection}' PRNG "
-          f"stream: construct it with `rngs=nnx.Rngs({collection}=seed)` (or "
-          f"`nnx.Rngs(seed, {collection}=seed2)`; a plain nnx.Rngs(seed) has only the "
-          f"'default' stream, which regjax does not fall back to), pass `rngs=key` at "
-          "call, or set deterministic=True / call model.eval().")
+        f"`deterministic` is False, but no `rngs` argument was provided to {name} "
+        "as either a __call__ argument or class attribute. "
+        f"{name} in train mode (deterministic=False) needs the '{collection}' PRNG "
+        f"stream: construct it with `rngs=nnx.Rngs({collection}=seed)` (or "
+        f"`nnx.Rngs(seed, {collection}=seed2)`; a plain nnx.Rngs(seed) has only the "
+        f"'default' stream, which regjax does not fall back to), pass `rngs=key` at "
+        "call, or set deterministic=True / call model.eval()."
+      )
     if isinstance(rngs, jax.Array):
       return rngs  # validated by the functional core
     raise TypeError(
-        f"{name}: `rngs` at call must be a PRNG key, an nnx.RngStream or an nnx.Rngs; "
-        f"got {type(rngs).__name__}.")
+      f"{name}: `rngs` at call must be a PRNG key, an nnx.RngStream or an nnx.Rngs; "
+      f"got {type(rngs).__name__}."
+    )
 
-  def _call_noise(self, op: Callable[..., jax.Array], spec: _specs.Strength, strength,
-                  inputs: jax.Array, deterministic: bool | None, rngs: RngsArg,
-                  **kwargs) -> jax.Array:
+  def _call_noise(
+    self,
+    op: Callable[..., jax.Array],
+    spec: _specs.Strength,
+    strength,
+    inputs: jax.Array,
+    deterministic: bool | None,
+    rngs: RngsArg,
+    **kwargs,
+  ) -> jax.Array:
     """``op(inputs, strength, key=..., deterministic=..., **kwargs)`` for this module.
 
     ``deterministic`` and the key as :meth:`_deterministic` and :meth:`_key`

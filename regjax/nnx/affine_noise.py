@@ -31,20 +31,35 @@ class AlphaDropout(NoiseModule):
       ``nnx.RngStream``, or None (then a key must be given at call).
   """
 
-  def __init__(self, rate: float, *, broadcast_dims: Sequence[int] = (),
-               deterministic: bool | None = False, rng_collection: str = "dropout",
-               rng_impl: str = "hash", rngs: nnx.Rngs | nnx.RngStream | None = None):
+  def __init__(
+    self,
+    rate: float,
+    *,
+    broadcast_dims: Sequence[int] = (),
+    deterministic: bool | None = False,
+    rng_collection: str = "dropout",
+    rng_impl: str = "hash",
+    rngs: nnx.Rngs | nnx.RngStream | None = None,
+  ):
     self.rate = self._strength(_specs.ALPHA_DROPOUT, rate)
     self.broadcast_dims = hashable(broadcast_dims)
     self.rng_impl = self._rng_impl(rng_impl)
     self._init_noise(deterministic, rng_collection, rngs)
 
-  def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
-               rngs: RngsArg = None) -> jax.Array:
+  def __call__(
+    self, inputs: jax.Array, *, deterministic: bool | None = None, rngs: RngsArg = None
+  ) -> jax.Array:
     """Applies alpha dropout; ``rngs`` (a key, stream or Rngs) overrides the kept stream."""
-    return self._call_noise(F.alpha_dropout, _specs.ALPHA_DROPOUT, self.rate, inputs,
-                            deterministic, rngs, broadcast_dims=self.broadcast_dims,
-                            rng_impl=self.rng_impl)
+    return self._call_noise(
+      F.alpha_dropout,
+      _specs.ALPHA_DROPOUT,
+      self.rate,
+      inputs,
+      deterministic,
+      rngs,
+      broadcast_dims=self.broadcast_dims,
+      rng_impl=self.rng_impl,
+    )
 
 
 class GaussianNoise(NoiseModule):
@@ -55,17 +70,32 @@ class GaussianNoise(NoiseModule):
   Arguments as :class:`AlphaDropout`, with ``stddev >= 0`` in place of ``rate``.
   """
 
-  def __init__(self, stddev: float, *, broadcast_dims: Sequence[int] = (),
-               deterministic: bool | None = False, rng_collection: str = "dropout",
-               rng_impl: str = "hash", rngs: nnx.Rngs | nnx.RngStream | None = None):
+  def __init__(
+    self,
+    stddev: float,
+    *,
+    broadcast_dims: Sequence[int] = (),
+    deterministic: bool | None = False,
+    rng_collection: str = "dropout",
+    rng_impl: str = "hash",
+    rngs: nnx.Rngs | nnx.RngStream | None = None,
+  ):
     self.stddev = self._strength(_specs.GAUSSIAN_NOISE, stddev)
     self.broadcast_dims = hashable(broadcast_dims)
     self.rng_impl = self._rng_impl(rng_impl)
     self._init_noise(deterministic, rng_collection, rngs)
 
-  def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
-               rngs: RngsArg = None) -> jax.Array:
+  def __call__(
+    self, inputs: jax.Array, *, deterministic: bool | None = None, rngs: RngsArg = None
+  ) -> jax.Array:
     """Adds the noise; ``rngs`` overrides the kept stream."""
-    return self._call_noise(F.gaussian_noise, _specs.GAUSSIAN_NOISE, self.stddev, inputs,
-                            deterministic, rngs, broadcast_dims=self.broadcast_dims,
-                            rng_impl=self.rng_impl)
+    return self._call_noise(
+      F.gaussian_noise,
+      _specs.GAUSSIAN_NOISE,
+      self.stddev,
+      inputs,
+      deterministic,
+      rngs,
+      broadcast_dims=self.broadcast_dims,
+      rng_impl=self.rng_impl,
+    )

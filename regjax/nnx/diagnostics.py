@@ -32,8 +32,9 @@ CallFn = Callable[[Any, Any], Any]
 Capture = Callable[[Any, Any], list[tuple[str, tuple]]]
 
 
-def variance_shift(model: nnx.Module, batches: Iterable[Any], *, call: CallFn | None = None,
-                   bn_types: BNTypes = None) -> dict[str, LayerShift]:
+def variance_shift(
+  model: nnx.Module, batches: Iterable[Any], *, call: CallFn | None = None, bn_types: BNTypes = None
+) -> dict[str, LayerShift]:
   """Per BatchNorm layer: running vs eval-mode ("real") statistics of its input.
 
   Args:
@@ -69,8 +70,9 @@ def variance_shift(model: nnx.Module, batches: Iterable[Any], *, call: CallFn | 
   return common.layer_shifts(pooled, moving)
 
 
-def recalibrate_batch_stats(model: nnx.Module, batches: Iterable[Any], *,
-                            call: CallFn | None = None, bn_types: BNTypes = None) -> nnx.State:
+def recalibrate_batch_stats(
+  model: nnx.Module, batches: Iterable[Any], *, call: CallFn | None = None, bn_types: BNTypes = None
+) -> nnx.State:
   """Re-estimates every BatchNorm's population statistics with regularizers off.
 
   Each BN normalizes with its batch statistics while the eval view keeps the
@@ -101,13 +103,19 @@ def recalibrate_batch_stats(model: nnx.Module, batches: Iterable[Any], *,
   # nnx.state returns the model's own Variable objects: every entry of the
   # result is a new Variable (Variable.replace keeps type and metadata), so
   # editing the result never edits the model.
-  flat = {path: variable.replace(variable.get_value())
-          for path, variable in nnx.to_flat_state(nnx.state(model, nnx.BatchStat))}
+  flat = {
+    path: variable.replace(variable.get_value())
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.BatchStat))
+  }
   for path, entry in pooled.items():
     parts, bn = found[path]
     mean_var, var_var = bn.mean, bn.var
-    mean, var = common.pooled_stats(entry, mean_var.get_value(), var_var.get_value(),
-                                    bool(getattr(bn, "unbiased_running_var", False)))
+    mean, var = common.pooled_stats(
+      entry,
+      mean_var.get_value(),
+      var_var.get_value(),
+      bool(getattr(bn, "unbiased_running_var", False)),
+    )
     # Also covers a custom BN whose statistics are not nnx.BatchStat.
     flat[(*parts, "mean")] = mean_var.replace(mean)
     flat[(*parts, "var")] = var_var.replace(var)
@@ -115,8 +123,10 @@ def recalibrate_batch_stats(model: nnx.Module, batches: Iterable[Any], *,
 
 
 def _no_bn_call(op: str) -> ValueError:
-  return ValueError(f"{op}: no BatchNorm call was seen; pass at least one batch, and "
-                    "`call(model, x)` must run the model it is given.")
+  return ValueError(
+    f"{op}: no BatchNorm call was seen; pass at least one batch, and "
+    "`call(model, x)` must run the model it is given."
+  )
 
 
 # --------------------------------------------------------------------------
@@ -164,12 +174,19 @@ def _normalize_with_batch_stats(bn: Any, x: Any, mask: Any) -> tuple[Any, Any, A
   scale = bn.scale[...] if getattr(bn, "scale", None) is not None else None
   bias = bn.bias[...] if getattr(bn, "bias", None) is not None else None
   y, batch = normalization.batch_norm(
-      x, {"mean": bn.mean[...], "var": bn.var[...]}, scale, bias,
-      deterministic=False, momentum=0.0, epsilon=bn.epsilon, axis=bn.axis,
-      mask=mask,
-      dtype=dtypes.canonicalize_dtype(
-          *(a for a in (x, scale, bias) if a is not None),
-          dtype=getattr(bn, "dtype", None)))
+    x,
+    {"mean": bn.mean[...], "var": bn.var[...]},
+    scale,
+    bias,
+    deterministic=False,
+    momentum=0.0,
+    epsilon=bn.epsilon,
+    axis=bn.axis,
+    mask=mask,
+    dtype=dtypes.canonicalize_dtype(
+      *(a for a in (x, scale, bias) if a is not None), dtype=getattr(bn, "dtype", None)
+    ),
+  )
   count = common.selected_count(x, bn.axis, mask)
   return y, count, batch["mean"], batch["var"].astype(jnp.float32) * count
 
@@ -192,15 +209,17 @@ def _check_not_stacked(bn: Any, path: str, op: str) -> None:
   shape = tuple(np.shape(mean[...])) if mean is not None else (0,) * n_axes
   if len(shape) > n_axes:
     raise NotImplementedError(
-        f"{op}: the BatchNorm at '{path}' holds stacked statistics (shape "
-        f"{shape} for {n_axes} feature axis/axes): a layer stack "
-        "built with nnx.vmap and run under nnx.scan/nnx.vmap is not supported, since "
-        "one module there stands for several BatchNorms that each see a slice of "
-        "its statistics. Run the diagnostics on an unstacked copy of the model.")
+      f"{op}: the BatchNorm at '{path}' holds stacked statistics (shape "
+      f"{shape} for {n_axes} feature axis/axes): a layer stack "
+      "built with nnx.vmap and run under nnx.scan/nnx.vmap is not supported, since "
+      "one module there stands for several BatchNorms that each see a slice of "
+      "its statistics. Run the diagnostics on an unstacked copy of the model."
+    )
 
 
-def _probe(model: nnx.Module, kind: str, bn_types: tuple[type, ...] | None,
-           op: str) -> tuple[nnx.Module, dict[str, tuple[tuple, Any]]]:
+def _probe(
+  model: nnx.Module, kind: str, bn_types: tuple[type, ...] | None, op: str
+) -> tuple[nnx.Module, dict[str, tuple[tuple, Any]]]:
   """``(probe model in eval mode, {path: (path parts, BN module)})``.
 
   The probe model is a copy of ``model``'s graph sharing its Variables;
@@ -219,14 +238,14 @@ def _probe(model: nnx.Module, kind: str, bn_types: tuple[type, ...] | None,
   probe = nnx.recursive_map(wrap, model)
   if not found:
     raise ValueError(
-        f"{op}: the model has no BatchNorm module (looked for "
-        f"{', '.join(t.__module__ + '.' + t.__qualname__ for t in types)}); "
-        "pass `bn_types` if it uses its own BatchNorm class.")
+      f"{op}: the model has no BatchNorm module (looked for "
+      f"{', '.join(t.__module__ + '.' + t.__qualname__ for t in types)}); "
+      "pass `bn_types` if it uses its own BatchNorm class."
+    )
   # Both names explicitly: flax's nnx.BatchNorm only knows use_running_average,
   # the noise modules only deterministic; modules knowing neither are left as
   # they are (raise_if_not_found=False).
-  probe = nnx.view(probe, deterministic=True, use_running_average=True,
-                   raise_if_not_found=False)
+  probe = nnx.view(probe, deterministic=True, use_running_average=True, raise_if_not_found=False)
   return probe, found
 
 
@@ -241,17 +260,20 @@ def _compile_capture(graphdef: Any, resolve: Callable[[], CallFn]) -> Capture:
     call = resolve()
     with common.numbered_calls():
       _, captured = nnx.capture(lambda m, v: call(m, v), ProbeRecord)(model, x)
-    return {_nnx_path(path[:-1]): variable.get_value()
-            for path, variable in nnx.to_flat_state(captured)}
+    return {
+      _nnx_path(path[:-1]): variable.get_value() for path, variable in nnx.to_flat_state(captured)
+    }
 
   compiled = jax.jit(traced)
 
   def run(state, x):
     # jit sorts the keys of what it returns, so call order travels as data.
     by_path = jax.device_get(compiled(state, x))
-    calls = [(int(record[0]), path, record[1:])
-             for path, records in by_path.items() for record in records]
+    calls = [
+      (int(record[0]), path, record[1:]) for path, records in by_path.items() for record in records
+    ]
     return [(path, record) for _, path, record in sorted(calls, key=lambda c: c[0])]
+
   return run
 
 
@@ -261,9 +283,14 @@ def _compile_capture(graphdef: Any, resolve: Callable[[], CallFn]) -> Capture:
 _CAPTURES: common.WeakCache[Capture] = common.WeakCache()
 
 
-def _records(op: str, model: nnx.Module, batches: Iterable[Any], call: CallFn | None,
-             bn_types: BNTypes, kind: str,
-             ) -> tuple[Iterator[tuple[str, tuple]], dict[str, tuple[tuple, Any]]]:
+def _records(
+  op: str,
+  model: nnx.Module,
+  batches: Iterable[Any],
+  call: CallFn | None,
+  bn_types: BNTypes,
+  kind: str,
+) -> tuple[Iterator[tuple[str, tuple]], dict[str, tuple[tuple, Any]]]:
   """``(records, found)``: a generator of ``(path, record)``, one per BN call per
   batch in call order, and ``{path: (path parts, BN module)}`` from :func:`_probe`."""
   if call is not None and not callable(call):
@@ -271,10 +298,14 @@ def _records(op: str, model: nnx.Module, batches: Iterable[Any], call: CallFn | 
   types = common.bn_type_tuple(bn_types, op)
   probe, found = _probe(model, kind, types, op)
   graphdef, state = nnx.split(probe)
-  capture = _CAPTURES.get(call if call is not None else _call_model, graphdef,
-                          lambda resolve: _compile_capture(graphdef, resolve))
+  capture = _CAPTURES.get(
+    call if call is not None else _call_model,
+    graphdef,
+    lambda resolve: _compile_capture(graphdef, resolve),
+  )
 
   def records() -> Iterator[tuple[str, tuple]]:
     for batch in batches:
       yield from capture(state, common.input_of(batch))
+
   return records(), found

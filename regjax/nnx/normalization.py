@@ -35,17 +35,23 @@ def _feature_shape(num_features, axis, op: str) -> tuple[Any, ...]:
     feature_shape = tuple(num_features)
   else:
     feature_shape = None
-  if feature_shape is None or not feature_shape or not all(
-      isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0
-      for d in feature_shape):
+  if (
+    feature_shape is None
+    or not feature_shape
+    or not all(
+      isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0 for d in feature_shape
+    )
+  ):
     raise ValueError(
-        f"{op}: `num_features` must be a positive int (or a tuple of them, one per "
-        f"feature axis); got {num_features!r}.")
+      f"{op}: `num_features` must be a positive int (or a tuple of them, one per "
+      f"feature axis); got {num_features!r}."
+    )
   n_axes = 1 if isinstance(axis, (int, np.integer)) else len(tuple(axis))
   if n_axes != len(feature_shape):
     raise ValueError(
-        f"{op}: `num_features`={num_features!r} gives {len(feature_shape)} feature "
-        f"size(s) but `axis`={axis!r} names {n_axes} axis/axes.")
+      f"{op}: `num_features`={num_features!r} gives {len(feature_shape)} feature "
+      f"size(s) but `axis`={axis!r} names {n_axes} axis/axes."
+    )
   return feature_shape
 
 
@@ -76,28 +82,28 @@ class BatchNorm(nnx.Module):
   """
 
   def __init__(
-      self,
-      num_features: int | tuple[int, ...],
-      *,
-      use_running_average: bool | None = False,
-      axis: int | tuple[int, ...] = -1,
-      momentum: float = 0.99,
-      epsilon: float = 1e-5,
-      dtype: Any = None,
-      param_dtype: Any = jnp.float32,
-      use_bias: bool = True,
-      use_scale: bool = True,
-      bias_init: Initializer = initializers.zeros,
-      scale_init: Initializer = initializers.ones,
-      axis_name: str | None = None,
-      axis_index_groups: Any = None,
-      use_fast_variance: bool = True,
-      deterministic: bool | None = None,
-      unbiased_running_var: bool = False,
-      promote_dtype: Any = dtypes.promote_dtype,
-      rngs: nnx.Rngs,
-      bias_metadata: Mapping[str, Any] = MappingProxyType({}),
-      scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+    self,
+    num_features: int | tuple[int, ...],
+    *,
+    use_running_average: bool | None = False,
+    axis: int | tuple[int, ...] = -1,
+    momentum: float = 0.99,
+    epsilon: float = 1e-5,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    use_bias: bool = True,
+    use_scale: bool = True,
+    bias_init: Initializer = initializers.zeros,
+    scale_init: Initializer = initializers.ones,
+    axis_name: str | None = None,
+    axis_index_groups: Any = None,
+    use_fast_variance: bool = True,
+    deterministic: bool | None = None,
+    unbiased_running_var: bool = False,
+    promote_dtype: Any = dtypes.promote_dtype,
+    rngs: nnx.Rngs,
+    bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+    scale_metadata: Mapping[str, Any] = MappingProxyType({}),
   ):
     op = "regjax.nnx.BatchNorm"
     feature_shape = _feature_shape(num_features, axis, op)
@@ -105,7 +111,8 @@ class BatchNorm(nnx.Module):
     _checks.check_epsilon(epsilon, op)
     if deterministic is not None:
       use_running_average = _checks.resolve_deterministic_alias(
-          deterministic, True if use_running_average else None, "constructor arguments")
+        deterministic, True if use_running_average else None, "constructor arguments"
+      )
 
     stats = F.init_batch_stats(feature_shape, F.running_stats_dtype())
     self.mean = nnx.BatchStat(stats["mean"])
@@ -113,13 +120,13 @@ class BatchNorm(nnx.Module):
     self.scale: nnx.Param | None
     self.bias: nnx.Param | None
     if use_scale:
-      self.scale = nnx.Param(scale_init(rngs.params(), feature_shape, param_dtype),
-                             **scale_metadata)
+      self.scale = nnx.Param(
+        scale_init(rngs.params(), feature_shape, param_dtype), **scale_metadata
+      )
     else:
       self.scale = nnx.data(None)
     if use_bias:
-      self.bias = nnx.Param(bias_init(rngs.params(), feature_shape, param_dtype),
-                            **bias_metadata)
+      self.bias = nnx.Param(bias_init(rngs.params(), feature_shape, param_dtype), **bias_metadata)
     else:
       self.bias = nnx.data(None)
 
@@ -150,8 +157,14 @@ class BatchNorm(nnx.Module):
   def deterministic(self, value: bool | None) -> None:
     self.use_running_average = value
 
-  def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
-               deterministic: bool | None = None, mask: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    use_running_average: bool | None = None,
+    *,
+    deterministic: bool | None = None,
+    mask: jax.Array | None = None,
+  ) -> jax.Array:
     """Normalizes ``x``; in train mode also updates ``mean`` and ``var``.
 
     Args:
@@ -167,33 +180,39 @@ class BatchNorm(nnx.Module):
       mode = self.use_running_average
     if mode is None:
       raise ValueError(
-          "BatchNorm: no `use_running_average`/`deterministic` value: pass it to the "
-          "constructor, at call, or switch the model with model.train() / model.eval() "
-          "or nnx.view(model, use_running_average=...).")
+        "BatchNorm: no `use_running_average`/`deterministic` value: pass it to the "
+        "constructor, at call, or switch the model with model.train() / model.eval() "
+        "or nnx.view(model, use_running_average=...)."
+      )
     feature_axes = _checks.canonical_axes(self.axis, x.ndim, "BatchNorm")
     feature_shape = tuple(x.shape[a] for a in feature_axes)
     if feature_shape != tuple(self.mean.shape):
       raise ValueError(
-          f"BatchNorm(num_features={self.num_features!r}): the input's feature "
-          f"axes {feature_axes} have sizes {feature_shape}; expected "
-          f"{tuple(self.mean.shape)}.")
+        f"BatchNorm(num_features={self.num_features!r}): the input's feature "
+        f"axes {feature_axes} have sizes {feature_shape}; expected "
+        f"{tuple(self.mean.shape)}."
+      )
     scale = self.scale[...] if self.scale is not None else None
     bias = self.bias[...] if self.bias is not None else None
     F.check_inexact(x, "BatchNorm")  # before promotion, which would turn integers into floats
     # As flax: input, statistics and params pass through `promote_dtype` first.
     x, mean, var, scale, bias = self.promote_dtype(
-        (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype)
+      (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype
+    )
     y, new_stats = F.batch_norm(
-        x, {"mean": mean, "var": var}, scale, bias,
-        deterministic=mode,
-        momentum=self.momentum,
-        epsilon=self.epsilon,
-        axis=self.axis,
-        axis_name=self.axis_name,
-        axis_index_groups=self.axis_index_groups,
-        unbiased_running_var=self.unbiased_running_var,
-        mask=mask,
-        dtype=F.output_dtype(x, scale, bias, self.dtype),
+      x,
+      {"mean": mean, "var": var},
+      scale,
+      bias,
+      deterministic=mode,
+      momentum=self.momentum,
+      epsilon=self.epsilon,
+      axis=self.axis,
+      axis_name=self.axis_name,
+      axis_index_groups=self.axis_index_groups,
+      unbiased_running_var=self.unbiased_running_var,
+      mask=mask,
+      dtype=F.output_dtype(x, scale, bias, self.dtype),
     )
     if not mode:
       # Statistics are state, never differentiated (as in nnx.BatchNorm).
@@ -202,8 +221,7 @@ class BatchNorm(nnx.Module):
       self.var[...] = jax.lax.stop_gradient(new_stats["var"]).astype(self.var.dtype)
     return y
 
-  def set_view(self, use_running_average: bool | None = None,
-               deterministic: bool | None = None):
+  def set_view(self, use_running_average: bool | None = None, deterministic: bool | None = None):
     """Class method used by ``nnx.view``.
 
     ``nnx.view`` passes its keyword arguments to every module, so

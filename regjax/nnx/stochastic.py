@@ -41,19 +41,35 @@ class Dropout(NoiseModule):
       in train mode).
   """
 
-  def __init__(self, rate: float, *, broadcast_dims: Sequence[int] = (),
-               deterministic: bool | None = False, rng_collection: str = "dropout",
-               rng_impl: str = "hash", rngs: nnx.Rngs | nnx.RngStream | None = None):
+  def __init__(
+    self,
+    rate: float,
+    *,
+    broadcast_dims: Sequence[int] = (),
+    deterministic: bool | None = False,
+    rng_collection: str = "dropout",
+    rng_impl: str = "hash",
+    rngs: nnx.Rngs | nnx.RngStream | None = None,
+  ):
     self.rate = self._strength(_specs.DROPOUT, rate)
     self.broadcast_dims = hashable(broadcast_dims)
     self.rng_impl = self._rng_impl(rng_impl)
     self._init_noise(deterministic, rng_collection, rngs)
 
-  def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
-               rngs: RngsArg = None) -> jax.Array:
+  def __call__(
+    self, inputs: jax.Array, *, deterministic: bool | None = None, rngs: RngsArg = None
+  ) -> jax.Array:
     """Applies dropout; ``rngs`` (a key, stream or Rngs) overrides the kept stream."""
-    return self._call_noise(F.dropout, _specs.DROPOUT, self.rate, inputs, deterministic, rngs,
-                            broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)
+    return self._call_noise(
+      F.dropout,
+      _specs.DROPOUT,
+      self.rate,
+      inputs,
+      deterministic,
+      rngs,
+      broadcast_dims=self.broadcast_dims,
+      rng_impl=self.rng_impl,
+    )
 
 
 class GaussianDropout(NoiseModule):
@@ -62,20 +78,35 @@ class GaussianDropout(NoiseModule):
   Arguments as :class:`Dropout`; ``rate`` is in ``[0, 1)``.
   """
 
-  def __init__(self, rate: float, *, broadcast_dims: Sequence[int] = (),
-               deterministic: bool | None = False, rng_collection: str = "dropout",
-               rng_impl: str = "hash", rngs: nnx.Rngs | nnx.RngStream | None = None):
+  def __init__(
+    self,
+    rate: float,
+    *,
+    broadcast_dims: Sequence[int] = (),
+    deterministic: bool | None = False,
+    rng_collection: str = "dropout",
+    rng_impl: str = "hash",
+    rngs: nnx.Rngs | nnx.RngStream | None = None,
+  ):
     self.rate = self._strength(_specs.GAUSSIAN_DROPOUT, rate)
     self.broadcast_dims = hashable(broadcast_dims)
     self.rng_impl = self._rng_impl(rng_impl)
     self._init_noise(deterministic, rng_collection, rngs)
 
-  def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
-               rngs: RngsArg = None) -> jax.Array:
+  def __call__(
+    self, inputs: jax.Array, *, deterministic: bool | None = None, rngs: RngsArg = None
+  ) -> jax.Array:
     """Applies Gaussian dropout; ``rngs`` overrides the kept stream."""
-    return self._call_noise(F.gaussian_dropout, _specs.GAUSSIAN_DROPOUT, self.rate, inputs,
-                            deterministic, rngs, broadcast_dims=self.broadcast_dims,
-                            rng_impl=self.rng_impl)
+    return self._call_noise(
+      F.gaussian_dropout,
+      _specs.GAUSSIAN_DROPOUT,
+      self.rate,
+      inputs,
+      deterministic,
+      rngs,
+      broadcast_dims=self.broadcast_dims,
+      rng_impl=self.rng_impl,
+    )
 
 
 class Uout(NoiseModule):
@@ -85,16 +116,32 @@ class Uout(NoiseModule):
   place of ``rate``.
   """
 
-  def __init__(self, beta: float, *, broadcast_dims: Sequence[int] = (),
-               deterministic: bool | None = False, rng_collection: str = "dropout",
-               rng_impl: str = "hash", rngs: nnx.Rngs | nnx.RngStream | None = None):
+  def __init__(
+    self,
+    beta: float,
+    *,
+    broadcast_dims: Sequence[int] = (),
+    deterministic: bool | None = False,
+    rng_collection: str = "dropout",
+    rng_impl: str = "hash",
+    rngs: nnx.Rngs | nnx.RngStream | None = None,
+  ):
     self.beta = self._strength(_specs.UOUT, beta)
     self.broadcast_dims = hashable(broadcast_dims)
     self.rng_impl = self._rng_impl(rng_impl)
     self._init_noise(deterministic, rng_collection, rngs)
 
-  def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
-               rngs: RngsArg = None) -> jax.Array:
+  def __call__(
+    self, inputs: jax.Array, *, deterministic: bool | None = None, rngs: RngsArg = None
+  ) -> jax.Array:
     """Applies Uout noise; ``rngs`` overrides the kept stream."""
-    return self._call_noise(F.uout, _specs.UOUT, self.beta, inputs, deterministic, rngs,
-                            broadcast_dims=self.broadcast_dims, rng_impl=self.rng_impl)
+    return self._call_noise(
+      F.uout,
+      _specs.UOUT,
+      self.beta,
+      inputs,
+      deterministic,
+      rngs,
+      broadcast_dims=self.broadcast_dims,
+      rng_impl=self.rng_impl,
+    )

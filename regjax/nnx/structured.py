@@ -36,20 +36,35 @@ class ChannelDropout(NoiseModule):
       ``nnx.RngStream``, or None (then a key must be given at call).
   """
 
-  def __init__(self, rate: float, *, channel_axis: int = -1,
-               deterministic: bool | None = False, rng_collection: str = "dropout",
-               rng_impl: str = "hash", rngs: nnx.Rngs | nnx.RngStream | None = None):
+  def __init__(
+    self,
+    rate: float,
+    *,
+    channel_axis: int = -1,
+    deterministic: bool | None = False,
+    rng_collection: str = "dropout",
+    rng_impl: str = "hash",
+    rngs: nnx.Rngs | nnx.RngStream | None = None,
+  ):
     self.rate = self._strength(_specs.CHANNEL_DROPOUT, rate)
     self.channel_axis = channel_axis
     self.rng_impl = self._rng_impl(rng_impl)
     self._init_noise(deterministic, rng_collection, rngs)
 
-  def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
-               rngs: RngsArg = None) -> jax.Array:
+  def __call__(
+    self, inputs: jax.Array, *, deterministic: bool | None = None, rngs: RngsArg = None
+  ) -> jax.Array:
     """Applies channel dropout; ``rngs`` (a key, stream or Rngs) overrides the kept stream."""
-    return self._call_noise(F.channel_dropout, _specs.CHANNEL_DROPOUT, self.rate, inputs,
-                            deterministic, rngs, channel_axis=self.channel_axis,
-                            rng_impl=self.rng_impl)
+    return self._call_noise(
+      F.channel_dropout,
+      _specs.CHANNEL_DROPOUT,
+      self.rate,
+      inputs,
+      deterministic,
+      rngs,
+      channel_axis=self.channel_axis,
+      rng_impl=self.rng_impl,
+    )
 
 
 class DropPath(NoiseModule):
@@ -64,19 +79,35 @@ class DropPath(NoiseModule):
     deterministic, rng_collection, rng_impl, rngs: as in :class:`ChannelDropout`.
   """
 
-  def __init__(self, rate: float, *, mode: str = "row", deterministic: bool | None = False,
-               rng_collection: str = "dropout", rng_impl: str = "hash",
-               rngs: nnx.Rngs | nnx.RngStream | None = None):
+  def __init__(
+    self,
+    rate: float,
+    *,
+    mode: str = "row",
+    deterministic: bool | None = False,
+    rng_collection: str = "dropout",
+    rng_impl: str = "hash",
+    rngs: nnx.Rngs | nnx.RngStream | None = None,
+  ):
     self.rate = self._strength(_specs.DROP_PATH, rate)
     self.mode = mode
     self.rng_impl = self._rng_impl(rng_impl)
     self._init_noise(deterministic, rng_collection, rngs)
 
-  def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
-               rngs: RngsArg = None) -> jax.Array:
+  def __call__(
+    self, inputs: jax.Array, *, deterministic: bool | None = None, rngs: RngsArg = None
+  ) -> jax.Array:
     """Drops the branch per sample (or batch); ``rngs`` overrides the kept stream."""
-    return self._call_noise(F.drop_path, _specs.DROP_PATH, self.rate, inputs, deterministic,
-                            rngs, mode=self.mode, rng_impl=self.rng_impl)
+    return self._call_noise(
+      F.drop_path,
+      _specs.DROP_PATH,
+      self.rate,
+      inputs,
+      deterministic,
+      rngs,
+      mode=self.mode,
+      rng_impl=self.rng_impl,
+    )
 
 
 class DropBlock(NoiseModule):
@@ -98,10 +129,18 @@ class DropBlock(NoiseModule):
     rngs: as in :class:`ChannelDropout`.
   """
 
-  def __init__(self, rate: float, *, block_size: int = 7, share_channels: bool = False,
-               data_format: str = "NHWC", deterministic: bool | None = False,
-               rng_collection: str = "dropout", rng_impl: str = "hash",
-               rngs: nnx.Rngs | nnx.RngStream | None = None):
+  def __init__(
+    self,
+    rate: float,
+    *,
+    block_size: int = 7,
+    share_channels: bool = False,
+    data_format: str = "NHWC",
+    deterministic: bool | None = False,
+    rng_collection: str = "dropout",
+    rng_impl: str = "hash",
+    rngs: nnx.Rngs | nnx.RngStream | None = None,
+  ):
     self.rate = self._strength(_specs.DROPBLOCK, rate)
     self.block_size = block_size
     self.share_channels = share_channels
@@ -109,13 +148,22 @@ class DropBlock(NoiseModule):
     self.rng_impl = self._rng_impl(rng_impl)
     self._init_noise(deterministic, rng_collection, rngs)
 
-  def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
-               rngs: RngsArg = None) -> jax.Array:
+  def __call__(
+    self, inputs: jax.Array, *, deterministic: bool | None = None, rngs: RngsArg = None
+  ) -> jax.Array:
     """Applies DropBlock; ``rngs`` overrides the kept stream."""
-    return self._call_noise(F.dropblock, _specs.DROPBLOCK, self.rate, inputs, deterministic,
-                            rngs, block_size=self.block_size,
-                            share_channels=self.share_channels, data_format=self.data_format,
-                            rng_impl=self.rng_impl)
+    return self._call_noise(
+      F.dropblock,
+      _specs.DROPBLOCK,
+      self.rate,
+      inputs,
+      deterministic,
+      rngs,
+      block_size=self.block_size,
+      share_channels=self.share_channels,
+      data_format=self.data_format,
+      rng_impl=self.rng_impl,
+    )
 
 
 class Cutout(NoiseModule):
@@ -127,15 +175,23 @@ class Cutout(NoiseModule):
     deterministic, rng_collection, rngs: as in :class:`ChannelDropout`.
   """
 
-  def __init__(self, size: int, *, data_format: str = "NHWC",
-               deterministic: bool | None = False, rng_collection: str = "dropout",
-               rngs: nnx.Rngs | nnx.RngStream | None = None):
+  def __init__(
+    self,
+    size: int,
+    *,
+    data_format: str = "NHWC",
+    deterministic: bool | None = False,
+    rng_collection: str = "dropout",
+    rngs: nnx.Rngs | nnx.RngStream | None = None,
+  ):
     self.size = size
     self.data_format = data_format
     self._init_noise(deterministic, rng_collection, rngs)
 
-  def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
-               rngs: RngsArg = None) -> jax.Array:
+  def __call__(
+    self, inputs: jax.Array, *, deterministic: bool | None = None, rngs: RngsArg = None
+  ) -> jax.Array:
     """Applies cutout; ``rngs`` overrides the kept stream."""
-    return self._call_noise(F.cutout, _specs.CUTOUT, self.size, inputs, deterministic, rngs,
-                            data_format=self.data_format)
+    return self._call_noise(
+      F.cutout, _specs.CUTOUT, self.size, inputs, deterministic, rngs, data_format=self.data_format
+    )

@@ -49,36 +49,35 @@ class DropConnect(NoiseModule):
   """
 
   def __init__(
-      self,
-      in_features: int,
-      out_features: int,
-      *,
-      use_bias: bool = True,
-      dtype: Any = None,
-      param_dtype: Any = jnp.float32,
-      precision: Any = None,
-      kernel_init: Any = default_kernel_init,
-      bias_init: Any = default_bias_init,
-      dot_general: Any = jax.lax.dot_general,
-      promote_dtype: Any = dtypes.promote_dtype,
-      preferred_element_type: Any = None,
-      rngs: nnx.Rngs,
-      kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
-      bias_metadata: Mapping[str, Any] = MappingProxyType({}),
-      rate: float = 0.5,
-      deterministic: bool | None = False,
-      rng_collection: str = "dropout",
-      rng_impl: str = "hash",
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    use_bias: bool = True,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    precision: Any = None,
+    kernel_init: Any = default_kernel_init,
+    bias_init: Any = default_bias_init,
+    dot_general: Any = jax.lax.dot_general,
+    promote_dtype: Any = dtypes.promote_dtype,
+    preferred_element_type: Any = None,
+    rngs: nnx.Rngs,
+    kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+    bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+    rate: float = 0.5,
+    deterministic: bool | None = False,
+    rng_collection: str = "dropout",
+    rng_impl: str = "hash",
   ):
     self._strength(_specs.DROPCONNECT, rate)  # checked before any param is drawn
     # The same draws, in the same order, as nnx.Linear.
     self.kernel = nnx.Param(
-        kernel_init(rngs.params(), (in_features, out_features), param_dtype),
-        **kernel_metadata)
+      kernel_init(rngs.params(), (in_features, out_features), param_dtype), **kernel_metadata
+    )
     self.bias: nnx.Param | None
     if use_bias:
-      self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype),
-                            **bias_metadata)
+      self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype), **bias_metadata)
     else:
       self.bias = nnx.data(None)
     self.in_features = in_features
@@ -94,8 +93,14 @@ class DropConnect(NoiseModule):
     self.rng_impl = self._rng_impl(rng_impl)
     self._init_noise(deterministic, rng_collection, rngs)
 
-  def __call__(self, inputs: jax.Array, out_sharding=None, *,
-               deterministic: bool | None = None, rngs: RngsArg = None) -> jax.Array:
+  def __call__(
+    self,
+    inputs: jax.Array,
+    out_sharding=None,
+    *,
+    deterministic: bool | None = None,
+    rngs: RngsArg = None,
+  ) -> jax.Array:
     """``inputs @ kernel + bias``, with a dropped-out kernel in train mode.
 
     Args:
@@ -113,6 +118,13 @@ class DropConnect(NoiseModule):
       dot_general_kwargs["preferred_element_type"] = self.preferred_element_type
     key = self._key(deterministic, rngs, _specs.DROPCONNECT.needs_no_draw(self.rate))
     return F.dropconnect_dense(
-        inputs, kernel, bias, self.rate, key=key, deterministic=deterministic,
-        precision=self.precision, rng_impl=self.rng_impl,
-        dot_general=functools.partial(self.dot_general, **dot_general_kwargs))
+      inputs,
+      kernel,
+      bias,
+      self.rate,
+      key=key,
+      deterministic=deterministic,
+      precision=self.precision,
+      rng_impl=self.rng_impl,
+      dot_general=functools.partial(self.dot_general, **dot_general_kwargs),
+    )

@@ -15,7 +15,7 @@ import pytest
 import regjax.linen as rnn
 from regjax import diagnostics
 
-C, V = 1.0, 2.0          # input mean and variance
+C, V = 1.0, 2.0  # input mean and variance
 
 
 BATCH, FEATURES = 1024, 128
@@ -25,9 +25,9 @@ STEPS, MOMENTUM = 200, 0.9
 
 
 NOISES = {  # name -> (module factory, s2)
-    "dropout": (lambda: rnn.Dropout(0.5), 1.0),
-    "gaussian_dropout": (lambda: rnn.GaussianDropout(0.5), 1.0),
-    "uout": (lambda: rnn.Uout(1.0), 1.0 / 3.0),
+  "dropout": (lambda: rnn.Dropout(0.5), 1.0),
+  "gaussian_dropout": (lambda: rnn.GaussianDropout(0.5), 1.0),
+  "uout": (lambda: rnn.Uout(1.0), 1.0 / 3.0),
 }
 
 
@@ -50,8 +50,13 @@ def _train(model):
 
   def body(stats, key):
     kx, kd = jax.random.split(key)
-    _, upd = model.apply({**variables, "batch_stats": stats}, _data(kx), train=True,
-                         rngs={"dropout": kd}, mutable=["batch_stats"])
+    _, upd = model.apply(
+      {**variables, "batch_stats": stats},
+      _data(kx),
+      train=True,
+      rngs={"dropout": kd},
+      mutable=["batch_stats"],
+    )
     return upd["batch_stats"], None
 
   keys = jax.random.split(jax.random.key(1), STEPS)
@@ -95,7 +100,8 @@ def test_recalibration_brings_running_var_to_eval_var(trained):
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, variables), before)
   assert jax.tree.structure(new_stats) == jax.tree.structure(variables["batch_stats"])
   assert jax.tree.map(lambda a: a.dtype, new_stats) == jax.tree.map(
-      lambda a: a.dtype, variables["batch_stats"])
+    lambda a: a.dtype, variables["batch_stats"]
+  )
   stats = new_stats["BatchNorm_0"]
   # Biased batch variance: E = V * (n-1)/n.
   np.testing.assert_allclose(np.mean(stats["var"]), V * (BATCH - 1) / BATCH, rtol=0.01)
@@ -128,8 +134,9 @@ def test_nested_paths_flax_bn_and_exact_real_statistics():
   model = Deep()
   x = jax.random.normal(jax.random.key(0), (256, 5)) * 3 + 1
   variables = model.init(jax.random.key(1), x, train=False)
-  _, upd = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)},
-                       mutable=["batch_stats"])
+  _, upd = model.apply(
+    variables, x, train=True, rngs={"dropout": jax.random.key(2)}, mutable=["batch_stats"]
+  )
   variables = {**variables, **upd}
   batches = [(x[:100], None), (x[100:], None)]  # unequal batches, (x, y) tuples
   shifts = diagnostics.variance_shift(_eval(model), variables, batches)
@@ -137,25 +144,26 @@ def test_nested_paths_flax_bn_and_exact_real_statistics():
   # The first BN's input is the Dense output: check against float64 NumPy.
   dense = variables["params"]["Block_0"]["Dense_0"]
   h = np.asarray(x, np.float64) @ np.asarray(dense["kernel"], np.float64) + np.asarray(
-      dense["bias"], np.float64)
+    dense["bias"], np.float64
+  )
   first = shifts["Block_0/BatchNorm_0"]
   np.testing.assert_allclose(first.real_mean, h.mean(0), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(first.real_var, h.var(0), rtol=1e-5)
   np.testing.assert_allclose(
-      first.moving_var, np.asarray(variables["batch_stats"]["Block_0"]["BatchNorm_0"]["var"]))
+    first.moving_var, np.asarray(variables["batch_stats"]["Block_0"]["BatchNorm_0"]["var"])
+  )
   assert first.count == 256
 
   # Recalibration follows each layer's convention: the last BN stores unbiased variances.
   new = diagnostics.recalibrate_batch_stats(_eval(model), variables, [x])
-  np.testing.assert_allclose(np.asarray(new["Block_0"]["BatchNorm_0"]["var"]), h.var(0),
-                             rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(new["Block_0"]["BatchNorm_0"]["var"]), h.var(0), rtol=1e-4)
   hidden = nn.relu((h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5))  # BN in batch mode, no noise
   dense = variables["params"]["Dense_0"]
   h2 = hidden @ np.asarray(dense["kernel"], np.float64) + np.asarray(dense["bias"], np.float64)
-  np.testing.assert_allclose(np.asarray(new["BatchNorm_0"]["var"]), h2.var(0, ddof=1),
-                             rtol=1e-4)
-  np.testing.assert_allclose(np.asarray(new["BatchNorm_0"]["mean"]), h2.mean(0),
-                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(new["BatchNorm_0"]["var"]), h2.var(0, ddof=1), rtol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(new["BatchNorm_0"]["mean"]), h2.mean(0), rtol=1e-4, atol=1e-5
+  )
 
 
 def test_recalibration_gives_the_pooled_statistics_of_all_batches():
@@ -165,8 +173,9 @@ def test_recalibration_gives_the_pooled_statistics_of_all_batches():
   batches = [_data(jax.random.key(i), n) * (i + 1) for i, n in enumerate((64, 64, 1))]
   new = diagnostics.recalibrate_batch_stats(_eval(model), variables, batches)
   pooled = np.concatenate([np.asarray(b, np.float64) for b in batches])
-  np.testing.assert_allclose(np.asarray(new["BatchNorm_0"]["mean"]), pooled.mean(0),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(new["BatchNorm_0"]["mean"]), pooled.mean(0), rtol=1e-5, atol=1e-5
+  )
   np.testing.assert_allclose(np.asarray(new["BatchNorm_0"]["var"]), pooled.var(0), rtol=1e-5)
 
 

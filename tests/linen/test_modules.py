@@ -21,14 +21,26 @@ import regjax.linen as rnn
 
 # module name -> (class, function, setting field, value, extra fields, input shape)
 MODULES = {
-    "AlphaDropout": (rnn.AlphaDropout, regjax.alpha_dropout, "rate", 0.3, {}, (8, 30)),
-    "GaussianNoise": (rnn.GaussianNoise, regjax.gaussian_noise, "stddev", 0.5, {}, (8, 30)),
-    "ChannelDropout": (rnn.ChannelDropout, regjax.channel_dropout, "rate", 0.3,
-                       {"channel_axis": 1}, (8, 16, 5, 5)),
-    "DropPath": (rnn.DropPath, regjax.drop_path, "rate", 0.3, {"mode": "row"}, (32, 5, 5, 4)),
-    "DropBlock": (rnn.DropBlock, regjax.dropblock, "rate", 0.3,
-                  {"block_size": 3, "share_channels": True}, (8, 10, 10, 4)),
-    "Cutout": (rnn.Cutout, regjax.cutout, "size", 4, {"data_format": "NCHW"}, (8, 3, 10, 10)),
+  "AlphaDropout": (rnn.AlphaDropout, regjax.alpha_dropout, "rate", 0.3, {}, (8, 30)),
+  "GaussianNoise": (rnn.GaussianNoise, regjax.gaussian_noise, "stddev", 0.5, {}, (8, 30)),
+  "ChannelDropout": (
+    rnn.ChannelDropout,
+    regjax.channel_dropout,
+    "rate",
+    0.3,
+    {"channel_axis": 1},
+    (8, 16, 5, 5),
+  ),
+  "DropPath": (rnn.DropPath, regjax.drop_path, "rate", 0.3, {"mode": "row"}, (32, 5, 5, 4)),
+  "DropBlock": (
+    rnn.DropBlock,
+    regjax.dropblock,
+    "rate",
+    0.3,
+    {"block_size": 3, "share_channels": True},
+    (8, 10, 10, 4),
+  ),
+  "Cutout": (rnn.Cutout, regjax.cutout, "size", 4, {"data_format": "NCHW"}, (8, 3, 10, 10)),
 }
 
 
@@ -43,7 +55,6 @@ def _make(name, **kwargs):
 
 
 class NoiseModuleTest(parameterized.TestCase):
-
   @parameterized.named_parameters(*MODULE_CASES)
   def test_module_equals_function_with_explicit_rng(self, name):
     module, fn, x = _make(name)
@@ -91,8 +102,14 @@ class NoiseModuleTest(parameterized.TestCase):
 
   def test_zero_and_full_rates_need_no_stream(self):
     x = jnp.ones((2, 6, 6, 3))
-    for module in (rnn.AlphaDropout(0.0), rnn.GaussianNoise(0.0), rnn.ChannelDropout(0.0),
-                   rnn.DropPath(0.0), rnn.DropBlock(0.0, block_size=3), rnn.Cutout(0)):
+    for module in (
+      rnn.AlphaDropout(0.0),
+      rnn.GaussianNoise(0.0),
+      rnn.ChannelDropout(0.0),
+      rnn.DropPath(0.0),
+      rnn.DropBlock(0.0, block_size=3),
+      rnn.Cutout(0),
+    ):
       assert module.apply({}, x, deterministic=False) is x
     for module in (rnn.AlphaDropout(1.0), rnn.ChannelDropout(1.0), rnn.DropPath(1.0)):
       np.testing.assert_array_equal(np.asarray(module.apply({}, x, deterministic=False)), 0)
@@ -110,8 +127,9 @@ class NoiseModuleTest(parameterized.TestCase):
     with pytest.raises(ValueError, match=r"`size` must be in \[0, 6\]"):
       rnn.Cutout(8).apply({}, x, deterministic=False, rngs=rngs)
 
-  @parameterized.named_parameters(*[(n, n) for n in ("AlphaDropout", "GaussianNoise",
-                                                     "ChannelDropout", "DropPath", "DropBlock")])
+  @parameterized.named_parameters(
+    *[(n, n) for n in ("AlphaDropout", "GaussianNoise", "ChannelDropout", "DropPath", "DropBlock")]
+  )
   def test_rng_impl_is_passed_through_and_checked(self, name):
     cls, fn, field, value, extra, shape = MODULES[name]
     x = jnp.asarray(np.random.default_rng(1).uniform(0.5, 1.5, shape), jnp.float32)
@@ -119,10 +137,10 @@ class NoiseModuleTest(parameterized.TestCase):
     assert cls(value).rng_impl == "hash"  # the functions' default
     draws = []
     for impl in ("hash", "jax"):
-      y = cls(**{field: value}, **extra, rng_impl=impl).apply({}, x, deterministic=False,
-                                                              rng=key)
-      np.testing.assert_array_equal(np.asarray(y),
-                                    np.asarray(fn(x, value, key=key, **extra, rng_impl=impl)))
+      y = cls(**{field: value}, **extra, rng_impl=impl).apply({}, x, deterministic=False, rng=key)
+      np.testing.assert_array_equal(
+        np.asarray(y), np.asarray(fn(x, value, key=key, **extra, rng_impl=impl))
+      )
       draws.append(np.asarray(y))
     assert not np.array_equal(*draws)  # two generators, two draws
     with pytest.raises(ValueError, match="`rng_impl` must be one of"):
@@ -140,12 +158,13 @@ class NoiseModuleTest(parameterized.TestCase):
     @jax.jit
     @chex.assert_max_traces(n=1)
     def forward(x, step, key):
-      rate = regjax.dropblock_rate_schedule(step, 10, 0.3)
+      rate = optax.linear_schedule(0.0, 0.3, 10)(step)
       return Net().apply({}, x, rate, True, rngs={"dropout": key})
 
     x = jnp.ones((8, 10, 10, 4))
-    dropped = [float((np.asarray(forward(x, s, jax.random.key(s))) == 0).mean())
-               for s in (0, 5, 10)]
+    dropped = [
+      float((np.asarray(forward(x, s, jax.random.key(s))) == 0).mean()) for s in (0, 5, 10)
+    ]
     assert dropped[0] == 0 and dropped[1] < dropped[2]
 
 
@@ -176,9 +195,14 @@ def test_model_trains_under_jit_and_eval_is_deterministic():
   # would cost a compilation per shape; eval_shape gives the shapes for free.
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))["params"]
   params = jax.tree_util.tree_map_with_path(
-      lambda path, s: jnp.asarray(
-          rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))
-          if path[-1].key == "kernel" else np.zeros(s.shape), jnp.float32), shapes)
+    lambda path, s: jnp.asarray(
+      rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))
+      if path[-1].key == "kernel"
+      else np.zeros(s.shape),
+      jnp.float32,
+    ),
+    shapes,
+  )
   tx = optax.adam(1e-2)
   opt_state = tx.init(params)
 
@@ -187,6 +211,7 @@ def test_model_trains_under_jit_and_eval_is_deterministic():
     def loss_fn(params):
       logits = model.apply({"params": params}, x, train=True, rngs={"dropout": key})
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = regjax.max_norm(optax.apply_updates(params, updates), 3.0)

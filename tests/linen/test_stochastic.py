@@ -22,9 +22,9 @@ Z = 5.0
 
 # module class -> (function, its rate/beta field name, a value, flax counterpart)
 MODULES = {
-    "Dropout": (rnn.Dropout, regjax.dropout, "rate", 0.3),
-    "GaussianDropout": (rnn.GaussianDropout, regjax.gaussian_dropout, "rate", 0.3),
-    "Uout": (rnn.Uout, regjax.uout, "beta", 0.2),
+  "Dropout": (rnn.Dropout, regjax.dropout, "rate", 0.3),
+  "GaussianDropout": (rnn.GaussianDropout, regjax.gaussian_dropout, "rate", 0.3),
+  "Uout": (rnn.Uout, regjax.uout, "beta", 0.2),
 }
 
 
@@ -37,11 +37,14 @@ def _make(name, **kwargs):
 
 
 class NoiseModuleTest(parameterized.TestCase):
-
   def test_dropout_fields_match_flax(self):
     import dataclasses
-    ours = {f.name: f.default for f in dataclasses.fields(rnn.Dropout) if f.name in (
-        "rate", "broadcast_dims", "deterministic", "rng_collection")}
+
+    ours = {
+      f.name: f.default
+      for f in dataclasses.fields(rnn.Dropout)
+      if f.name in ("rate", "broadcast_dims", "deterministic", "rng_collection")
+    }
     theirs = {f.name: f.default for f in dataclasses.fields(nn.Dropout) if f.name in ours}
     assert ours == theirs and len(ours) == 4
 
@@ -61,7 +64,8 @@ class NoiseModuleTest(parameterized.TestCase):
     key = jax.random.key(3)
     y = module.apply({}, x, deterministic=False, rng=key)
     np.testing.assert_array_equal(
-        np.asarray(y), np.asarray(fn(x, value, key=key, broadcast_dims=(0,))))
+      np.asarray(y), np.asarray(fn(x, value, key=key, broadcast_dims=(0,)))
+    )
 
   @parameterized.named_parameters(*MODULE_CASES)
   def test_stream_draws_vary_with_the_stream_key(self, name):
@@ -109,21 +113,24 @@ class NoiseModuleTest(parameterized.TestCase):
     x = jnp.ones((3,))
     for module in (rnn.Dropout(0.0), rnn.GaussianDropout(0.0), rnn.Uout(0.0)):
       np.testing.assert_array_equal(
-          np.asarray(module.apply({}, x, deterministic=False)), np.asarray(x))
-    np.testing.assert_array_equal(
-        np.asarray(rnn.Dropout(1.0).apply({}, x, deterministic=False)), 0)
+        np.asarray(module.apply({}, x, deterministic=False)), np.asarray(x)
+      )
+    np.testing.assert_array_equal(np.asarray(rnn.Dropout(1.0).apply({}, x, deterministic=False)), 0)
 
   def test_bad_rate_raises_through_the_module(self):
     with pytest.raises(ValueError, match=r"`rate` must be in \[0, 1\]"):
-      rnn.Dropout(1.5).apply({}, jnp.ones(3), deterministic=False,
-                             rngs={"dropout": jax.random.key(0)})
+      rnn.Dropout(1.5).apply(
+        {}, jnp.ones(3), deterministic=False, rngs={"dropout": jax.random.key(0)}
+      )
     with pytest.raises(ValueError, match=r"`beta` must be in"):
-      rnn.Uout(-1.0).apply({}, jnp.ones(3), deterministic=False,
-                           rngs={"dropout": jax.random.key(0)})
+      rnn.Uout(-1.0).apply(
+        {}, jnp.ones(3), deterministic=False, rngs={"dropout": jax.random.key(0)}
+      )
 
 
 class MLP(nn.Module):
   """Dense -> BN -> relu -> noise, twice, then a classifier."""
+
   width: int = 32
   classes: int = 3
 
@@ -160,11 +167,16 @@ def test_flax_model_trains_under_jit_with_mutable_batch_stats():
   @chex.assert_max_traces(n=1)
   def step(params, batch_stats, opt_state, key, xb, yb):
     def loss_fn(params):
-      logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, xb,
-                                    train=True, rngs={"dropout": key},
-                                    mutable=["batch_stats"])
+      logits, updates = model.apply(
+        {"params": params, "batch_stats": batch_stats},
+        xb,
+        train=True,
+        rngs={"dropout": key},
+        mutable=["batch_stats"],
+      )
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
       return loss, updates["batch_stats"]
+
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), batch_stats, opt_state, loss
@@ -174,7 +186,8 @@ def test_flax_model_trains_under_jit_with_mutable_batch_stats():
   for i in range(30):
     sl = slice((i % 6) * 100, (i % 6 + 1) * 100)
     params, batch_stats, opt_state, loss = step(
-        params, batch_stats, opt_state, jax.random.fold_in(base, i), x[sl], y[sl])
+      params, batch_stats, opt_state, jax.random.fold_in(base, i), x[sl], y[sl]
+    )
     losses.append(float(loss))
   assert all(math.isfinite(v) for v in losses)
   assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
@@ -197,6 +210,7 @@ def test_toy_variance_shift_dropout_into_batch_norm(keep):
   keeps a fraction (1-m)/(1+m) of it; we average F independent features.
   """
   n, features, steps, momentum = 256, 512, 150, 0.9
+
   class Net(nn.Module):
     @nn.compact
     def __call__(self, x, train):
@@ -210,8 +224,13 @@ def test_toy_variance_shift_dropout_into_batch_norm(keep):
   def body(stats, key):
     kx, kd = jax.random.split(key)
     x = jax.random.normal(kx, (n, features))
-    _, upd = net.apply({"batch_stats": stats, "params": params}, x, train=True,
-                       rngs={"dropout": kd}, mutable=["batch_stats"])
+    _, upd = net.apply(
+      {"batch_stats": stats, "params": params},
+      x,
+      train=True,
+      rngs={"dropout": kd},
+      mutable=["batch_stats"],
+    )
     return upd["batch_stats"], None
 
   keys = jax.random.split(jax.random.key(1), steps)
@@ -241,25 +260,31 @@ def test_toy_variance_shift_dropout_into_batch_norm(keep):
 def test_linen_and_nnx_modules_pass_rng_impl_through():
   import flax.linen as nn
   from flax import nnx
+
   x = jax.random.normal(jax.random.key(60), (16, 40))
   key = jax.random.key(61)
   for impl in IMPLS:
-    for cls, fn, value in ((regjax.linen.Dropout, regjax.dropout, 0.4),
-                           (regjax.linen.GaussianDropout, regjax.gaussian_dropout, 0.4),
-                           (regjax.linen.Uout, regjax.uout, 0.3)):
+    for cls, fn, value in (
+      (regjax.linen.Dropout, regjax.dropout, 0.4),
+      (regjax.linen.GaussianDropout, regjax.gaussian_dropout, 0.4),
+      (regjax.linen.Uout, regjax.uout, 0.3),
+    ):
       y = cls(value, rng_impl=impl).apply({}, x, deterministic=False, rng=key)
-      np.testing.assert_array_equal(np.asarray(y), np.asarray(fn(x, value, key=key,
-                                                                 rng_impl=impl)))
-    for cls, fn, value in ((regjax.nnx.Dropout, regjax.dropout, 0.4),
-                           (regjax.nnx.GaussianDropout, regjax.gaussian_dropout, 0.4),
-                           (regjax.nnx.Uout, regjax.uout, 0.3)):
+      np.testing.assert_array_equal(np.asarray(y), np.asarray(fn(x, value, key=key, rng_impl=impl)))
+    for cls, fn, value in (
+      (regjax.nnx.Dropout, regjax.dropout, 0.4),
+      (regjax.nnx.GaussianDropout, regjax.gaussian_dropout, 0.4),
+      (regjax.nnx.Uout, regjax.uout, 0.3),
+    ):
       y = cls(value, rng_impl=impl)(x, rngs=key)
-      np.testing.assert_array_equal(np.asarray(y), np.asarray(fn(x, value, key=key,
-                                                                 rng_impl=impl)))
+      np.testing.assert_array_equal(np.asarray(y), np.asarray(fn(x, value, key=key, rng_impl=impl)))
   theirs = nn.Dropout(0.4, deterministic=False).apply({}, x, rng=key)
   np.testing.assert_array_equal(
-      np.asarray(regjax.linen.Dropout(0.4, rng_impl="jax").apply(
-          {}, x, deterministic=False, rng=key)), np.asarray(theirs))
+    np.asarray(
+      regjax.linen.Dropout(0.4, rng_impl="jax").apply({}, x, deterministic=False, rng=key)
+    ),
+    np.asarray(theirs),
+  )
   with pytest.raises(ValueError, match="rng_impl"):
     regjax.nnx.Dropout(0.4, rng_impl="philox", rngs=nnx.Rngs(dropout=0))
   with pytest.raises(ValueError, match="rng_impl"):

@@ -15,7 +15,6 @@ import regjax.linen as rnn
 
 
 class DropConnectTest(parameterized.TestCase):
-
   def test_rng_impl_is_passed_through(self):
     x = jax.random.normal(jax.random.key(3), (4, 6))
     key = jax.random.key(4)
@@ -24,8 +23,12 @@ class DropConnectTest(parameterized.TestCase):
       variables = module.init(jax.random.key(0), x, deterministic=True)
       y = module.apply(variables, x, deterministic=False, rng=key)
       p = variables["params"]
-      np.testing.assert_array_equal(np.asarray(y), np.asarray(regjax.dropconnect_dense(
-          x, p["kernel"], p["bias"], 0.4, key=key, rng_impl=impl)))
+      np.testing.assert_array_equal(
+        np.asarray(y),
+        np.asarray(
+          regjax.dropconnect_dense(x, p["kernel"], p["bias"], 0.4, key=key, rng_impl=impl)
+        ),
+      )
 
   def test_fields_are_dense_fields_plus_four(self):
     dense = {f.name: f.default for f in dataclasses.fields(nn.Dense)}
@@ -42,7 +45,8 @@ class DropConnectTest(parameterized.TestCase):
     chex.assert_trees_all_equal(mine, theirs)  # same names, shapes and initial values
 
   @parameterized.named_parameters(
-      ("float32", None, True), ("bfloat16", jnp.bfloat16, True), ("no_bias", None, False))
+    ("float32", None, True), ("bfloat16", jnp.bfloat16, True), ("no_bias", None, False)
+  )
   def test_dense_checkpoint_loads_and_eval_is_dense(self, dtype, use_bias):
     x = jnp.asarray(np.random.default_rng(1).standard_normal((6, 3, 10)), jnp.float32)
     dense = nn.Dense(7, dtype=dtype, use_bias=use_bias)
@@ -75,7 +79,8 @@ class DropConnectTest(parameterized.TestCase):
     with pytest.raises(ValueError, match="DropConnect in train mode.*'dropout' PRNG stream"):
       rnn.DropConnect(4).init(jax.random.key(0), x, deterministic=False)
     variables = rnn.DropConnect(4).init(
-        {"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, deterministic=False)
+      {"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, deterministic=False
+    )
     assert variables["params"]["kernel"].shape == (5, 4)
     with pytest.raises(ValueError, match="deterministic"):
       rnn.DropConnect(4).apply(variables, x)

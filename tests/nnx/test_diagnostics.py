@@ -16,7 +16,7 @@ from flax import nnx
 import regjax.nnx as rx
 from regjax import diagnostics
 
-C, V = 1.0, 2.0          # input mean and variance
+C, V = 1.0, 2.0  # input mean and variance
 
 
 BATCH, FEATURES = 1024, 128
@@ -26,14 +26,13 @@ STEPS, MOMENTUM = 200, 0.9
 
 
 NOISES = {  # name -> (module factory, s2)
-    "dropout": (lambda rngs: rx.Dropout(0.5, rngs=rngs), 1.0),
-    "gaussian_dropout": (lambda rngs: rx.GaussianDropout(0.5, rngs=rngs), 1.0),
-    "uout": (lambda rngs: rx.Uout(1.0, rngs=rngs), 1.0 / 3.0),
+  "dropout": (lambda rngs: rx.Dropout(0.5, rngs=rngs), 1.0),
+  "gaussian_dropout": (lambda rngs: rx.GaussianDropout(0.5, rngs=rngs), 1.0),
+  "uout": (lambda rngs: rx.Uout(1.0, rngs=rngs), 1.0 / 3.0),
 }
 
 
 class NoiseIntoBN(nnx.Module):
-
   def __init__(self, noise: str, rngs: nnx.Rngs):
     self.noise = NOISES[noise][0](rngs)
     self.bn = rx.BatchNorm(FEATURES, momentum=MOMENTUM, rngs=rngs)
@@ -69,11 +68,16 @@ def _plain(value):
 
 def _snapshot(model):
   """Every variable's value and every mode attribute, to check the model is untouched."""
-  values = {path: np.array(_plain(v.get_value()))
-            for path, v in nnx.to_flat_state(nnx.state(model))}
-  modes = {"/".join(map(str, path)): (getattr(m, "deterministic", None),
-                                      getattr(m, "use_running_average", None))
-           for path, m in nnx.iter_modules(model)}
+  values = {
+    path: np.array(_plain(v.get_value())) for path, v in nnx.to_flat_state(nnx.state(model))
+  }
+  modes = {
+    "/".join(map(str, path)): (
+      getattr(m, "deterministic", None),
+      getattr(m, "use_running_average", None),
+    )
+    for path, m in nnx.iter_modules(model)
+  }
   return values, modes
 
 
@@ -121,8 +125,9 @@ def test_recalibration_brings_running_var_to_eval_var(trained):
   assert jax.tree.structure(new_stats) == jax.tree.structure(old_stats)
   assert jax.tree.map(lambda a: a.dtype, new_stats) == jax.tree.map(lambda a: a.dtype, old_stats)
   # Biased batch variance: E = V * (n-1)/n.
-  np.testing.assert_allclose(np.mean(new_stats["bn"]["var"][...]), V * (BATCH - 1) / BATCH,
-                             rtol=0.01)
+  np.testing.assert_allclose(
+    np.mean(new_stats["bn"]["var"][...]), V * (BATCH - 1) / BATCH, rtol=0.01
+  )
   np.testing.assert_allclose(np.mean(new_stats["bn"]["mean"][...]), C, atol=0.01)
   # The result is the user's to apply; new Variables, so applying it to a copy
   # leaves the model as it was.
@@ -133,12 +138,12 @@ def test_recalibration_brings_running_var_to_eval_var(trained):
   assert abs(after.delta.mean() - 1) < 0.01
   # Eval outputs now have unit variance again, as in training.
   out = nnx.view(recalibrated, deterministic=True, use_running_average=True)(
-      _data(jax.random.key(7), 4096))
+    _data(jax.random.key(7), 4096)
+  )
   np.testing.assert_allclose(float(jnp.var(out, axis=0).mean()), 1.0, rtol=0.02)
 
 
 class Block(nnx.Module):
-
   def __init__(self, din, rngs):
     self.dense = nnx.Linear(din, 16, rngs=rngs)
     self.bn = nnx.BatchNorm(16, momentum=0.9, rngs=rngs)  # flax's own BN
@@ -149,7 +154,6 @@ class Block(nnx.Module):
 
 
 class Deep(nnx.Module):
-
   def __init__(self, rngs):
     self.blocks = nnx.List([Block(5, rngs), Block(16, rngs)])
     self.head = nnx.Linear(16, 8, rngs=rngs)
@@ -162,8 +166,7 @@ class Deep(nnx.Module):
 
 
 def _affine(x, linear):
-  return x @ np.asarray(linear.kernel[...], np.float64) + np.asarray(linear.bias[...],
-                                                                     np.float64)
+  return x @ np.asarray(linear.kernel[...], np.float64) + np.asarray(linear.bias[...], np.float64)
 
 
 def test_nested_paths_flax_bn_and_exact_real_statistics():
@@ -192,22 +195,23 @@ def test_nested_paths_flax_bn_and_exact_real_statistics():
     stats.append((h.mean(0), h.var(0)))
     bn = block.bn
     hidden = (h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5) * np.asarray(bn.scale[...]) + np.asarray(
-        bn.bias[...])
-    h = _affine(np.maximum(hidden, 0), model.blocks[1].dense if block is model.blocks[0]
-                else model.head)
+      bn.bias[...]
+    )
+    h = _affine(
+      np.maximum(hidden, 0), model.blocks[1].dense if block is model.blocks[0] else model.head
+    )
   for i, (mean, var) in enumerate(stats):
     np.testing.assert_allclose(np.asarray(new["blocks"][i]["bn"]["var"][...]), var, rtol=1e-4)
-    np.testing.assert_allclose(np.asarray(new["blocks"][i]["bn"]["mean"][...]), mean,
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+      np.asarray(new["blocks"][i]["bn"]["mean"][...]), mean, rtol=1e-4, atol=1e-5
+    )
   np.testing.assert_allclose(np.asarray(new["bn"]["var"][...]), h.var(0, ddof=1), rtol=1e-4)
-  np.testing.assert_allclose(np.asarray(new["bn"]["mean"][...]), h.mean(0), rtol=1e-4,
-                             atol=1e-5)
+  np.testing.assert_allclose(np.asarray(new["bn"]["mean"][...]), h.mean(0), rtol=1e-4, atol=1e-5)
 
 
 def test_recalibration_pools_every_sample_of_every_batch_and_call():
   # One BN called twice per forward pass: the statistics are those of all its inputs.
   class Twice(nnx.Module):
-
     def __init__(self, rngs):
       self.bn = rx.BatchNorm(FEATURES, rngs=rngs)
 
@@ -220,8 +224,9 @@ def test_recalibration_pools_every_sample_of_every_batch_and_call():
   new = diagnostics.recalibrate_batch_stats(model, batches)
   inputs = [np.asarray(b, np.float64) * k for b in batches for k in (2.0, 1.0)]
   pooled = np.concatenate(inputs)
-  np.testing.assert_allclose(np.asarray(new["bn"]["mean"][...]), pooled.mean(0),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(new["bn"]["mean"][...]), pooled.mean(0), rtol=1e-5, atol=1e-5
+  )
   np.testing.assert_allclose(np.asarray(new["bn"]["var"][...]), pooled.var(0), rtol=1e-5)
   shift = diagnostics.variance_shift(model, batches)["bn"]
   assert shift.count == 2 * 3 * 64
@@ -232,9 +237,11 @@ def test_a_bare_batch_norm_call_and_bn_types():
   bn = nnx.BatchNorm(3, use_running_average=None, rngs=nnx.Rngs(0))  # no mode set
   x = jax.random.normal(jax.random.key(0), (50, 4, 3)) + 5.0
   new = diagnostics.recalibrate_batch_stats(
-      bn, [{"x": x}], call=lambda m, v: m(v), bn_types=nnx.BatchNorm)
-  np.testing.assert_allclose(np.asarray(new["var"][...]),
-                             np.asarray(x, np.float64).reshape(-1, 3).var(0), rtol=1e-5)
+    bn, [{"x": x}], call=lambda m, v: m(v), bn_types=nnx.BatchNorm
+  )
+  np.testing.assert_allclose(
+    np.asarray(new["var"][...]), np.asarray(x, np.float64).reshape(-1, 3).var(0), rtol=1e-5
+  )
   assert list(diagnostics.variance_shift(bn, [x], bn_types=[nnx.BatchNorm])) == ["<root>"]
   assert bn.use_running_average is None
 

@@ -22,23 +22,35 @@ import regjax.nnx as rx
 
 # module name -> (class, function, rate/beta attribute, a value)
 NOISE = {
-    "Dropout": (rx.Dropout, regjax.dropout, "rate", 0.3),
-    "GaussianDropout": (rx.GaussianDropout, regjax.gaussian_dropout, "rate", 0.3),
-    "Uout": (rx.Uout, regjax.uout, "beta", 0.2),
-    "AlphaDropout": (rx.AlphaDropout, regjax.alpha_dropout, "rate", 0.3),
-    "GaussianNoise": (rx.GaussianNoise, regjax.gaussian_noise, "stddev", 0.5),
+  "Dropout": (rx.Dropout, regjax.dropout, "rate", 0.3),
+  "GaussianDropout": (rx.GaussianDropout, regjax.gaussian_dropout, "rate", 0.3),
+  "Uout": (rx.Uout, regjax.uout, "beta", 0.2),
+  "AlphaDropout": (rx.AlphaDropout, regjax.alpha_dropout, "rate", 0.3),
+  "GaussianNoise": (rx.GaussianNoise, regjax.gaussian_noise, "stddev", 0.5),
 }
 
 
 # The modules without broadcast_dims: name -> (class, function, attribute, value,
 # extra constructor arguments, input shape).
 STRUCTURED = {
-    "ChannelDropout": (rx.ChannelDropout, regjax.channel_dropout, "rate", 0.3,
-                       {"channel_axis": 1}, (4, 6, 5, 3)),
-    "DropPath": (rx.DropPath, regjax.drop_path, "rate", 0.3, {"mode": "row"}, (16, 5)),
-    "DropBlock": (rx.DropBlock, regjax.dropblock, "rate", 0.3,
-                  {"block_size": 3, "share_channels": True}, (2, 8, 8, 3)),
-    "Cutout": (rx.Cutout, regjax.cutout, "size", 3, {"data_format": "NCHW"}, (2, 3, 8, 8)),
+  "ChannelDropout": (
+    rx.ChannelDropout,
+    regjax.channel_dropout,
+    "rate",
+    0.3,
+    {"channel_axis": 1},
+    (4, 6, 5, 3),
+  ),
+  "DropPath": (rx.DropPath, regjax.drop_path, "rate", 0.3, {"mode": "row"}, (16, 5)),
+  "DropBlock": (
+    rx.DropBlock,
+    regjax.dropblock,
+    "rate",
+    0.3,
+    {"block_size": 3, "share_channels": True},
+    (2, 8, 8, 3),
+  ),
+  "Cutout": (rx.Cutout, regjax.cutout, "size", 3, {"data_format": "NCHW"}, (2, 3, 8, 8)),
 }
 
 
@@ -60,8 +72,7 @@ def _any(name, **kwargs):
     extra, shape = {}, (8, 30)
   else:
     cls, fn, field, value, extra, shape = STRUCTURED[name]
-  return (cls(value, **extra, **kwargs),
-          lambda x, **kw: fn(x, value, **extra, **kw), shape)
+  return (cls(value, **extra, **kwargs), lambda x, **kw: fn(x, value, **extra, **kw), shape)
 
 
 # ---------------------------------------------------------------- noise modules
@@ -72,25 +83,33 @@ def test_every_module_equals_function_and_linen_twin_for_an_explicit_key(name):
   fn = functools.partial(fn, **extra)
   # The linen class, built from the NNX module's attributes.
   linen_module = getattr(rnn, name)(
-      **{k: getattr(module, k) for k in inspect.signature(type(module).__init__).parameters
-         if k not in ("self", "rngs", "deterministic")})
+    **{
+      k: getattr(module, k)
+      for k in inspect.signature(type(module).__init__).parameters
+      if k not in ("self", "rngs", "deterministic")
+    }
+  )
   x, key = 1.0 + _x(shape), jax.random.key(3)
   y = module(x, rngs=key)
   np.testing.assert_array_equal(np.asarray(y), np.asarray(fn(x, key=key)))
   np.testing.assert_array_equal(
-      np.asarray(y), np.asarray(linen_module.apply({}, x, deterministic=False, rng=key)))
+    np.asarray(y), np.asarray(linen_module.apply({}, x, deterministic=False, rng=key))
+  )
   assert not np.array_equal(np.asarray(y), np.asarray(x))
   # An Rngs (or RngStream) at call is used the same way: one key from its stream.
-  np.testing.assert_array_equal(np.asarray(module(x, rngs=nnx.Rngs(dropout=5))),
-                                np.asarray(fn(x, key=nnx.Rngs(dropout=5).dropout())))
+  np.testing.assert_array_equal(
+    np.asarray(module(x, rngs=nnx.Rngs(dropout=5))),
+    np.asarray(fn(x, key=nnx.Rngs(dropout=5).dropout())),
+  )
 
 
 @pytest.mark.parametrize("name", ALL_NAMES)
 def test_constructor_arguments_are_the_linen_fields(name):
   cls, linen_cls = getattr(rx, name), getattr(rnn, name)
   params = inspect.signature(cls.__init__).parameters
-  fields = {f.name: f.default for f in dataclasses.fields(linen_cls)
-            if f.name not in ("parent", "name")}
+  fields = {
+    f.name: f.default for f in dataclasses.fields(linen_cls) if f.name not in ("parent", "name")
+  }
   assert set(params) - {"self"} == set(fields) | {"rngs"}
   for field, default in fields.items():  # linen's None means "give it somewhere"
     if default is not dataclasses.MISSING and field != "deterministic":
@@ -117,7 +136,6 @@ def test_noise_module_stream_is_reproducible_and_advances_under_nnx_jit(name):
 
 
 class _Noisy(nnx.Module):
-
   def __init__(self, rngs):
     self.drop = rx.Dropout(0.5, rngs=rngs)
     self.gauss = rx.GaussianDropout(0.5, rngs=rngs)
@@ -181,7 +199,9 @@ def test_eval_or_zero_rate_needs_no_rngs(name):
   assert module.deterministic is True and module(x) is x
 
 
-@pytest.mark.parametrize("cls, arg, bad, match", [
+@pytest.mark.parametrize(
+  "cls, arg, bad, match",
+  [
     (rx.Dropout, "rate", 1.5, r"`rate` must be in \[0, 1\]"),
     (rx.Dropout, "rate", -0.1, r"`rate` must be in \[0, 1\]"),
     (rx.GaussianDropout, "rate", 1.0, r"`rate` must be in \[0, 1\)"),
@@ -193,7 +213,8 @@ def test_eval_or_zero_rate_needs_no_rngs(name):
     (rx.DropPath, "rate", -0.5, r"`rate` must be in \[0, 1\]"),
     (rx.DropBlock, "rate", 1.1, r"`rate` must be in \[0, 1\]"),
     (rx.DropConnect, "rate", 1.1, r"`rate` must be in \[0, 1\]"),
-])
+  ],
+)
 def test_bad_rates_raise_at_construction(cls, arg, bad, match):
   with pytest.raises(ValueError, match=match):
     if cls is rx.DropConnect:
@@ -202,8 +223,9 @@ def test_bad_rates_raise_at_construction(cls, arg, bad, match):
       cls(bad, rngs=nnx.Rngs(dropout=0))
 
 
-@pytest.mark.parametrize("name", ("AlphaDropout", "GaussianNoise", "ChannelDropout", "DropPath",
-                                  "DropBlock"))
+@pytest.mark.parametrize(
+  "name", ("AlphaDropout", "GaussianNoise", "ChannelDropout", "DropPath", "DropBlock")
+)
 def test_rng_impl_modules_pass_rng_impl_through_and_check_it(name):
   cls = getattr(rx, name)
   shape = _any(name)[2]
@@ -249,12 +271,15 @@ def test_structured_modules_bad_call_inputs_raise(name):
     module(jnp.ones((2,) * (len(shape) - 2 if name != "DropPath" else 0)))
 
 
-@pytest.mark.parametrize("name, kwargs, match", [
+@pytest.mark.parametrize(
+  "name, kwargs, match",
+  [
     ("DropBlock", {"data_format": "NWHC"}, "`data_format` must be one of"),
     ("DropBlock", {"block_size": 9}, "`block_size` must be in"),
     ("Cutout", {"data_format": "HWC"}, "`data_format` must be one of"),
     ("DropPath", {"mode": "col"}, "`mode` must be"),
-])
+  ],
+)
 def test_structured_modules_bad_arguments_raise_at_call(name, kwargs, match):
   cls, _, _, value, extra, shape = STRUCTURED[name]
   module = cls(value, **{**extra, **kwargs}, rngs=nnx.Rngs(dropout=0))
@@ -284,7 +309,6 @@ def test_a_jax_scalar_rate_is_traced_so_a_schedule_compiles_once():
 
 # --------------------------------------- an NNX model trains exactly as its linen twin
 class LinenNet(nn.Module):
-
   @nn.compact
   def __call__(self, x, train: bool, keys=None):
     key = (lambda i: keys[i]) if train else (lambda i: None)
@@ -299,7 +323,6 @@ class LinenNet(nn.Module):
 
 
 class NNXNet(nnx.Module):
-
   def __init__(self, rngs: nnx.Rngs):
     self.dense0 = nnx.Linear(4, 16, rngs=rngs)
     self.bn0 = rx.BatchNorm(16, momentum=0.9, rngs=rngs)
@@ -320,8 +343,13 @@ class NNXNet(nnx.Module):
     return self.dense2(x)
 
 
-_LINEN_TO_NNX = {"Dense_0": "dense0", "Dense_1": "dense1", "Dense_2": "dense2",
-                 "BatchNorm_0": "bn0", "BatchNorm_1": "bn1"}
+_LINEN_TO_NNX = {
+  "Dense_0": "dense0",
+  "Dense_1": "dense1",
+  "Dense_2": "dense2",
+  "BatchNorm_0": "bn0",
+  "BatchNorm_1": "bn1",
+}
 
 
 def _loss(logits, labels):
@@ -333,8 +361,7 @@ def test_nnx_model_trains_exactly_like_the_linen_model():
   labels = jax.random.randint(jax.random.key(1), (32,), 0, 3)
   tx = optax.adam(3e-2)
   steps = 6
-  step_keys = [jax.random.split(jax.random.fold_in(jax.random.key(42), s), 3)
-               for s in range(steps)]
+  step_keys = [jax.random.split(jax.random.fold_in(jax.random.key(42), s), 3) for s in range(steps)]
 
   # linen
   net = LinenNet()
@@ -345,9 +372,11 @@ def test_nnx_model_trains_exactly_like_the_linen_model():
   @jax.jit
   def linen_step(params, batch_stats, opt_state, keys):
     def loss_fn(p):
-      logits, updates = net.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
-                                  keys=keys, mutable=["batch_stats"])
+      logits, updates = net.apply(
+        {"params": p, "batch_stats": batch_stats}, x, train=True, keys=keys, mutable=["batch_stats"]
+      )
       return _loss(logits, labels), updates["batch_stats"]
+
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), batch_stats, opt_state, loss
@@ -377,16 +406,28 @@ def test_nnx_model_trains_exactly_like_the_linen_model():
   for linen_name, attr in _LINEN_TO_NNX.items():
     module = getattr(model, attr)
     for var, value in params[linen_name].items():
-      np.testing.assert_allclose(np.asarray(getattr(module, var)[...]), np.asarray(value),
-                                 rtol=1e-5, atol=1e-6, err_msg=f"{linen_name}/{var}")
+      np.testing.assert_allclose(
+        np.asarray(getattr(module, var)[...]),
+        np.asarray(value),
+        rtol=1e-5,
+        atol=1e-6,
+        err_msg=f"{linen_name}/{var}",
+      )
     for var, value in batch_stats.get(linen_name, {}).items():
-      np.testing.assert_allclose(np.asarray(getattr(module, var)[...]), np.asarray(value),
-                                 rtol=1e-5, atol=1e-6, err_msg=f"{linen_name}/{var}")
+      np.testing.assert_allclose(
+        np.asarray(getattr(module, var)[...]),
+        np.asarray(value),
+        rtol=1e-5,
+        atol=1e-6,
+        err_msg=f"{linen_name}/{var}",
+      )
   assert set(batch_stats) == {"BatchNorm_0", "BatchNorm_1"}
   assert not np.allclose(np.asarray(batch_stats["BatchNorm_0"]["mean"]), 0.0)
   # Eval mode uses the running statistics and no noise, in both.
   model.eval()
   np.testing.assert_allclose(
-      np.asarray(model(x)),
-      np.asarray(net.apply({"params": params, "batch_stats": batch_stats}, x, train=False)),
-      rtol=1e-5, atol=1e-5)
+    np.asarray(model(x)),
+    np.asarray(net.apply({"params": params, "batch_stats": batch_stats}, x, train=False)),
+    rtol=1e-5,
+    atol=1e-5,
+  )

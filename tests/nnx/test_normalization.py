@@ -31,11 +31,14 @@ def test_batch_norm_variables_names_types_and_dtypes():
   assert no_affine.scale is None and no_affine.bias is None
 
 
-@pytest.mark.parametrize("kwargs", [
+@pytest.mark.parametrize(
+  "kwargs",
+  [
     {},
     {"momentum": 0.9, "unbiased_running_var": True},
     {"axis": (1, 2), "use_bias": False},
-])
+  ],
+)
 def test_batch_norm_matches_regjax_linen(kwargs):
   shape = (6, 3, 4)
   axis = kwargs.get("axis", -1)
@@ -47,17 +50,21 @@ def test_batch_norm_matches_regjax_linen(kwargs):
   for step in range(3):
     x = _x(shape, seed=step)
     m = mask if step == 2 else None
-    y_linen, updates = linen.apply(variables, x, use_running_average=False, mask=m,
-                                   mutable=["batch_stats"])
+    y_linen, updates = linen.apply(
+      variables, x, use_running_average=False, mask=m, mutable=["batch_stats"]
+    )
     variables = {**variables, **updates}
     np.testing.assert_allclose(np.asarray(ours(x, mask=m)), np.asarray(y_linen), atol=1e-6)
     for name in ("mean", "var"):
-      np.testing.assert_allclose(np.asarray(getattr(ours, name)[...]),
-                                 np.asarray(variables["batch_stats"][name]), rtol=1e-6)
+      np.testing.assert_allclose(
+        np.asarray(getattr(ours, name)[...]), np.asarray(variables["batch_stats"][name]), rtol=1e-6
+      )
   x = _x(shape, seed=7)
   np.testing.assert_allclose(
-      np.asarray(ours(x, use_running_average=True)),
-      np.asarray(linen.apply(variables, x, use_running_average=True)), atol=1e-6)
+    np.asarray(ours(x, use_running_average=True)),
+    np.asarray(linen.apply(variables, x, use_running_average=True)),
+    atol=1e-6,
+  )
 
 
 def test_batch_norm_deterministic_is_an_alias_of_use_running_average():
@@ -100,14 +107,17 @@ def test_batch_norm_deterministic_is_an_alias_of_use_running_average():
     rx.BatchNorm(4, use_running_average=None, rngs=nnx.Rngs(0))(x)
 
 
-@pytest.mark.parametrize("kwargs, shape, error, match", [
+@pytest.mark.parametrize(
+  "kwargs, shape, error, match",
+  [
     ({"num_features": 0}, (4, 3), ValueError, "`num_features` must be a positive int"),
     ({"num_features": 3, "epsilon": 0.0}, (4, 3), ValueError, "`epsilon` must be"),
     ({"num_features": 3, "momentum": 1.5}, (4, 3), ValueError, r"`momentum` must be in \[0, 1\]"),
     ({"num_features": 3, "axis": (0, 1)}, (4, 3), ValueError, "names 2 axis"),
     ({"num_features": 5}, (4, 3), ValueError, r"have sizes \(3,\); expected \(5,\)"),
     ({"num_features": 3, "axis": 2}, (4, 3), ValueError, "`axis`=2 is out of range"),
-])
+  ],
+)
 def test_batch_norm_bad_inputs_raise(kwargs, shape, error, match):
   with pytest.raises(error, match=match):
     rx.BatchNorm(**kwargs, rngs=nnx.Rngs(0))(jnp.ones(shape))

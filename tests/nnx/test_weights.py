@@ -16,7 +16,11 @@ def test_drop_connect_passes_rng_impl_through():
   for impl in ("hash", "jax"):
     ours = rx.DropConnect(5, 4, rate=0.4, rng_impl=impl, rngs=nnx.Rngs(0, dropout=1))
     y = ours(x, rngs=key)
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(regjax.dropconnect_dense(
-        x, ours.kernel[...], ours.bias[...], 0.4, key=key, rng_impl=impl)))
+    np.testing.assert_array_equal(
+      np.asarray(y),
+      np.asarray(
+        regjax.dropconnect_dense(x, ours.kernel[...], ours.bias[...], 0.4, key=key, rng_impl=impl)
+      ),
+    )
   with pytest.raises(ValueError, match="regjax.nnx.DropConnect: `rng_impl` must be one of"):
     rx.DropConnect(5, 4, rng_impl="philox", rngs=nnx.Rngs(0))

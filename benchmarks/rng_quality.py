@@ -65,6 +65,7 @@ import numpy as np
 from jax.extend.random import threefry2x32_p
 
 import regjax
+from benchmarks.environment import git_state
 from regjax import random as rrandom
 
 CHUNK = 1 << 24  # counters per generated block (64 MiB of words)
@@ -455,23 +456,7 @@ def _progress(total: int, name: str):
 
 
 def environment(opts) -> dict:
-  here = os.path.dirname(os.path.abspath(__file__))
-  commit: str | None
-  dirty: bool | None
-  try:
-    commit = subprocess.run(
-      ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=here
-    ).stdout.strip()
-    dirty = bool(
-      subprocess.run(
-        ["git", "status", "--porcelain", "--", "../regjax"],
-        capture_output=True,
-        text=True,
-        cwd=here,
-      ).stdout.strip()
-    )
-  except OSError:
-    commit = dirty = None
+  git = git_state()
   return {
     "date": datetime.datetime.now().isoformat(timespec="seconds"),
     "jax": jax.__version__,
@@ -480,8 +465,8 @@ def environment(opts) -> dict:
     "machine": platform.machine(),
     "processor": _cpu_name(),
     "cpus": os.cpu_count(),
-    "git_commit": commit,
-    "regjax_dirty": dirty,
+    "git_commit": git["commit"],
+    "regjax_dirty": git["regjax_dirty"],
     "seed": opts.seed,
     "first_words": [int(w) for w in regjax.random.bits(jax.random.key(opts.seed), (4,))],
   }

@@ -21,6 +21,7 @@ from typing import Any, Generic, TypeVar
 import jax.numpy as jnp
 import numpy as np
 
+from regjax import normalization
 from regjax._checks import canonical_axes
 
 __all__ = ["LayerShift"]
@@ -123,6 +124,28 @@ def selected_count(value: Any, axis: Any, mask: Any) -> Any:
     n = int(np.prod([value.shape[a] for a in reduce]))
     return jnp.full(tuple(value.shape[a] for a in axes), n, jnp.float32)
   return jnp.sum(jnp.broadcast_to(mask, value.shape), reduce, dtype=jnp.float32)
+
+
+def normalize_with_batch_stats(
+  x: Any, stats: Any, scale: Any, bias: Any, *, epsilon: float, axis: Any, mask: Any, dtype: Any
+) -> tuple[Any, Any, Any, Any]:
+  """``(y, count, mean, m2)``: a BN's output on batch statistics, and those
+  statistics (``momentum=0``: the "updated" running statistics are this
+  batch's, biased; the layer's convention is applied once, after pooling)."""
+  y, batch = normalization.batch_norm(
+    x,
+    stats,
+    scale,
+    bias,
+    deterministic=False,
+    momentum=0.0,
+    epsilon=epsilon,
+    axis=axis,
+    mask=mask,
+    dtype=normalization.output_dtype(x, scale, bias, dtype),
+  )
+  count = selected_count(x, axis, mask)
+  return y, count, batch["mean"], batch["var"].astype(jnp.float32) * count
 
 
 # --------------------------------------------------------------------------

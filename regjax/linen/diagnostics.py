@@ -16,12 +16,9 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax.linen import dtypes
 
 from regjax import _diagnostics as common
-from regjax import normalization
 from regjax._diagnostics import BNTypes, LayerShift
 from regjax.linen.normalization import BatchNorm
 
@@ -306,22 +303,16 @@ def _normalize_with_batch_stats(
   batch's, biased; the layer's convention is applied once, after pooling)."""
   scale = module.get_variable("params", "scale") if module.use_scale else None
   bias = module.get_variable("params", "bias") if module.use_bias else None
-  y, batch = normalization.batch_norm(
+  return common.normalize_with_batch_stats(
     value,
     stats,
     scale,
     bias,
-    deterministic=False,
-    momentum=0.0,
     epsilon=module.epsilon,
     axis=module.axis,
     mask=mask,
-    dtype=dtypes.canonicalize_dtype(
-      *(a for a in (value, scale, bias) if a is not None), dtype=module.dtype
-    ),
+    dtype=module.dtype,
   )
-  count = common.selected_count(value, module.axis, mask)
-  return y, count, batch["mean"], batch["var"].astype(jnp.float32) * count
 
 
 def _in_call_order(capture_fn: Callable[[Mapping[str, Any], Any, Emit], None]) -> Capture:

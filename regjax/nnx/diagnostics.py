@@ -15,13 +15,10 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from flax.nnx.nn import dtypes
 
 from regjax import _diagnostics as common
-from regjax import normalization
 from regjax._diagnostics import BNTypes, LayerShift
 from regjax.nnx.normalization import BatchNorm
 
@@ -173,22 +170,17 @@ def _normalize_with_batch_stats(bn: Any, x: Any, mask: Any) -> tuple[Any, Any, A
   statistics (biased: the layer's convention is applied after pooling)."""
   scale = bn.scale[...] if getattr(bn, "scale", None) is not None else None
   bias = bn.bias[...] if getattr(bn, "bias", None) is not None else None
-  y, batch = normalization.batch_norm(
+  stats = {"mean": bn.mean[...], "var": bn.var[...]}
+  return common.normalize_with_batch_stats(
     x,
-    {"mean": bn.mean[...], "var": bn.var[...]},
+    stats,
     scale,
     bias,
-    deterministic=False,
-    momentum=0.0,
     epsilon=bn.epsilon,
     axis=bn.axis,
     mask=mask,
-    dtype=dtypes.canonicalize_dtype(
-      *(a for a in (x, scale, bias) if a is not None), dtype=getattr(bn, "dtype", None)
-    ),
+    dtype=getattr(bn, "dtype", None),
   )
-  count = common.selected_count(x, bn.axis, mask)
-  return y, count, batch["mean"], batch["var"].astype(jnp.float32) * count
 
 
 def _call_model(model: Any, x: Any) -> Any:

@@ -18,6 +18,23 @@ Usage (from the repository root):
   XLA_FLAGS=--xla_force_host_platform_device_count=4 \\
     python examples/train.py --devices 4                    # data parallel on 4 CPU devices
   python examples/train.py --quick --out /tmp/m.json        # smoke test, a few seconds
+  python examples/train.py --quick --save-checkpoint /tmp/ck  # orbax checkpoint at the end
+  python examples/train.py --quick --restore-checkpoint /tmp/ck  # only evaluates: 2 epochs done
+  python examples/train.py --quick --epochs 4 --restore-checkpoint /tmp/ck  # epochs 3 and 4
+  python examples/launch.py --processes 2 --devices-per-process 2 -- --quick  # 2 local processes
+  python examples/train.py --coordinator host0:1234 --num-processes 2 --process-id 0 --quick
+                                            # on host0; on host1 the same with --process-id 1
+
+Across processes (``--coordinator``, ``--num-processes``, ``--process-id``,
+``jax.distributed``; examples/launch.py starts them on one machine) the model
+is trained on one mesh over every device of every process: each process loads
+the whole dataset and feeds its contiguous share of every global batch, the
+step is one jit over the global arrays, so the gradients and the BatchNorm
+statistics are reduced over all devices of all processes and the dropout
+masks follow the global sample index. Each process evaluates its replica on
+the whole test set (the same metrics everywhere); only process 0 prints and
+writes the metrics. Checkpoints are written and read by all processes together
+(orbax), so a multi-host run needs a directory every host can reach.
 
 Default CNN on MNIST-1D (3 blocks conv3-BN-relu-maxpool2 of 32 channels, dense
 64, 17k parameters; AdamW 3e-3 with cosine decay to 0, weight decay 1e-4, batch
@@ -35,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -54,6 +72,12 @@ import regjax
 
 QUICK_TRAIN, QUICK_TEST, QUICK_EPOCHS = 1024, 512, 2
 DEFAULT_EPOCHS = 20
+# Environment variables the distributed options default to (the first is JAX's own).
+COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV = (
+  "JAX_COORDINATOR_ADDRESS",
+  "JAX_NUM_PROCESSES",
+  "JAX_PROCESS_ID",
+)
 
 
 class UsageError(ValueError):
@@ -146,9 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--devices",
     type=int,
-    default=1,
+    default=None,
     help="data parallel over the first N devices (a 1-axis mesh 'data'); the "
-    "batch size must be a multiple of N (default: %(default)s)",
+    "batch size must be a multiple of N (default: 1; in a distributed run all "
+    "devices of all processes, the only value allowed there)",
   )
   p.add_argument(
     "--limit-train", type=int, default=None, help="use only the first N training examples"
@@ -164,7 +189,96 @@ def build_parser() -> argparse.ArgumentParser:
     f"{QUICK_TEST} test examples (explicit --epochs/--limit-* win)",
   )
   p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+  ck = p.add_argument_group("checkpoints (orbax)")
+  ck.add_argument(
+    "--save-checkpoint",
+    metavar="DIR",
+    default=None,
+    help="at the end, write params, batch_stats, opt_state and step to DIR (a new "
+    "directory; every process of a distributed run writes its part, so DIR must be "
+    "on a file system all of them reach)",
+  )
+  ck.add_argument(
+    "--restore-checkpoint",
+    metavar="DIR",
+    default=None,
+    help="start from the checkpoint in DIR (restored onto this run's devices, from a run "
+    "with any number of processes and devices): train the epochs left up to --epochs, "
+    "or only evaluate when it is at or past them (--epochs 0 always only evaluates)",
+  )
+  dist = p.add_argument_group(
+    "distributed (jax.distributed, one process per host; examples/launch.py starts "
+    "several on one machine)"
+  )
+  dist.add_argument(
+    "--coordinator",
+    metavar="HOST:PORT",
+    default=None,
+    help=f"address of process 0, where the coordinator listens (default: ${COORDINATOR_ENV})",
+  )
+  dist.add_argument(
+    "--num-processes",
+    type=int,
+    metavar="N",
+    default=None,
+    help=f"processes taking part (default: ${NUM_PROCESSES_ENV}, else 1: no distributed run)",
+  )
+  dist.add_argument(
+    "--process-id",
+    type=int,
+    metavar="I",
+    default=None,
+    help=f"this process's index in [0, N) (default: ${PROCESS_ID_ENV}; 0 for N = 1)",
+  )
   return p
+
+
+def _env_int(p: argparse.ArgumentParser, name: str) -> int | None:
+  """The integer in environment variable ``name`` (None when unset); a usage error otherwise."""
+  value = os.environ.get(name)
+  if value is None or not value.strip():
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    p.error(f"${name} must be an integer; got {value!r}")
+  raise AssertionError("unreachable")  # p.error exits
+
+
+def is_distributed(args: argparse.Namespace) -> bool:
+  """Whether the arguments ask for ``jax.distributed`` (a coordinator or several processes)."""
+  return args.coordinator is not None or args.num_processes > 1
+
+
+def _check_distributed(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+  """Fills in the distributed options from the environment and validates them."""
+  if args.coordinator is None:
+    args.coordinator = os.environ.get(COORDINATOR_ENV) or None
+  if args.num_processes is None:
+    args.num_processes = _env_int(p, NUM_PROCESSES_ENV)
+    args.num_processes = 1 if args.num_processes is None else args.num_processes
+  if args.process_id is None:
+    args.process_id = _env_int(p, PROCESS_ID_ENV)
+  n = args.num_processes
+  if n < 1:
+    p.error(f"--num-processes must be >= 1; got {n}")
+  if n > 1 and args.coordinator is None:
+    p.error(
+      f"--num-processes {n} needs --coordinator HOST:PORT (the address of process 0) "
+      f"or ${COORDINATOR_ENV}"
+    )
+  if args.coordinator is not None:
+    host, sep, port = args.coordinator.rpartition(":")
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+      p.error(
+        f"--coordinator must be HOST:PORT with a port in [1, 65535]; got {args.coordinator!r}"
+      )
+  if args.process_id is None:
+    if n > 1:
+      p.error(f"--num-processes {n} needs --process-id (0 to {n - 1}) or ${PROCESS_ID_ENV}")
+    args.process_id = 0
+  if not 0 <= args.process_id < n:
+    p.error(f"--process-id must be in [0, {n - 1}] for --num-processes {n}; got {args.process_id}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -175,17 +289,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.limit_train = QUICK_TRAIN if args.limit_train is None else args.limit_train
     args.limit_test = QUICK_TEST if args.limit_test is None else args.limit_test
   args.epochs = DEFAULT_EPOCHS if args.epochs is None else args.epochs
-  if args.epochs < 1:
-    p.error(f"--epochs must be >= 1; got {args.epochs}")
+  if args.epochs < 1 and not (args.epochs == 0 and args.restore_checkpoint is not None):
+    p.error(f"--epochs must be >= 1 (or 0 with --restore-checkpoint); got {args.epochs}")
   if args.batch_size < 1:
     p.error(f"--batch-size must be >= 1; got {args.batch_size}")
   for flag in ("limit_train", "limit_test"):
     if getattr(args, flag) is not None and getattr(args, flag) < 1:
       p.error(f"--{flag.replace('_', '-')} must be >= 1")
-  if args.devices < 1:
+  _check_distributed(p, args)
+  if args.devices is None and not is_distributed(args):
+    args.devices = 1  # a distributed run takes all devices (known once it has started)
+  if args.devices is not None and args.devices < 1:
     p.error(f"--devices must be >= 1; got {args.devices}")
-  if args.batch_size % args.devices:
+  if args.devices is not None and args.batch_size % args.devices:
     p.error(f"--batch-size {args.batch_size} must be a multiple of --devices {args.devices}")
+  if args.save_checkpoint is not None:
+    if os.path.exists(args.save_checkpoint):
+      p.error(f"--save-checkpoint {args.save_checkpoint} already exists (give a new directory)")
+    args.save_checkpoint = os.path.abspath(args.save_checkpoint)  # orbax wants absolute paths
+  if args.restore_checkpoint is not None:
+    if not os.path.isdir(args.restore_checkpoint):
+      p.error(f"--restore-checkpoint {args.restore_checkpoint} is not a directory")
+    args.restore_checkpoint = os.path.abspath(args.restore_checkpoint)
   if args.model == "mlp" and args.order is not None:
     p.error("--order applies to --model cnn only")
   if args.order is not None:
@@ -216,8 +341,48 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
+def init_distributed(args: argparse.Namespace) -> None:
+  """Joins the ``jax.distributed`` run the arguments describe (nothing for a single process).
+
+  Sets ``args.devices`` to the number of devices of all processes.
+
+  Raises:
+    UsageError: the run could not be joined, or ``--devices`` or the batch
+      size do not fit the devices of all processes.
+  """
+  if not is_distributed(args):
+    return
+  if getattr(jax.config, "jax_cpu_collectives_implementation", None) in (None, "none"):
+    # Cross-process collectives of CPU devices (the default in recent jax).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  except Exception as e:  # XLA's errors: RuntimeError, or its own types
+    raise UsageError(
+      f"could not join the distributed run at {args.coordinator} as process "
+      f"{args.process_id} of {args.num_processes}: {e}"
+    ) from e
+  total = jax.device_count()
+  if args.devices is None:
+    args.devices = total
+  elif args.devices != total:
+    raise UsageError(
+      f"--devices {args.devices}: a distributed run uses all {total} devices of its "
+      f"{jax.process_count()} processes (leave --devices out)"
+    )
+  if args.batch_size % total:
+    raise UsageError(
+      f"--batch-size {args.batch_size} must be a multiple of the {total} devices of all processes"
+    )
+
+
 def make_mesh(num_devices: int) -> jax.sharding.Mesh | None:
-  """A 1-axis ``'data'`` mesh over the first ``num_devices`` devices (None for 1)."""
+  """A 1-axis ``'data'`` mesh over the first ``num_devices`` devices (None for 1).
+
+  ``jax.devices()`` lists the devices process by process, so in a distributed
+  run (where ``num_devices`` is all of them) each process holds a contiguous
+  block of every batch.
+  """
   if num_devices == 1:
     return None
   available = jax.devices()
@@ -270,14 +435,78 @@ def limit(data: dict[str, Any], train: int | None, test: int | None) -> dict[str
   return out
 
 
+def _comparable(model_desc: dict[str, Any]) -> dict[str, Any]:
+  """A model description (JSON types) without the noise fields, which hold no variables."""
+  desc = json.loads(json.dumps(model_desc, default=str))
+  desc["fields"] = {k: v for k, v in desc.get("fields", {}).items() if "noise" not in k}
+  return desc
+
+
+def read_checkpoint_meta(path: str) -> dict[str, Any]:
+  """What :func:`run` saved with the checkpoint in ``path``.
+
+  Raises:
+    UsageError: ``path`` holds no checkpoint written by this script.
+  """
+  try:
+    return training.checkpoint_meta(path)
+  except Exception as e:  # orbax raises several types for a directory it cannot read
+    raise UsageError(f"--restore-checkpoint {path} holds no checkpoint train.py wrote: {e}") from e
+
+
+def restore(
+  args: argparse.Namespace,
+  meta: dict[str, Any],
+  model,
+  model_desc: dict[str, Any],
+  data: dict[str, Any],
+  mesh: jax.sharding.Mesh | None,
+) -> training.TrainState:
+  """The state in ``--restore-checkpoint``, on this run's devices (replicated over ``mesh``).
+
+  Raises:
+    UsageError: the checkpoint (whose ``meta`` is given) is not of this model and dataset.
+  """
+  path = args.restore_checkpoint
+  saved, wanted = _comparable(meta.get("model", {})), _comparable(model_desc)
+  if meta.get("dataset") != args.dataset or saved != wanted:
+    raise UsageError(
+      f"--restore-checkpoint {path} holds model {saved.get('class')} for {meta.get('dataset')} "
+      f"with {saved['fields']}; this run builds model {wanted['class']} for {args.dataset} "
+      f"with {wanted['fields']}"
+    )
+  tx = training.make_optimizer(
+    args.lr, args.epochs, len(data["x_train"]) // args.batch_size, args.weight_decay
+  )
+  target = jax.eval_shape(
+    functools.partial(training.init_state, model, tx),
+    jax.random.key(0),
+    data["x_train"][: args.batch_size],
+  )
+  if mesh is None:
+    sharding: jax.sharding.Sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  else:
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  try:
+    return training.restore_checkpoint(path, target, sharding)
+  except Exception as e:
+    raise UsageError(f"--restore-checkpoint {path} could not be restored: {e}") from e
+
+
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
   """Trains as ``args`` say; returns ``(metrics written to JSON, training.fit's result)``.
 
   Raises:
     data.DatasetUnavailableError: the dataset is not prepared (see its message).
-    UsageError: too few devices for ``--devices``, or a batch larger than the data.
+    UsageError: too few devices for ``--devices``, a batch larger than the data,
+      a distributed run that could not be joined, or a checkpoint that does
+      not fit.
   """
+  init_distributed(args)
+  main_process = jax.process_index() == 0
   mesh = make_mesh(args.devices)
+  # Read first, so that a directory without a checkpoint fails before the data loads.
+  meta = None if args.restore_checkpoint is None else read_checkpoint_meta(args.restore_checkpoint)
   t0 = time.perf_counter()
   data = data_lib.load_dataset(args.dataset, data_seed=args.data_seed, data_dir=args.data_dir)
   data = limit(data, args.limit_train, args.limit_test)
@@ -295,33 +524,54 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     else f"{args.noise}({args.noise_value:g}) at {args.placement}"
     + (f", noise variance {s2:.4g}" if s2 is not None else "")
   )
-  print(
-    f"{args.dataset}: train {data['x_train'].shape}, test {data['x_test'].shape}; "
-    f"{args.model}{'' if args.model == 'mlp' else ' ' + model.order}; noise {noise_desc}; "
-    f"{args.epochs} epochs on {args.devices} {jax.devices()[0].platform} device(s)"
-  )
+  model_desc = {
+    "class": type(model).__name__,
+    "fields": {
+      k: getattr(model, k) for k in model.__dataclass_fields__ if k not in ("parent", "name")
+    },
+  }
+  state = None if meta is None else restore(args, meta, model, model_desc, data, mesh)
+  if main_process:
+    processes = f" of {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    print(
+      f"{args.dataset}: train {data['x_train'].shape}, test {data['x_test'].shape}; "
+      f"{args.model}{'' if args.model == 'mlp' else ' ' + model.order}; noise {noise_desc}; "
+      f"{args.epochs} epochs on {args.devices} {jax.devices()[0].platform} device(s)"
+      f"{processes}" + ("" if state is None else f"; from {args.restore_checkpoint}")
+    )
 
-  result = training.fit(
-    model,
-    data,
-    epochs=args.epochs,
-    batch_size=args.batch_size,
-    lr=args.lr,
-    weight_decay=args.weight_decay,
-    seed=args.seed,
-    progress=not args.no_progress,
-    mesh=mesh,
-  )
+  try:
+    result = training.fit(
+      model,
+      data,
+      epochs=args.epochs,
+      batch_size=args.batch_size,
+      lr=args.lr,
+      weight_decay=args.weight_decay,
+      seed=args.seed,
+      progress=main_process and not args.no_progress,
+      mesh=mesh,
+      state=state,
+    )
+  except ValueError as e:  # a restored state short of --epochs but not at an epoch boundary
+    if state is None:
+      raise
+    raise UsageError(f"--restore-checkpoint {args.restore_checkpoint}: {e}") from e
+  if args.save_checkpoint is not None:
+    saved_meta = {
+      "step": int(np.asarray(training.local_copy(result["state"].step))),
+      "steps_per_epoch": len(data["x_train"]) // args.batch_size,
+      "dataset": args.dataset,
+      "model": model_desc,
+      "regjax": regjax.__version__,
+    }
+    training.save_checkpoint(
+      args.save_checkpoint, result["state"], json.loads(json.dumps(saved_meta, default=str))
+    )
   total_seconds = time.perf_counter() - t0
   metrics = {
     "config": {k: v for k, v in vars(args).items() if k not in ("out", "no_progress")},
-    "model": {
-      "class": type(model).__name__,
-      "fields": {
-        k: getattr(model, k) for k in model.__dataclass_fields__ if k not in ("parent", "name")
-      },
-      "num_params": models.count_params(result["state"].params),
-    },
+    "model": {**model_desc, "num_params": models.count_params(result["state"].params)},
     "noise_variance": s2,
     "final": result["final"],
     "history": result["history"],
@@ -356,6 +606,8 @@ def main(argv=None) -> dict[str, Any]:
   except (data_lib.DatasetUnavailableError, UsageError) as e:
     print(f"train.py: error: {' '.join(str(e).split())}", file=sys.stderr)
     raise SystemExit(2) from e
+  if jax.process_index() != 0:  # process 0 writes and prints for all
+    return metrics
   out = args.out or default_out_path()
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w", encoding="utf-8") as f:

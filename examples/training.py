@@ -12,6 +12,13 @@ Keys: ``root = jax.random.key(seed)``; parameters from :func:`init_key`
 ``data.batch_indices(seed, epoch, ...)``. ``fit`` and compare_dropout.py both
 use this schedule, so their runs from the same seed are comparable.
 
+Across processes (``jax.distributed``), ``fit`` takes a mesh over the devices of
+every process: each process holds the whole dataset, feeds its own rows of each
+global batch (``jax.make_array_from_process_local_data``) and runs the same jit
+over the global arrays, so the updates, the BatchNorm statistics and the noise
+(a function of the key and the global row) are those of one process with all
+the devices.
+
 This is a library module: run as a script it only prints its usage.
 """
 
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 import time
 from typing import Any
@@ -179,6 +187,60 @@ _eval_sums_jit = jax.jit(eval_sums, static_argnums=0)
 _cached_optimizer = functools.lru_cache(maxsize=32)(make_optimizer)
 
 
+def _process_rows(sharding: NamedSharding, batch_size: int) -> np.ndarray:
+  """The rows of a ``(batch_size, ...)`` batch that this process's devices hold, ascending.
+
+  In that order they are the process-local data of
+  ``jax.make_array_from_process_local_data``.
+  """
+  spans = {
+    index[0].indices(batch_size)[:2]
+    for index in sharding.addressable_devices_indices_map((batch_size,)).values()
+    if index is not None
+  }
+  return np.concatenate([np.arange(lo, hi) for lo, hi in sorted(spans)])
+
+
+def replicate(tree: Any, sharding: NamedSharding) -> Any:
+  """A pytree whose values are the same on every process, as arrays replicated over ``sharding``.
+
+  Leaves already on ``sharding`` are kept; the others go through NumPy, so
+  ``jax.device_put`` checks across processes that they are equal. Typed keys
+  travel as their key data.
+  """
+
+  def put(a):
+    if isinstance(a, jax.Array) and a.sharding == sharding:
+      return a
+    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+      wrap = functools.partial(jax.random.wrap_key_data, impl=jax.random.key_impl(a))
+      return jax.jit(wrap, out_shardings=sharding)(put(jax.random.key_data(a)))
+    return jax.device_put(np.asarray(a), sharding)
+
+  return jax.tree.map(put, tree)
+
+
+def local_copy(tree: Any) -> Any:
+  """This process's first replica of a pytree of replicated arrays (single-device arrays)."""
+  return jax.tree.map(lambda a: a if a.is_fully_addressable else a.addressable_data(0), tree)
+
+
+def start_epoch(state: TrainState, epochs: int, steps_per_epoch: int) -> int:
+  """The epoch a run of ``epochs`` epochs resumes at from ``state`` (``epochs``: nothing left).
+
+  Raises:
+    ValueError: ``state.step`` is short of ``epochs`` but not at an epoch boundary.
+  """
+  step = int(np.asarray(local_copy(state.step)))
+  if step >= epochs * steps_per_epoch:
+    return epochs
+  if step % steps_per_epoch:
+    raise ValueError(
+      f"the state is at step {step}, not at an epoch boundary ({steps_per_epoch} steps per epoch)"
+    )
+  return step // steps_per_epoch
+
+
 def _check_mesh(mesh: Mesh | None, batch_size: int) -> int:
   """Number of data-parallel devices (1 without a mesh)."""
   if mesh is None:
@@ -205,6 +267,7 @@ def fit(
   progress: bool = True,
   mesh: Mesh | None = None,
   eval_batch_size: int = 1000,
+  state: TrainState | None = None,
 ) -> dict[str, Any]:
   """Trains ``model`` on ``data`` (from ``data.load_dataset``) and evaluates it.
 
@@ -218,11 +281,22 @@ def fit(
     mesh: a ``jax.sharding.Mesh`` with a ``'data'`` axis: each batch is split
       over it and the state replicated. BatchNorm statistics stay those of the
       whole batch, because under ``jit`` XLA inserts the cross-device reduction.
+      A mesh over the devices of several processes (after
+      ``jax.distributed.initialize``; every process calls ``fit`` with the same
+      arguments) trains one model over all of them; each process evaluates
+      its replica of the state on one of its devices, so the metrics are the
+      same on every process.
     eval_batch_size: rows per evaluation batch (the last one padded).
+    state: a state to resume from (e.g. a restored checkpoint) instead of a new
+      one: training goes on at epoch ``state.step // steps_per_epoch`` (see
+      :func:`start_epoch`) up to ``epochs``, with the batch order and noise keys
+      of an uninterrupted run and this call's learning-rate schedule (over
+      ``epochs``); from a state at or past ``epochs`` it only evaluates
+      (``epochs`` may then be 0).
 
   Returns:
     ``{'state', 'history', 'final', 'step_loss', 'train_seconds'}``:
-    ``history`` has one dict per epoch (``train_batch_loss``/``train_batch_acc``:
+    ``history`` has one dict per epoch trained (``train_batch_loss``/``train_batch_acc``:
     mean train-mode batch metrics; ``test_loss``/``test_acc``: eval mode after
     the epoch; ``elapsed_seconds`` since ``fit`` started, initialization and
     compilation included); ``final`` the eval-mode loss and accuracy on the full train and
@@ -231,7 +305,7 @@ def fit(
   x, y = np.asarray(data["x_train"]), np.asarray(data["y_train"])
   x_test, y_test = np.asarray(data["x_test"]), np.asarray(data["y_test"])
   n = x.shape[0]
-  if epochs < 1:
+  if epochs < (1 if state is None else 0):
     raise ValueError(f"epochs must be >= 1; got {epochs}")
   if not 0 < batch_size <= n:
     raise ValueError(f"batch_size must be in [1, {n}] (the training set size); got {batch_size}")
@@ -241,14 +315,22 @@ def fit(
   start = time.perf_counter()
   root = jax.random.key(seed)
   tx = _cached_optimizer(lr, epochs, steps_per_epoch, weight_decay)
-  state = _init_jit(model, tx, init_key(root), x[:batch_size])
+  if state is None:
+    state = _init_jit(model, tx, init_key(root), x[:batch_size])
+  first_epoch = start_epoch(state, epochs, steps_per_epoch)
 
+  multi_process = mesh is not None and mesh.is_multi_process
+  batch_rows = None
   if mesh is None:
     step_fn = functools.partial(_step_jit, model, tx)
   else:
     replicated, batch_split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    state = jax.device_put(state, replicated)
-    root = jax.device_put(root, replicated)
+    if multi_process:
+      state, root = replicate((state, root), replicated)
+      batch_rows = _process_rows(batch_split, batch_size)
+    else:
+      state = jax.device_put(state, replicated)
+      root = jax.device_put(root, replicated)
     # NumPy batches passed to a jit with in_shardings are split on transfer.
     step_fn = jax.jit(
       functools.partial(_fit_step, model, tx),
@@ -260,13 +342,15 @@ def fit(
   def eval_fn(state, x, y):
     # Every evaluation runs the same fixed-shape batch function, so the train
     # and test sets of any size share one compilation.
+    if multi_process:
+      state = local_copy(state)
     sums = [_eval_sums_jit(model, state, *b) for b in _host_batches(x, y, eval_batch_size)]
     loss, correct = np.sum(jax.device_get(sums), axis=0)
     return {"loss": loss / x.shape[0], "acc": correct / x.shape[0]}
 
   history, step_losses = [], []
   bar = None
-  epoch_iter = range(epochs)
+  epoch_iter = range(first_epoch, epochs)
   if progress:
     from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
 
@@ -274,7 +358,15 @@ def fit(
   for epoch in epoch_iter:
     losses, accs = [], []
     for idx in batch_indices(seed, epoch, n, batch_size):
-      state, metrics = step_fn(state, x[idx], y[idx], root)
+      if batch_rows is None:
+        xb, yb = x[idx], y[idx]
+      else:  # the global batch, of which this process holds its own rows
+        mine = idx[batch_rows]
+        xb = jax.make_array_from_process_local_data(
+          batch_split, x[mine], (batch_size,) + x.shape[1:]
+        )
+        yb = jax.make_array_from_process_local_data(batch_split, y[mine], (batch_size,))
+      state, metrics = step_fn(state, xb, yb, root)
       losses.append(metrics["loss"])
       accs.append(metrics["acc"])
     # One device-to-host transfer per epoch, not per step.
@@ -310,9 +402,60 @@ def fit(
     "state": state,
     "history": history,
     "final": final,
-    "step_loss": np.concatenate(step_losses),
+    "step_loss": np.concatenate(step_losses) if step_losses else np.zeros(0, np.float32),
     "train_seconds": time.perf_counter() - start,
   }
+
+
+def save_checkpoint(path: str, state: TrainState, meta: dict[str, Any]) -> None:
+  """Writes ``state`` (arrays of any sharding) and the JSON ``meta`` to the new directory ``path``.
+
+  Uses orbax (a dependency of flax). In a multi-process run every process must
+  call it, with the same ``path``: orbax writes each array once and
+  synchronizes the processes.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    ckptr.save(
+      os.path.abspath(path),
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+    )
+
+
+def checkpoint_meta(path: str) -> dict[str, Any]:
+  """The JSON ``meta`` that :func:`save_checkpoint` wrote to ``path``."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    return ckptr.restore(
+      os.path.abspath(path), args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+    )["meta"]
+
+
+def restore_checkpoint(
+  path: str, target: TrainState, sharding: jax.sharding.Sharding
+) -> TrainState:
+  """The state saved in ``path``, with ``target``'s structure, placed on ``sharding``.
+
+  Args:
+    path: a directory written by :func:`save_checkpoint`, by a run with any
+      number of processes and devices.
+    target: the state (or its ``jax.eval_shape``) of the model to restore into.
+    sharding: where every array goes, e.g. one device or ``NamedSharding(mesh,
+      P())`` (replicated over a mesh, which may span processes: every process
+      must then call this).
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  abstract = jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), target
+  )
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    restored = ckptr.restore(
+      os.path.abspath(path), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+    )
+  return restored["state"]
 
 
 def build_parser() -> argparse.ArgumentParser:

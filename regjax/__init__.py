@@ -11,6 +11,8 @@ from regjax import random
 from regjax.affine_noise import alpha_dropout, gaussian_noise
 from regjax.constraints import default_max_norm_filter, max_norm, max_norm_projection
 from regjax.normalization import BatchStats, batch_norm, init_batch_stats
+from regjax.penalties import l1_penalty, l2_penalty
+from regjax.renorm import batch_renorm
 from regjax.stochastic import (
   dropout,
   dropout_noise_variance,
@@ -26,6 +28,8 @@ from regjax.structured import (
   drop_path_rates,
   dropblock,
   dropblock_rate_schedule,
+  join_drop_path,
+  random_erasing,
 )
 from regjax.weights import dropconnect_dense
 
@@ -35,6 +39,7 @@ __all__ = [
   "BatchStats",
   "alpha_dropout",
   "batch_norm",
+  "batch_renorm",
   "channel_dropout",
   "cutout",
   "default_max_norm_filter",
@@ -48,10 +53,14 @@ __all__ = [
   "gaussian_dropout",
   "gaussian_noise",
   "init_batch_stats",
+  "join_drop_path",
+  "l1_penalty",
+  "l2_penalty",
   "matched_uout_beta",
   "max_norm",
   "max_norm_projection",
   "random",
+  "random_erasing",
   "uout",
   "uout_noise_variance",
 ]

@@ -170,6 +170,15 @@ def normalize(cfg: Config, x, shift_, scale, bias, mask, n, feature_size: int):
   return _normalize_remat(dataclasses.replace(cfg, use_dot=use_dot) if use_dot else cfg, *args)
 
 
+def moments(cfg: Config, x, shift_, mask, n, feature_size: int):
+  """Batch mean and biased variance (reduced axes kept) exactly as :func:`normalize`
+  computes them: the same reducer, shift and count-weighted merge across devices."""
+  if jax.default_backend() == "cpu" and _dot_eligible(x, cfg.reduction_axes, feature_size):
+    cfg = dataclasses.replace(cfg, use_dot=True)
+  s1, s2 = _local_sums(cfg, x, shift_, mask)
+  return _merge(cfg, s1, s2, x, shift_, mask, n)
+
+
 def _rsum(cfg: Config, v):
   """Sum over the reduced axes, kept as size 1."""
   if cfg.use_dot:

@@ -99,6 +99,18 @@ def input_of(batch: Any) -> Any:
   return batch
 
 
+def has_running_stats(bn: Any) -> bool:
+  """False for a BatchNorm made with ``track_running_stats=False``: it normalizes with
+  the batch statistics in every mode, so it has no running statistics to compare
+  or re-estimate, and the diagnostics leave it alone (no record, no update)."""
+  return getattr(bn, "track_running_stats", True) is not False
+
+
+NO_RUNNING_STATS_NOTE = (
+  " BatchNorm layers with track_running_stats=False have no running statistics and are skipped."
+)
+
+
 # --------------------------------------------------------------------------
 # Statistics of one call.
 

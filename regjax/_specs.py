@@ -13,6 +13,8 @@ and each trivial value is written once::
     gaussian_noise                             stddev    [0, inf)   0 (x)
     dropblock                                  rate      [0, 1]     0 (x)
     cutout                                     size      [0, side]  0 (x)
+    cutout, random_erasing                     probability [0, 1]   0 (x)
+    join_drop_path (local mode)                rate      [0, 1]     0 (mean of the branches)
 
 Eval mode (``deterministic=True``) needs no draw for every op. DropBlock at
 rate 1 still draws (its seeds are ``Bernoulli(gamma)`` with ``gamma <= 1``),
@@ -89,3 +91,9 @@ GAUSSIAN_NOISE = Strength("stddev", 0.0, math.inf, high_inclusive=False)
 DROPBLOCK = Strength("rate", 0.0, 1.0, high_inclusive=True)
 # ``high`` is the image's side, checked by the op (see the module docstring).
 CUTOUT = Strength("size", 0.0, math.inf, high_inclusive=True)
+# The probability that an image is augmented at all (cutout's second strength).
+PROBABILITY = Strength("probability", 0.0, 1.0, high_inclusive=True)
+RANDOM_ERASING = PROBABILITY
+# The join is a mean, not x: join_drop_path makes its own no-draw cases (rate 0
+# only in local mode), so only the range is used here.
+JOIN_DROP_PATH = Strength("rate", 0.0, 1.0, high_inclusive=True, identity_at=())

@@ -47,8 +47,8 @@ def _check_max_value(max_value, op):
   )
 
 
-def _selected(params, filter, op):
-  """A pytree of bools: which leaves of params the projection touches."""
+def selection(params, filter, op):
+  """A pytree of bools: which leaves of params `filter` selects (max_norm, the penalties)."""
   filter = default_max_norm_filter if filter is None else filter
   if not callable(filter):
     raise TypeError(f"{op}: `filter` must be a callable (path, leaf) -> bool; got {filter!r}.")
@@ -126,7 +126,7 @@ def max_norm(
   """
   op = "regjax.max_norm"
   max_value = _check_max_value(max_value, op)
-  selected = _selected(params, filter, op)
+  selected = selection(params, filter, op)
 
   def apply(path, leaf, chosen):
     if not chosen:
@@ -172,7 +172,7 @@ def max_norm_projection(
       raise ValueError(
         f"{op}: the update needs the current params: call `tx.update(grads, opt_state, params)`."
       )
-    selected = _selected(params, filter, op)
+    selected = selection(params, filter, op)
 
     def project(path, update, param, chosen):
       if not chosen:

@@ -33,6 +33,16 @@ Both functions take either model API, told apart by the first argument:
 Either way the model code needs no change, and a BatchNorm called several times
 per forward pass contributes every call.
 
+Which layers count: BatchRenorm is measured and recalibrated as a BatchNorm
+(its eval mode is BatchNorm's, with the same ``mean``/``var``); a ghost
+BatchNorm (``virtual_batch_size``) too (its eval mode is plain BatchNorm's;
+recalibration gives the population statistics of all samples, not the mean of
+the per-group variances its training stores). A BatchNorm made with
+``track_running_stats=False`` has no running statistics and normalizes with the
+batch's in every mode, so it has no shift to measure and nothing to
+re-estimate: it is skipped (no :class:`LayerShift`, its call runs unchanged, and
+recalibration leaves it alone).
+
 This module is the front door: it tells the two forms apart and hands the call
 to :mod:`regjax.linen.diagnostics` or :mod:`regjax.nnx.diagnostics` (each with
 one signature, importable on its own); the pooling both share lives in
@@ -103,7 +113,8 @@ def variance_shift(
       collection. NNX: this slot takes ``batches``.
     batches: training batches: arrays, ``(x, y)`` tuples or ``{'x': ...}`` dicts.
     bn_types: module classes treated as BatchNorm (a class or a tuple); default
-      flax.linen's and regjax.linen's (linen), regjax.nnx's and flax.nnx's
+      flax.linen's BatchNorm and regjax.linen's BatchNorm and BatchRenorm
+      (linen), regjax.nnx's BatchNorm and BatchRenorm and flax.nnx's BatchNorm
       (NNX). NNX BatchNorm classes need ``axis`` and the variables ``mean`` and
       ``var``.
     call: NNX only: ``call(model, x)`` runs the forward pass, default

@@ -9,8 +9,9 @@ format.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
-from typing import Any, TypedDict, cast
+from typing import Any, TypedDict, cast, overload
 
 import jax
 import jax.numpy as jnp
@@ -76,7 +77,7 @@ def check_inexact(x, op: str, name: str = "x") -> None:
     _checks.check_floating(x, op, name)
 
 
-def _check_feature_array(value, name: str, shape: tuple[int, ...], op: str) -> None:
+def check_feature_array(value, name: str, shape: tuple[int, ...], op: str) -> None:
   if value is None:
     return
   check_inexact(value, op, name)
@@ -87,7 +88,7 @@ def _check_feature_array(value, name: str, shape: tuple[int, ...], op: str) -> N
     )
 
 
-def _check_batch_stats(batch_stats, shape: tuple[int, ...], op: str) -> None:
+def check_batch_stats(batch_stats, shape: tuple[int, ...], op: str) -> None:
   if not isinstance(batch_stats, Mapping) or not {"mean", "var"} <= set(batch_stats):
     raise ValueError(
       f"{op}: `batch_stats` must be a dict with entries 'mean' and 'var' "
@@ -101,12 +102,54 @@ def _check_batch_stats(batch_stats, shape: tuple[int, ...], op: str) -> None:
         f"{op}: `batch_stats['{name}']` is None; it must be an array of the feature "
         f"shape {shape} (regjax.init_batch_stats({shape}) makes both)."
       )
-    _check_feature_array(batch_stats[name], f"batch_stats['{name}']", shape, op)
+    check_feature_array(batch_stats[name], f"batch_stats['{name}']", shape, op)
+
+
+@overload
+def batch_norm(
+  x: jax.Array,
+  batch_stats: Mapping[str, jax.Array],
+  scale: jax.Array | None = ...,
+  bias: jax.Array | None = ...,
+  *,
+  deterministic: bool = ...,
+  momentum: float | jax.Array = ...,
+  epsilon: float = ...,
+  axis: int | tuple[int, ...] = ...,
+  axis_name: str | tuple[str, ...] | None = ...,
+  axis_index_groups: Any = ...,
+  unbiased_running_var: bool = ...,
+  mask: jax.Array | None = ...,
+  dtype: Any = ...,
+  force_float32_reductions: bool = ...,
+  virtual_batch_size: int | None = ...,
+) -> tuple[jax.Array, BatchStats]: ...
+
+
+@overload
+def batch_norm(
+  x: jax.Array,
+  batch_stats: None,
+  scale: jax.Array | None = ...,
+  bias: jax.Array | None = ...,
+  *,
+  deterministic: bool = ...,
+  momentum: float | jax.Array = ...,
+  epsilon: float = ...,
+  axis: int | tuple[int, ...] = ...,
+  axis_name: str | tuple[str, ...] | None = ...,
+  axis_index_groups: Any = ...,
+  unbiased_running_var: bool = ...,
+  mask: jax.Array | None = ...,
+  dtype: Any = ...,
+  force_float32_reductions: bool = ...,
+  virtual_batch_size: int | None = ...,
+) -> tuple[jax.Array, None]: ...
 
 
 def batch_norm(
   x: jax.Array,
-  batch_stats: Mapping[str, jax.Array],
+  batch_stats: Mapping[str, jax.Array] | None,
   scale: jax.Array | None = None,
   bias: jax.Array | None = None,
   *,
@@ -120,7 +163,8 @@ def batch_norm(
   mask: jax.Array | None = None,
   dtype: Any = None,
   force_float32_reductions: bool = True,
-) -> tuple[jax.Array, BatchStats]:
+  virtual_batch_size: int | None = None,
+) -> tuple[jax.Array, BatchStats | None]:
   """Batch normalization (Ioffe & Szegedy 2015) returning updated statistics.
 
   Train mode (``deterministic=False``), per feature, over every axis but
@@ -133,6 +177,34 @@ def batch_norm(
 
   Eval mode normalizes with ``batch_stats`` and returns them unchanged.
 
+  Without running statistics (``batch_stats=None``, PyTorch's
+  ``track_running_stats=False``) both modes normalize with the batch
+  statistics, so ``deterministic`` (still checked) does not change ``y``, and
+  the function returns ``(y, None)``; ``momentum`` and
+  ``unbiased_running_var`` are then checked but unused.
+
+  Ghost batch normalization (``virtual_batch_size=k``; Hoffer, Hubara &
+  Soudry 2017, arXiv:1705.08741) splits the leading axis (axis 0, which must
+  be a batch axis, of a size divisible by ``k``) into ``G`` groups of ``k``
+  consecutive samples, ``x[g*k:(g+1)*k]``, and normalizes each group with its
+  own statistics (over its ``k`` samples and any other batch axes). The
+  running statistics get one update per step from the groups' statistics,
+  count-weighted (``n_g`` selected values in group ``g``, ``N = sum n_g``)::
+
+      mu  = sum_g n_g * mu_g / N                      # = the batch mean
+      var = sum_g n_g * var_g / N                     # mean of the biased group variances
+      var = sum_g n_g * var_g / sum_g (n_g - 1)       # if unbiased_running_var
+
+  Without a mask every ``n_g`` is the same, so these are the plain means of
+  the groups' means and biased (or unbiased) variances: the within-group
+  variance the network sees in training, not the full batch's. Eval uses the
+  running statistics as usual. ``k`` equal to the batch size is plain batch
+  norm. Under ``axis_name`` the groups are formed within each device's local
+  batch (normalization never crosses devices) and the running-statistics
+  update above sums over the groups of all devices. With a ``mask`` each
+  group's statistics use its selected positions (a group with none gets
+  weight 0). With ``batch_stats=None`` both modes normalize per group.
+
   Statistics are accumulated in at least float32 (so bf16/fp16 inputs are
   safe) from one pass of sums of ``x - shift``, with ``shift`` one sample per
   feature, which stays accurate when ``|mean| >> std``, where flax's default
@@ -142,6 +214,7 @@ def batch_norm(
     x: floating-point input.
     batch_stats: ``{'mean': ..., 'var': ...}``, each of the feature shape
       (``init_batch_stats`` makes them). Updated values keep their dtype.
+      None: no running statistics (see above).
     scale, bias: optional per-feature affine parameters of the feature shape.
     deterministic: eval mode if True.
     momentum: decay of the running averages, in ``[0, 1]`` (flax convention;
@@ -166,18 +239,23 @@ def batch_norm(
     dtype: output dtype (floating or complex); default ``x.dtype``.
     force_float32_reductions: accumulate statistics in at least float32 (the
       default, as flax); False computes them in ``x.dtype``.
+    virtual_batch_size: None (plain batch norm) or an int ``k >= 1`` that
+      divides ``x.shape[0]`` (checked in train mode, and in both modes when
+      ``batch_stats`` is None): ghost batch norm over groups of ``k``.
 
   Returns:
-    ``(y, new_batch_stats)``.
+    ``(y, new_batch_stats)``; ``(y, None)`` when ``batch_stats`` is None.
   """
   op = "regjax.batch_norm"
   check_inexact(x, op)
   deterministic = _checks.check_deterministic(deterministic, op)
   feature_axes = _checks.canonical_axes(axis, x.ndim, op)
   feature_shape = tuple(x.shape[a] for a in feature_axes)
-  _check_batch_stats(batch_stats, feature_shape, op)
-  _check_feature_array(scale, "scale", feature_shape, op)
-  _check_feature_array(bias, "bias", feature_shape, op)
+  if batch_stats is not None:
+    check_batch_stats(batch_stats, feature_shape, op)
+  virtual_batch_size = check_virtual_batch_size(virtual_batch_size, op)
+  check_feature_array(scale, "scale", feature_shape, op)
+  check_feature_array(bias, "bias", feature_shape, op)
   momentum = _checks.check_rate(momentum, op, "momentum", low=0.0, high=1.0, high_inclusive=True)
   epsilon = _checks.check_epsilon(epsilon, op)
   if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
@@ -185,7 +263,7 @@ def batch_norm(
       f"{op}: `dtype` must be a floating-point (or complex) dtype or None; got {dtype!r}."
     )
   if mask is not None:
-    _check_mask(mask, x.shape, op)
+    check_mask(mask, x.shape, op)
   out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
   stats_dtype = jnp.promote_types(x.dtype, jnp.float32) if force_float32_reductions else x.dtype
   # Per-feature arrays with the reduced axes kept as size 1, so they broadcast.
@@ -195,7 +273,7 @@ def batch_norm(
     return None if v is None else jnp.reshape(v.astype(stats_dtype), keep_shape)
 
   xf = x.astype(stats_dtype)
-  if deterministic:
+  if deterministic and batch_stats is not None:
     y = _eval_normalize(
       xf,
       as_keep(batch_stats["mean"]),
@@ -207,13 +285,35 @@ def batch_norm(
     return y.astype(out_dtype), cast(BatchStats, batch_stats)
   if mask is not None:
     mask = jnp.broadcast_to(mask, x.shape)
-  cfg = _bn_kernel.make_config(
-    tuple(a for a in range(x.ndim) if a not in feature_axes), axis_name, axis_index_groups, epsilon
-  )
-  _check_train_shape(cfg, x.shape, feature_axes, unbiased_running_var and mask is None, op)
-  y, mean, var, count = _train_normalize(
-    cfg, xf, as_keep(scale), as_keep(bias), mask, math.prod(feature_shape)
-  )
+  tracked = batch_stats is not None
+  reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
+  if virtual_batch_size is not None:
+    _check_virtual_batches(virtual_batch_size, x.shape, feature_axes, op)
+  if virtual_batch_size is not None and (x.shape[0] != virtual_batch_size or axis_name is not None):
+    # Ghost batches (one group on one device is plain batch norm, below).
+    y, mean, var, count = _ghost_normalize(
+      xf,
+      as_keep(scale),
+      as_keep(bias),
+      mask,
+      virtual_batch_size,
+      feature_axes,
+      axis_name,
+      axis_index_groups,
+      epsilon,
+      tracked and unbiased_running_var,
+      op,
+    )
+    unbiased_running_var = False  # already in `var`
+  else:
+    cfg = _bn_kernel.make_config(reduction_axes, axis_name, axis_index_groups, epsilon)
+    check_unbiased = tracked and unbiased_running_var and mask is None
+    check_train_shape(cfg, x.shape, feature_axes, check_unbiased, op)
+    y, mean, var, count = _train_normalize(
+      cfg, xf, as_keep(scale), as_keep(bias), mask, math.prod(feature_shape)
+    )
+  if batch_stats is None:
+    return y.astype(out_dtype), None
   return y.astype(out_dtype), _updated_stats(
     batch_stats, mean, var, count, momentum, feature_shape, unbiased_running_var
   )
@@ -228,7 +328,7 @@ def _eval_normalize(x, mean, var, scale, bias, epsilon: float):
   return y if bias is None else y + bias
 
 
-def _check_train_shape(
+def check_train_shape(
   cfg: _bn_kernel.Config, shape, feature_axes, check_unbiased: bool, op: str
 ) -> None:
   """Train mode needs more than one value per feature (or a named axis to add devices)."""
@@ -262,7 +362,100 @@ def _train_normalize(cfg: _bn_kernel.Config, x, scale, bias, mask, feature_size:
   return y, mean, var, count
 
 
-def _check_mask(mask, x_shape, op: str) -> None:
+def check_virtual_batch_size(virtual_batch_size, op: str) -> int | None:
+  """None, or a Python/NumPy int ``>= 1`` (not a bool), returned as an int."""
+  if virtual_batch_size is None:
+    return None
+  if isinstance(virtual_batch_size, (bool, np.bool_)) or not isinstance(
+    virtual_batch_size, numbers.Integral
+  ):
+    raise TypeError(
+      f"{op}: `virtual_batch_size` must be None or an int >= 1; got {virtual_batch_size!r}."
+    )
+  if virtual_batch_size < 1:
+    raise ValueError(
+      f"{op}: `virtual_batch_size` must be None or an int >= 1; got {virtual_batch_size!r}."
+    )
+  return int(virtual_batch_size)
+
+
+def _check_virtual_batches(k: int, shape, feature_axes, op: str) -> None:
+  """Ghost batches split axis 0, a batch axis, into groups of ``k``."""
+  if not shape or 0 in feature_axes:
+    raise ValueError(
+      f"{op}: `virtual_batch_size` splits the leading batch axis (axis 0) into groups, "
+      f"but axis 0 is a feature axis here (`x` of shape {shape}, feature axes {feature_axes})."
+    )
+  if shape[0] % k:
+    raise ValueError(
+      f"{op}: `virtual_batch_size`={k} must divide the batch size (x.shape[0]={shape[0]}); "
+      f"got `x` of shape {shape}."
+    )
+
+
+def _ghost_normalize(
+  x, scale, bias, mask, k: int, feature_axes, axis_name, axis_index_groups, epsilon, unbiased, op
+):
+  """Ghost batch norm: ``(y, mean, var, count)``, the running-statistics update's inputs.
+
+  ``x`` is viewed as ``(G, k, ...)`` with the group axis a feature axis of the
+  kernel, so every group gets its own statistics (and its own shift, so the
+  accuracy for ``|mean| >> std`` is that of plain batch norm), never combined
+  across devices. The groups' statistics are then combined count-weighted
+  (see :func:`batch_norm`) over the groups and, under ``axis_name``, the
+  devices; the means as deviations from a per-feature sample ``ref`` (each
+  device's own, added back as in the kernel's device merge), so that their
+  sum stays accurate when ``|mean| >> std``.
+  """
+  reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
+  grouped_shape = (x.shape[0] // k, k, *x.shape[1:])
+  reduced = (1, *(a + 1 for a in reduction_axes[1:]))  # axis 0 is reduced (checked)
+  group_keep = tuple(1 if a in reduced else d for a, d in enumerate(grouped_shape))
+  if unbiased and mask is None and math.prod(grouped_shape[a] for a in reduced) < 2:
+    raise ValueError(
+      f"{op}: `unbiased_running_var=True` needs more than one value per feature in each "
+      f"virtual batch; got `virtual_batch_size`={k} and `x` of shape {x.shape}."
+    )
+
+  def grouped(v):  # a per-feature array (x's reduced axes of size 1), one copy per group
+    return None if v is None else jnp.broadcast_to(v[None], group_keep)
+
+  cfg = _bn_kernel.make_config(reduced, None, None, epsilon)
+  y, mean_g, var_g, count_g = _train_normalize(
+    cfg,
+    x.reshape(grouped_shape),
+    grouped(scale),
+    grouped(bias),
+    None if mask is None else mask.reshape(grouped_shape),
+    math.prod(group_keep),
+  )
+
+  def over_devices(v):
+    return v if axis_name is None else lax.psum(v, axis_name, axis_index_groups=axis_index_groups)
+
+  def total(v):  # over this device's groups (axis 0), then over the devices
+    return over_devices(jnp.sum(v, 0))
+
+  # Per-feature arrays of x's keep shape from here on (group_keep[1:]).
+  if x.shape[0] == 0:
+    ref = jnp.zeros(group_keep[1:], x.dtype)
+  else:
+    ref = _bn_kernel.shift(x, reduction_axes, mask)
+  local_count = jnp.sum(count_g, 0)
+  count = over_devices(local_count)
+  n = jnp.maximum(count, 1)
+  # The small deviations are summed first, then the large local_count * ref added once.
+  mean = over_devices(jnp.sum(count_g * (mean_g - ref), 0) + local_count * ref) / n
+  weighted_var = total(count_g * var_g)
+  if unbiased:  # the pooled unbiased variance: n_g - 1 degrees of freedom per group
+    dof = total(jnp.maximum(count_g - 1, 0))
+    var = jnp.where(dof > 0, weighted_var / jnp.maximum(dof, 1), weighted_var / n)
+  else:
+    var = weighted_var / n
+  return y.reshape(x.shape), mean, var, count
+
+
+def check_mask(mask, x_shape, op: str) -> None:
   if getattr(mask, "dtype", None) != jnp.bool_:
     raise TypeError(f"{op}: `mask` must be a boolean array; got {getattr(mask, 'dtype', mask)!r}.")
   try:  # `mask` must broadcast *to* x's shape, not merely with it

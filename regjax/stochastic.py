@@ -49,8 +49,9 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from regjax import _noise, _specs, random
+from regjax import _checks, _noise, _specs, random
 
 __all__ = [
   "dropout",
@@ -77,6 +78,61 @@ class _Dropout(_noise.NoiseRule):
 
   def from_key(self, x, key, noise_shape, keep):
     return x * _noise.dropout_factor(jax.random.bernoulli(key, keep, noise_shape), keep)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ClassicDropout(_Dropout):
+  """``x * m``, ``m ~ Bernoulli(keep)``: :class:`_Dropout`'s mask, not rescaled."""
+
+  def from_words(self, x, words, keep):
+    return x * _classic_factor(random.bernoulli_from_bits(words, keep))
+
+  def from_key(self, x, key, noise_shape, keep):
+    return x * _classic_factor(jax.random.bernoulli(key, keep, noise_shape))
+
+
+def _classic_factor(mask):
+  """1 where ``mask`` keeps a unit, else 0 (the classic counterpart of ``dropout_factor``)."""
+  return jnp.where(mask, 1.0, 0.0)
+
+
+def _scale_by_keep(x, rate):
+  """Classic dropout's eval output ``x * (1 - rate)``, computed in the compute dtype."""
+  dtype = _noise.compute_dtype(x.dtype)
+  keep = _Dropout().param(jnp.asarray(rate, dtype))
+  return (x.astype(dtype) * keep).astype(x.dtype)
+
+
+def _scale_by_keep_guarded(x, rate):
+  """:func:`_scale_by_keep` for a traced rate: ``x`` itself where it is NaN or +-inf."""
+  finite = jnp.isfinite(rate)
+  safe = jnp.where(finite, rate, jnp.zeros_like(rate))
+  return jax.lax.cond(finite, _scale_by_keep, lambda x, r: x, x, safe)
+
+
+# One compiled computation each, as the train path (see regjax._noise): eager == jit.
+_scale_by_keep_traced = jax.jit(_scale_by_keep_guarded)
+_scale_by_keep_constant = jax.jit(_scale_by_keep, static_argnums=1)
+
+
+def _classic_dropout(x, rate, key, deterministic, broadcast_dims, rng_impl):
+  """``dropout(..., inverted=False)``: train ``x * m``, eval ``x * (1 - rate)``."""
+  op = "regjax.dropout"
+  rng_impl = _noise.check_rng_impl(rng_impl, op)
+  deterministic, _ = _noise.prepare(x, key, deterministic, broadcast_dims, op)
+  rate = _specs.DROPOUT.check(rate, op)
+  if not deterministic:
+    return _noise.elementwise_op(
+      op, _specs.DROPOUT, _ClassicDropout, x, rate, key, deterministic, broadcast_dims, rng_impl
+    )
+  # Eval: the expected train output, without a draw.
+  if _checks.is_concretely(rate, *_specs.DROPOUT.identity_at):
+    return x
+  if _checks.is_concretely(rate, *_specs.DROPOUT.zeros_at):
+    return jnp.zeros_like(x)
+  if _checks.is_traced(rate):
+    return _scale_by_keep_traced(x, rate)
+  return _scale_by_keep_constant(x, float(rate))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,12 +172,34 @@ def dropout(
   deterministic: bool = False,
   broadcast_dims: Sequence[int] = (),
   rng_impl: str = "hash",
+  inverted: bool = True,
 ) -> jax.Array:
-  """Inverted dropout (Srivastava et al. 2014, JMLR 15).
+  """Inverted dropout (Srivastava et al. 2014, JMLR 15), or classic dropout.
 
   Train mode: ``y = x * m / (1 - rate)`` with ``m ~ Bernoulli(1 - rate)``, so
   ``E[y] = x`` and the multiplicative noise variance is ``rate / (1 - rate)``.
   Eval mode (``deterministic=True``) returns ``x``.
+
+  Classic dropout (``inverted=False``, the paper's original form): train
+  ``y = x * m`` (no rescaling), eval ``y = x * (1 - rate)``, the expected train
+  output; so eval is not the identity (unless ``rate`` is concretely 0), and
+  ``deterministic=True`` then returns a new array. Same mask as inverted dropout
+  for the same key and ``rng_impl``: the output is ``(1 - rate)`` times the
+  inverted one in both modes, up to rounding. ``rate == 1`` gives zeros in both
+  modes (zero, never NaN, gradients). In eval, a traced rate is clipped to
+  ``[0, 1]`` as in train, and a traced NaN or +-inf returns ``x``, as the train
+  path does.
+
+  Variance shift of classic dropout (Li et al. 2019, see
+  :mod:`regjax.diagnostics`): a unit of mean ``c`` and variance ``v`` has, with
+  ``keep = 1 - rate``, ``Var_train[x * m] = keep * v + keep * rate * c**2`` and
+  ``Var_eval[x * keep] = keep**2 * v``, so a BatchNorm right after it sees::
+
+      delta = Var_eval / Var_train = keep * v / (v + rate * c**2)
+
+  which is inverted dropout's ``v / (v + s2 * (c**2 + v))`` with ``s2 = rate /
+  keep``: both modes' outputs are ``keep`` times the inverted ones, so the
+  ratio is the same. Classic dropout does not avoid the variance shift.
 
   Args:
     x: floating-point array.
@@ -129,7 +207,8 @@ def dropout(
       zeros (with zero, never NaN, gradients). A traced rate is clipped to
       ``[0, 1]``; a traced NaN or +-inf returns ``x``.
     key: PRNG key; required in train mode unless ``rate`` is concretely 0 or 1.
-    deterministic: if True, return ``x`` unchanged.
+    deterministic: if True, return ``x`` unchanged (``x * (1 - rate)`` with
+      ``inverted=False``).
     broadcast_dims: axes that share one mask draw (e.g. the spatial axes for
       channel dropout), as in ``flax.linen.Dropout``: the axes a draw is shared
       over, not a channel axis (the channel is ``channel_axis`` in
@@ -142,13 +221,20 @@ def dropout(
       and whose backward recomputes the mask from the
       key; ``'jax'``: ``jax.random.bernoulli(key, 1 - rate, shape)``, the same
       draw as ``flax.linen.Dropout`` makes from the same key.
+    inverted: True (default): inverted dropout; False: classic dropout (see above).
 
   Returns:
     An array with ``x``'s shape and dtype. Kept units are scaled by exactly
     ``1 / (1 - rate)`` (with ``'hash'`` the mean is therefore off by at most
-    ``2**-17 / (1 - rate)`` relative). A traced ``rate`` gets a gradient only
-    through that scale (the mask is piecewise constant in ``rate``).
+    ``2**-17 / (1 - rate)`` relative); with ``inverted=False`` they are kept as
+    they are. A traced ``rate`` gets a gradient only through that scale (the
+    mask is piecewise constant in ``rate``): none in classic train mode, and
+    ``-x`` in classic eval mode.
   """
+  if not isinstance(inverted, (bool, np.bool_)):
+    raise TypeError(f"regjax.dropout: `inverted` must be a bool; got {inverted!r}.")
+  if not inverted:
+    return _classic_dropout(x, rate, key, deterministic, broadcast_dims, rng_impl)
   return _noise.elementwise_op(
     "regjax.dropout",
     _specs.DROPOUT,

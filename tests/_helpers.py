@@ -204,8 +204,14 @@ MODULES = {
   "GaussianNoise": (rl.GaussianNoise(0.1), lambda r: rn.GaussianNoise(0.1, rngs=r)),
   "ChannelDropout": (rl.ChannelDropout(0.5), lambda r: rn.ChannelDropout(0.5, rngs=r)),
   "DropPath": (rl.DropPath(0.5), lambda r: rn.DropPath(0.5, rngs=r)),
+  # X as 2 branches of a batch of 4: the join has shape X.shape[1:].
+  "JoinDropPath": (rl.JoinDropPath(0.5), lambda r: rn.JoinDropPath(0.5, rngs=r)),
   "DropBlock": (rl.DropBlock(0.3, block_size=2), lambda r: rn.DropBlock(0.3, block_size=2, rngs=r)),
   "Cutout": (rl.Cutout(2), lambda r: rn.Cutout(2, rngs=r)),
+  "RandomErasing": (
+    rl.RandomErasing(1.0, fill="random"),
+    lambda r: rn.RandomErasing(1.0, fill="random", rngs=r),
+  ),
   "DropConnect": (
     rl.DropConnect(3),
     lambda r: rn.DropConnect(

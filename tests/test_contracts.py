@@ -29,8 +29,10 @@ PURE = {
   "gaussian_noise": lambda x, k, d: regjax.gaussian_noise(x, 0.1, key=k, deterministic=d),
   "channel_dropout": lambda x, k, d: regjax.channel_dropout(x, 0.5, key=k, deterministic=d),
   "drop_path": lambda x, k, d: regjax.drop_path(x, 0.5, key=k, deterministic=d),
+  "join_drop_path": lambda x, k, d: regjax.join_drop_path(x, 0.5, key=k, deterministic=d),
   "dropblock": lambda x, k, d: regjax.dropblock(x, 0.3, key=k, deterministic=d, block_size=2),
   "cutout": lambda x, k, d: regjax.cutout(x, 2, key=k, deterministic=d),
+  "random_erasing": lambda x, k, d: regjax.random_erasing(x, 0.5, key=k, deterministic=d),
   "dropconnect_dense": lambda x, k, d: regjax.dropconnect_dense(
     x, jnp.ones((3, 3)), None, 0.5, key=k, deterministic=d
   ),
@@ -141,6 +143,22 @@ OPS = {
     for impl in IMPLS
   },
   "cutout": (regjax.cutout, (4, 12, 12, 3), 5, "size", r"\[0, 12\]", 13),
+  "random_erasing": (
+    functools.partial(regjax.random_erasing, fill="random"),
+    (4, 12, 12, 3),
+    0.5,
+    "probability",
+    r"\[0, 1\]",
+    1.5,
+  ),
+  "dropblock_3d": (
+    functools.partial(regjax.dropblock, block_size=2),
+    (4, 6, 6, 6, 4),
+    0.3,
+    "rate",
+    r"\[0, 1\]",
+    2.0,
+  ),
   "dropconnect_dense": (_dropconnect, (16, 32), 0.3, "rate", r"\[0, 1\]", -1.0),
 }
 

@@ -19,6 +19,7 @@ def test_functional_core_does_not_import_flax():
 def test_linen_is_importable_as_an_attribute():
   assert set(regjax.linen.__all__) == {
     "BatchNorm",
+    "BatchRenorm",
     "Dropout",
     "GaussianDropout",
     "Uout",
@@ -29,6 +30,8 @@ def test_linen_is_importable_as_an_attribute():
     "DropBlock",
     "Cutout",
     "DropConnect",
+    "JoinDropPath",
+    "RandomErasing",
   }
 
 

@@ -449,3 +449,141 @@ def test_dropout_and_uout_commute_with_relu(impl):
   assert not np.array_equal(
     np.asarray(jax.nn.relu(g(x, 0.5, key=key))), np.asarray(g(jax.nn.relu(x), 0.5, key=key))
   )
+
+
+class ClassicDropoutTest(chex.TestCase):
+  """``dropout(..., inverted=False)``: train ``x * m``, eval ``x * (1 - rate)``."""
+
+  @parameterized.named_parameters(
+    *[(f"{impl}_bd{bd}", impl, bd) for impl in IMPLS for bd in ((), (1,))]
+  )
+  def test_same_mask_as_inverted_and_keep_times_its_output(self, impl, bd):
+    x = jax.random.normal(jax.random.key(40), (64, 33))
+    key = jax.random.key(41)
+    rate = 0.3
+    inv = np.asarray(regjax.dropout(x, rate, key=key, broadcast_dims=bd, rng_impl=impl))
+    cla = np.asarray(
+      regjax.dropout(x, rate, key=key, broadcast_dims=bd, rng_impl=impl, inverted=False)
+    )
+    np.testing.assert_array_equal(cla == 0, inv == 0)
+    kept = cla != 0
+    assert 0 < kept.mean() < 1
+    np.testing.assert_array_equal(cla[kept], np.asarray(x)[kept])  # kept units untouched
+    keep = np.float64(np.float32(1) - np.float32(rate))
+    np.testing.assert_allclose(cla, keep * inv.astype(np.float64), rtol=2**-22, atol=0)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(*IMPL_CASES)
+  def test_keep_rate_and_mean(self, impl):
+    rate = 0.4
+    y = _noise(
+      functools.partial(regjax.dropout, rng_impl=impl, inverted=False),
+      rate,
+      jax.random.key(42),
+      variant=self.variant,
+    )
+    keep = 1 - rate
+    assert set(np.unique(y)) == {0.0, 1.0}
+    assert abs(y.mean() - keep) < Z * math.sqrt(keep * rate / N)
+
+  @parameterized.named_parameters(
+    *[(f"{jnp.dtype(d).name}", d) for d in (jnp.float32, jnp.bfloat16, jnp.float16)]
+  )
+  def test_eval_is_the_expected_train_output(self, dtype):
+    x = jax.random.normal(jax.random.key(43), (16, 8)).astype(dtype)
+    rate = 0.3
+    y = regjax.dropout(x, rate, deterministic=True, inverted=False)  # no key needed
+    chex.assert_type(y, dtype)
+    keep = np.float32(1) - np.float32(rate)
+    expected = (np.asarray(x, np.float32) * keep).astype(jnp.dtype(dtype))
+    np.testing.assert_array_equal(np.asarray(y), expected)
+    traced = jax.jit(lambda x, r: regjax.dropout(x, r, deterministic=True, inverted=False))
+    np.testing.assert_array_equal(np.asarray(traced(x, rate)), expected)
+    grad = jax.grad(lambda x: jnp.sum(regjax.dropout(x, rate, deterministic=True, inverted=False)))(
+      x.astype(jnp.float32)
+    )
+    np.testing.assert_array_equal(np.asarray(grad), keep)
+
+  def test_zero_and_one_rates(self):
+    x = jax.random.normal(jax.random.key(44), (16, 8))
+    assert regjax.dropout(x, 0.0, inverted=False) is x
+    assert regjax.dropout(x, 0.0, deterministic=True, inverted=False) is x
+    for deterministic in (False, True):
+
+      def loss(x, d=deterministic):
+        return jnp.sum(regjax.dropout(x, 1.0, deterministic=d, inverted=False) * 3.0)
+
+      value, grad = jax.value_and_grad(loss)(x)
+      assert value == 0
+      np.testing.assert_array_equal(np.asarray(grad), 0)
+
+  @parameterized.named_parameters(*IMPL_CASES)
+  def test_traced_rates_clipped_and_non_finite_is_identity(self, impl):
+    x = jax.random.normal(jax.random.key(45), (1000,))
+    key = jax.random.key(46)
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def f(x, r, deterministic):
+      return regjax.dropout(
+        x, r, key=key, deterministic=deterministic, rng_impl=impl, inverted=False
+      )
+
+    for deterministic in (False, True):
+      np.testing.assert_array_equal(np.asarray(f(x, 1.5, deterministic)), 0)
+      np.testing.assert_array_equal(np.asarray(f(x, -0.5, deterministic)), np.asarray(x))
+      for bad in (float("nan"), float("inf"), -float("inf")):
+        np.testing.assert_array_equal(np.asarray(f(x, bad, deterministic)), np.asarray(x))
+        grad = jax.grad(lambda x, b=bad, d=deterministic: jnp.sum(f(x, b, d)))(x)
+        np.testing.assert_array_equal(np.asarray(grad), 1.0)
+    value, grad = jax.value_and_grad(lambda x: jnp.sum(f(x, 1.0, False) * 2))(x)
+    assert value == 0
+    np.testing.assert_array_equal(np.asarray(grad), 0)
+    # A traced rate in range: the constant-rate draw.
+    np.testing.assert_array_equal(
+      np.asarray(f(x, 0.3, False)),
+      np.asarray(regjax.dropout(x, 0.3, key=key, rng_impl=impl, inverted=False)),
+    )
+
+  @parameterized.named_parameters(*IMPL_CASES)
+  def test_jit_equals_eager_and_half_precision_rounds_once(self, impl):
+    key = jax.random.key(47)
+    op = functools.partial(regjax.dropout, rng_impl=impl, inverted=False)
+    for dtype in (jnp.float32, jnp.bfloat16):
+      x = jax.random.normal(jax.random.key(48), (32, 17)).astype(dtype)
+      eager = np.asarray(op(x, 0.3, key=key))
+      np.testing.assert_array_equal(
+        np.asarray(jax.jit(lambda x, k: op(x, 0.3, key=k))(x, key)), eager
+      )
+      chex.assert_type(op(x, 0.3, key=key), dtype)
+      y32 = op(x.astype(jnp.float32), 0.3, key=key)
+      np.testing.assert_array_equal(eager, np.asarray(y32.astype(dtype)))
+
+  @parameterized.named_parameters(*IMPL_CASES)
+  def test_gradient_is_the_mask(self, impl):
+    key = jax.random.key(49)
+    x = jax.random.normal(jax.random.key(50), (100,))
+    op = functools.partial(regjax.dropout, rng_impl=impl, inverted=False)
+    grad = jax.grad(lambda x: jnp.sum(op(x, 0.3, key=key)))(x)
+    np.testing.assert_array_equal(np.asarray(grad), np.asarray(op(jnp.ones_like(x), 0.3, key=key)))
+
+  def test_bad_arguments(self):
+    x = jnp.ones((4, 3))
+    with pytest.raises(TypeError, match="`inverted` must be a bool"):
+      regjax.dropout(x, 0.3, key=jax.random.key(0), inverted="no")
+    with pytest.raises(ValueError, match=r"needs a PRNG key"):
+      regjax.dropout(x, 0.3, inverted=False)
+    with pytest.raises(ValueError, match=r"`rate` must be in \[0, 1\]"):
+      regjax.dropout(x, 1.5, deterministic=True, inverted=False)
+    with pytest.raises(TypeError, match="`deterministic` must be a Python bool"):
+      jax.jit(lambda x, d: regjax.dropout(x, 0.3, deterministic=d, inverted=False))(x, True)
+    with pytest.raises(TypeError, match="`x` must be a floating-point array"):
+      regjax.dropout(jnp.ones(3, jnp.int32), 0.3, deterministic=True, inverted=False)
+
+  def test_default_is_inverted(self):
+    x = jax.random.normal(jax.random.key(51), (8, 8))
+    key = jax.random.key(52)
+    np.testing.assert_array_equal(
+      np.asarray(regjax.dropout(x, 0.3, key=key)),
+      np.asarray(regjax.dropout(x, 0.3, key=key, inverted=True)),
+    )
+    assert regjax.dropout(x, 0.3, deterministic=True) is x

@@ -307,8 +307,10 @@ class DropBlockTest(chex.TestCase):
       regjax.dropblock(x, 0.1, key=key, block_size=2.5)
     with pytest.raises(ValueError, match="`data_format` must be one of"):
       regjax.dropblock(x, 0.1, key=key, data_format="NWHC")
-    with pytest.raises(ValueError, match="`x` must be a batch of 2-D feature maps of rank 4"):
+    with pytest.raises(ValueError, match="`x` must be a batch of 2-D or 3-D feature maps"):
       regjax.dropblock(jnp.ones((8, 6, 3)), 0.1, key=key, block_size=3)
+    with pytest.raises(ValueError, match=r"`data_format='NDHWC'` is for rank-5 input"):
+      regjax.dropblock(x, 0.1, key=key, block_size=3, data_format="NDHWC")
     with pytest.raises(TypeError, match="`share_channels` must be a bool"):
       regjax.dropblock(x, 0.1, key=key, block_size=3, share_channels=1)
     for bad in ("threefry", None, "HASH"):
@@ -502,3 +504,72 @@ class CutoutTest(chex.TestCase):
       regjax.cutout(x, 2.0, key=key)
     with pytest.raises(TypeError, match="`size` must be an integer scalar"):
       jax.jit(lambda s: regjax.cutout(x, s, key=key))(2.0)
+
+  def test_probability_cuts_out_that_fraction_of_the_samples_with_the_same_squares(self):
+    n, p = 4096, 0.3
+    x = _uniform(63, (n, 8, 8, 1), 1.0, 2.0)
+    key = jax.random.key(64)
+    always = np.asarray(regjax.cutout(x, 3, key=key)) == 0
+    y = np.asarray(regjax.cutout(x, 3, key=key, probability=p))
+    cut = (y == 0).any(axis=(1, 2, 3))
+    assert abs(cut.mean() - p) < Z * math.sqrt(p * (1 - p) / n)
+    np.testing.assert_array_equal(y == 0, always & cut[:, None, None, None])
+    np.testing.assert_array_equal(y[~cut], np.asarray(x)[~cut])
+    # The defaults are the original op.
+    np.testing.assert_array_equal(
+      np.asarray(regjax.cutout(x, 3, key=key, probability=1.0, fill=0.0)),
+      np.asarray(regjax.cutout(x, 3, key=key)),
+    )
+    assert regjax.cutout(x, 3, probability=0.0) is x
+    assert regjax.cutout(x, 3, deterministic=True, probability=0.5, fill="random") is x
+
+  def test_fill_value_and_random_fill(self):
+    x = _uniform(65, (2048, 8, 8, 3), 5.0, 6.0)
+    key = jax.random.key(66)
+    hole = np.asarray(regjax.cutout(x, 4, key=key)) == 0
+    y = np.asarray(regjax.cutout(x, 4, key=key, fill=-1.5))
+    np.testing.assert_array_equal(y[hole], np.float32(-1.5))
+    np.testing.assert_array_equal(y[~hole], np.asarray(x)[~hole])
+    y = np.asarray(regjax.cutout(x, 4, key=key, fill="random"), np.float64)
+    np.testing.assert_array_equal(y[~hole], np.asarray(x)[~hole])
+    values = y[hole]  # i.i.d. N(0, 1), one per element
+    n = values.size
+    assert abs(values.mean()) < Z / math.sqrt(n)
+    assert abs(values.var() - 1) < Z * math.sqrt(2 / n)
+    pixels = y[hole[..., 0]]  # (pixels, 3)
+    r = np.corrcoef(pixels[:, 0], pixels[:, 2])[0, 1]
+    assert abs(r) < Z / math.sqrt(pixels.shape[0])
+
+  def test_traced_probability_compiles_once_is_clipped_and_nan_is_identity(self):
+    chex.clear_trace_counter()
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def apply(x, p, key):
+      return regjax.cutout(x, 3, key=key, probability=p, fill=-1.0)
+
+    x = _uniform(67, (64, 8, 8, 2), 1.0, 2.0)
+    key = jax.random.key(68)
+    for p in (0.0, 0.4, 1.0):
+      np.testing.assert_array_equal(
+        np.asarray(apply(x, jnp.float32(p), key)),
+        np.asarray(regjax.cutout(x, 3, key=key, probability=p, fill=-1.0)),
+      )
+    np.testing.assert_array_equal(
+      np.asarray(apply(x, jnp.float32(2.0), key)),
+      np.asarray(regjax.cutout(x, 3, key=key, fill=-1.0)),
+    )
+    for bad in (jnp.nan, jnp.inf, -1.0):
+      np.testing.assert_array_equal(np.asarray(apply(x, jnp.float32(bad), key)), np.asarray(x))
+
+  def test_bad_probability_and_fill(self):
+    key = jax.random.key(0)
+    x = jnp.ones((2, 8, 6, 3))
+    with pytest.raises(ValueError, match=r"`probability` must be in \[0, 1\]"):
+      regjax.cutout(x, 2, key=key, probability=1.5)
+    with pytest.raises(ValueError, match="`fill` must be a finite number or 'random'"):
+      regjax.cutout(x, 2, key=key, fill="gaussian")
+    with pytest.raises(ValueError, match="`fill` must be a finite number"):
+      regjax.cutout(x, 2, key=key, fill=float("nan"))
+    with pytest.raises(TypeError, match="`fill` must be a finite real number"):
+      regjax.cutout(x, 2, key=key, fill=(0.0, 1.0))

@@ -205,6 +205,74 @@ def test_cli_usage_errors(capsys):
   assert "xla_force_host_platform_device_count" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+  "argv,message",
+  [
+    (["--num-processes", "0"], "--num-processes must be >= 1; got 0"),
+    (["--num-processes", "2"], "--num-processes 2 needs --coordinator HOST:PORT"),
+    (["--num-processes", "2", "--coordinator", "h:1"], "--num-processes 2 needs --process-id"),
+    (
+      ["--num-processes", "2", "--coordinator", "h:1", "--process-id", "2"],
+      "--process-id must be in [0, 1] for --num-processes 2; got 2",
+    ),
+    (["--process-id", "-1"], "--process-id must be in [0, 0] for --num-processes 1; got -1"),
+    (["--coordinator", "host"], "--coordinator must be HOST:PORT with a port in [1, 65535]"),
+    (["--coordinator", "host:0"], "--coordinator must be HOST:PORT with a port in [1, 65535]"),
+    (["--coordinator", ":80"], "--coordinator must be HOST:PORT with a port in [1, 65535]"),
+    (["--epochs", "0"], "--epochs must be >= 1 (or 0 with --restore-checkpoint); got 0"),
+    (["--restore-checkpoint", "{tmp}/none"], "--restore-checkpoint {tmp}/none is not a directory"),
+    (["--save-checkpoint", "{tmp}"], "--save-checkpoint {tmp} already exists"),
+  ],
+)
+def test_cli_distributed_and_checkpoint_usage_errors(argv, message, tmp_path, capsys, monkeypatch):
+  for name in (train.COORDINATOR_ENV, train.NUM_PROCESSES_ENV, train.PROCESS_ID_ENV):
+    monkeypatch.delenv(name, raising=False)
+  with pytest.raises(SystemExit) as info:
+    train.parse_args([a.format(tmp=tmp_path) for a in argv])
+  assert info.value.code == 2
+  err = capsys.readouterr().err
+  assert "Traceback" not in err
+  assert err.strip().splitlines()[-1].startswith(f"train.py: error: {message.format(tmp=tmp_path)}")
+
+
+def test_cli_distributed_options_from_the_environment(tmp_path, capsys, monkeypatch):
+  monkeypatch.setenv(train.COORDINATOR_ENV, "h:1234")
+  monkeypatch.setenv(train.NUM_PROCESSES_ENV, "3")
+  monkeypatch.setenv(train.PROCESS_ID_ENV, "2")
+  args = train.parse_args([])
+  assert (args.coordinator, args.num_processes, args.process_id) == ("h:1234", 3, 2)
+  assert train.is_distributed(args) and args.devices is None  # all devices, once joined
+  args = train.parse_args(["--process-id", "1", "--num-processes", "2"])  # flags win
+  assert (args.num_processes, args.process_id) == (2, 1)
+  monkeypatch.setenv(train.NUM_PROCESSES_ENV, "two")
+  with pytest.raises(SystemExit):
+    train.parse_args([])
+  assert capsys.readouterr().err.strip().splitlines()[-1] == (
+    "train.py: error: $JAX_NUM_PROCESSES must be an integer; got 'two'"
+  )
+  monkeypatch.delenv(train.COORDINATOR_ENV)
+  monkeypatch.delenv(train.NUM_PROCESSES_ENV)
+  monkeypatch.delenv(train.PROCESS_ID_ENV)
+  args = train.parse_args([])
+  assert not train.is_distributed(args) and args.devices == 1 and args.process_id == 0
+
+
+def test_cli_restore_needs_a_checkpoint(tmp_path, capsys):
+  # A directory orbax cannot read: a one-line error (exit status 2) before any
+  # training. tests/test_train_multiprocess.py restores real checkpoints.
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(SystemExit) as info:
+    train.main(
+      ["--restore-checkpoint", str(tmp_path / "empty"), "--quick", "--no-progress"]
+      + ["--out", str(tmp_path / "m.json")]
+    )
+  assert info.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "Traceback" not in err
+  assert err.startswith(f"train.py: error: --restore-checkpoint {tmp_path / 'empty'} holds no ")
+  assert not (tmp_path / "m.json").exists()
+
+
 # ------------------------------------------------------------------------- models
 
 PUBLISHED_ORDERS = (  # as the public order experiment prints them

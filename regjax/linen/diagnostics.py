@@ -20,7 +20,7 @@ import numpy as np
 
 from regjax import _diagnostics as common
 from regjax._diagnostics import BNTypes, LayerShift
-from regjax.linen.normalization import BatchNorm
+from regjax.linen.normalization import BatchNorm, BatchRenorm
 
 __all__ = ["LayerShift", "recalibrate_batch_stats", "variance_shift"]
 
@@ -44,7 +44,8 @@ def variance_shift(
     variables: the model's variables, with a ``batch_stats`` collection.
     batches: training batches: arrays, ``(x, y)`` tuples or ``{'x': ...}`` dicts.
     bn_types: module classes treated as BatchNorm (a class or a tuple); default
-      flax.linen's and regjax.linen's.
+      flax.linen's BatchNorm and regjax.linen's BatchNorm and BatchRenorm.
+      Layers made with ``track_running_stats=False`` are skipped.
 
   Returns:
     ``{path: LayerShift}`` in call order, keyed by the layer's path in the
@@ -170,7 +171,7 @@ def _no_bn_call(op: str, variables: Mapping[str, Any]) -> ValueError:
     )
   return ValueError(
     f"{op}: no BatchNorm call was seen; pass at least one batch, and "
-    f"`bn_types` if the model uses its own BatchNorm class.{extra}"
+    f"`bn_types` if the model uses its own BatchNorm class.{common.NO_RUNNING_STATS_NOTE}{extra}"
   )
 
 
@@ -179,11 +180,17 @@ def _no_bn_call(op: str, variables: Mapping[str, Any]) -> ValueError:
 
 
 def _bn_calls(bn_types: tuple[type, ...] | None) -> Callable[[Any], bool]:
-  """Returns a predicate telling intercepted BatchNorm ``__call__``s."""
-  types = bn_types if bn_types is not None else (nn.BatchNorm, BatchNorm)
+  """Returns a predicate telling intercepted BatchNorm ``__call__``s (BatchRenorm's
+  too: its eval mode is BatchNorm's); a layer without running statistics
+  (``track_running_stats=False``) is not one, and runs untouched."""
+  types = bn_types if bn_types is not None else (nn.BatchNorm, BatchNorm, BatchRenorm)
 
   def is_bn_call(context) -> bool:
-    return context.method_name == "__call__" and isinstance(context.module, types)
+    return (
+      context.method_name == "__call__"
+      and isinstance(context.module, types)
+      and common.has_running_stats(context.module)
+    )
 
   return is_bn_call
 

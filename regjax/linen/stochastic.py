@@ -30,6 +30,8 @@ class Dropout(nn.Module):
     rng_impl: ``'hash'`` (fused counter hash, default) or ``'jax'``
       (``jax.random``, the same mask as ``flax.linen.Dropout``); see
       :func:`regjax.dropout`.
+    inverted: True (default): inverted dropout; False: classic dropout, train
+      ``x * m`` and eval ``x * (1 - rate)`` (see :func:`regjax.dropout`).
   """
 
   rate: float
@@ -37,6 +39,7 @@ class Dropout(nn.Module):
   deterministic: bool | None = None
   rng_collection: str = "dropout"
   rng_impl: str = "hash"
+  inverted: bool = True
 
   @nn.compact
   def __call__(
@@ -52,6 +55,7 @@ class Dropout(nn.Module):
       rng,
       broadcast_dims=self.broadcast_dims,
       rng_impl=self.rng_impl,
+      inverted=self.inverted,
     )
 
 

@@ -1,4 +1,5 @@
-"""Linen wrappers of :mod:`regjax.structured`: channel dropout, drop path, DropBlock, cutout.
+"""Linen wrappers of :mod:`regjax.structured`: channel dropout, drop path, DropBlock, cutout,
+random erasing.
 
 Like every regjax noise module, a module in train mode with no
 ``rng_collection`` stream raises instead of drawing from ``'params'``. A rate
@@ -14,7 +15,7 @@ import jax
 
 from regjax import _specs
 from regjax import structured as F
-from regjax.linen._common import apply_noise
+from regjax.linen._common import apply_noise, noise_key
 
 
 class ChannelDropout(nn.Module):
@@ -98,12 +99,15 @@ class DropPath(nn.Module):
 class DropBlock(nn.Module):
   """Drops contiguous ``block_size x block_size`` regions; see :func:`regjax.dropblock`.
 
+  Rank-5 input (3-D maps, ``NDHWC`` or ``NCDHW``) drops ``block_size**3`` cubes
+  (torchvision ``DropBlock3d``).
+
   Attributes:
     rate: nominal drop rate (ramp it with e.g.
       ``optax.linear_schedule(0.0, final_rate, total_steps)``).
-    block_size: side of the square blocks.
+    block_size: side of the square (3-D: cubic) blocks.
     share_channels: one mask per sample, shared by its channels.
-    data_format: ``'NHWC'`` or ``'NCHW'``: the layout, where
+    data_format: ``'NHWC'`` or ``'NCHW'`` (rank 5 also ``'NDHWC'``, ``'NCDHW'``): the layout, where
       :class:`ChannelDropout` takes a ``channel_axis`` (see :func:`regjax.dropblock`).
     deterministic: eval mode if True; may be given at call instead.
     rng_collection: the PRNG stream the mask is drawn from.
@@ -139,16 +143,65 @@ class DropBlock(nn.Module):
 
 
 class Cutout(nn.Module):
-  """Zeroes one ``size x size`` square per image (inputs only); see :func:`regjax.cutout`.
+  """Fills one ``size x size`` square per image (inputs only); see :func:`regjax.cutout`.
 
   Attributes:
     size: side of the square.
     data_format: ``'NHWC'`` or ``'NCHW'``.
     deterministic: eval mode if True; may be given at call instead.
     rng_collection: the PRNG stream the squares are drawn from.
+    probability: probability that an image is cut out (1, every image, by default).
+    fill: the square's value (0 by default), or ``'random'`` (``N(0, 1)`` per element).
   """
 
   size: int
+  data_format: str = "NHWC"
+  deterministic: bool | None = None
+  rng_collection: str = "dropout"
+  # After the original fields, so that positional construction keeps its meaning.
+  probability: float = 1.0
+  fill: float | str = 0.0
+
+  @nn.compact
+  def __call__(
+    self, inputs: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None
+  ) -> jax.Array:
+    deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+    trivial = _specs.CUTOUT.needs_no_draw(self.size) or _specs.PROBABILITY.needs_no_draw(
+      self.probability
+    )
+    key = noise_key(self, deterministic, rng, trivial)
+    return F.cutout(
+      inputs,
+      self.size,
+      key=key,
+      deterministic=deterministic,
+      probability=self.probability,
+      fill=self.fill,
+      data_format=self.data_format,
+    )
+
+
+class RandomErasing(nn.Module):
+  """Fills one random rectangle per image (inputs only); see :func:`regjax.random_erasing`.
+
+  torchvision ``transforms.RandomErasing``, on a batch.
+
+  Attributes:
+    probability: probability that an image is erased (0.5 by default).
+    area: ``(low, high)``, the range of the erased fraction of the image.
+    aspect: ``(low, high)``, the range of the rectangle's aspect ratio ``h / w``
+      (drawn log-uniformly).
+    fill: the rectangle's value (0 by default), or ``'random'`` (``N(0, 1)`` per element).
+    data_format: ``'NHWC'`` or ``'NCHW'``.
+    deterministic: eval mode if True; may be given at call instead.
+    rng_collection: the PRNG stream the rectangles are drawn from.
+  """
+
+  probability: float = 0.5
+  area: tuple[float, float] = (0.02, 0.33)
+  aspect: tuple[float, float] = (0.3, 3.3)
+  fill: float | str = 0.0
   data_format: str = "NHWC"
   deterministic: bool | None = None
   rng_collection: str = "dropout"
@@ -159,11 +212,54 @@ class Cutout(nn.Module):
   ) -> jax.Array:
     return apply_noise(
       self,
-      F.cutout,
-      _specs.CUTOUT,
-      self.size,
+      F.random_erasing,
+      _specs.RANDOM_ERASING,
+      self.probability,
       inputs,
       deterministic,
       rng,
+      area=self.area,
+      aspect=self.aspect,
+      fill=self.fill,
       data_format=self.data_format,
+    )
+
+
+class JoinDropPath(nn.Module):
+  """FractalNet's drop-path over a join; see :func:`regjax.join_drop_path`.
+
+  Call it on the stacked branch outputs, shape ``(n_branches, batch, ...)``
+  (``jnp.stack([col(x) for col in columns])``); it returns their join, the
+  mean over the kept branches, shape ``(batch, ...)``. Eval: the mean of all.
+
+  Attributes:
+    rate: probability of dropping each branch (local mode).
+    mode: ``'local'`` (each branch dropped independently, at least one kept) or
+      ``'global'`` (one uniform branch per sample; ``rate`` unused).
+    deterministic: eval mode if True; may be given at call instead.
+    rng_collection: the PRNG stream the pattern is drawn from.
+    rng_impl: ``'hash'`` (fused counter hash, default) or ``'jax'``
+      (``jax.random``); see :func:`regjax.join_drop_path`.
+  """
+
+  rate: float
+  mode: str = "local"
+  deterministic: bool | None = None
+  rng_collection: str = "dropout"
+  rng_impl: str = "hash"
+
+  @nn.compact
+  def __call__(
+    self, branches: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None
+  ) -> jax.Array:
+    deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+    trivial = F.join_needs_no_draw(branches, self.rate, self.mode)
+    key = noise_key(self, deterministic, rng, trivial)
+    return F.join_drop_path(
+      branches,
+      self.rate,
+      key=key,
+      mode=self.mode,
+      deterministic=deterministic,
+      rng_impl=self.rng_impl,
     )

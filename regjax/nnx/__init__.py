@@ -9,14 +9,22 @@ draw from a stream other than their ``rng_collection``.
 """
 
 from regjax.nnx.affine_noise import AlphaDropout, GaussianNoise
-from regjax.nnx.normalization import BatchNorm
+from regjax.nnx.normalization import BatchNorm, BatchRenorm
 from regjax.nnx.stochastic import Dropout, GaussianDropout, Uout
-from regjax.nnx.structured import ChannelDropout, Cutout, DropBlock, DropPath
+from regjax.nnx.structured import (
+  ChannelDropout,
+  Cutout,
+  DropBlock,
+  DropPath,
+  JoinDropPath,
+  RandomErasing,
+)
 from regjax.nnx.weights import DropConnect
 
 __all__ = [
   "AlphaDropout",
   "BatchNorm",
+  "BatchRenorm",
   "ChannelDropout",
   "Cutout",
   "DropBlock",
@@ -25,5 +33,7 @@ __all__ = [
   "Dropout",
   "GaussianDropout",
   "GaussianNoise",
+  "JoinDropPath",
+  "RandomErasing",
   "Uout",
 ]

@@ -20,7 +20,7 @@ from flax import nnx
 
 from regjax import _diagnostics as common
 from regjax._diagnostics import BNTypes, LayerShift
-from regjax.nnx.normalization import BatchNorm
+from regjax.nnx.normalization import BatchNorm, BatchRenorm
 
 __all__ = ["LayerShift", "recalibrate_batch_stats", "variance_shift"]
 
@@ -44,8 +44,9 @@ def variance_shift(
       same function object across calls (e.g. for every run of a study) to
       reuse the compilation.
     bn_types: module classes treated as BatchNorm (a class or a tuple); default
-      regjax.nnx's and flax.nnx's. They need ``axis`` and the variables
-      ``mean`` and ``var``.
+      regjax.nnx's BatchNorm and BatchRenorm and flax.nnx's BatchNorm. They
+      need ``axis`` and the variables ``mean`` and ``var``. Layers made with
+      ``track_running_stats=False`` are skipped.
 
   Returns:
     ``{path: LayerShift}`` in call order, keyed by the attribute path (e.g.
@@ -217,11 +218,12 @@ def _probe(
   The probe model is a copy of ``model``'s graph sharing its Variables;
   ``recursive_map`` copies the module objects, so wrapping them and switching
   their mode never reaches ``model`` itself."""
-  types = bn_types if bn_types is not None else (BatchNorm, nnx.BatchNorm)
+  types = bn_types if bn_types is not None else (BatchNorm, BatchRenorm, nnx.BatchNorm)
   found: dict[str, tuple[tuple, Any]] = {}
 
   def wrap(path: tuple, node: Any) -> Any:
-    if isinstance(node, types):
+    # A layer without running statistics is left as it is (it runs unwrapped).
+    if isinstance(node, types) and common.has_running_stats(node):
       _check_not_stacked(node, _nnx_path(path), op)
       found[_nnx_path(path)] = (tuple(path), node)
       return BatchNormProbe(node, kind)
@@ -232,7 +234,7 @@ def _probe(
     raise ValueError(
       f"{op}: the model has no BatchNorm module (looked for "
       f"{', '.join(t.__module__ + '.' + t.__qualname__ for t in types)}); "
-      "pass `bn_types` if it uses its own BatchNorm class."
+      f"pass `bn_types` if it uses its own BatchNorm class.{common.NO_RUNNING_STATS_NOTE}"
     )
   # Both names explicitly: flax's nnx.BatchNorm only knows use_running_average,
   # the noise modules only deterministic; modules knowing neither are left as

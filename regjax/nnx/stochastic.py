@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
+import numpy as np
 from flax import nnx
 
 from regjax import _specs
@@ -39,6 +40,8 @@ class Dropout(NoiseModule):
     rngs: an ``nnx.Rngs`` with a ``rng_collection`` stream (a fork of it is
       kept), an ``nnx.RngStream``, or None (then a key must be given at call
       in train mode).
+    inverted: True (default): inverted dropout; False: classic dropout, train
+      ``x * m`` and eval ``x * (1 - rate)`` (see :func:`regjax.dropout`).
   """
 
   def __init__(
@@ -50,10 +53,14 @@ class Dropout(NoiseModule):
     rng_collection: str = "dropout",
     rng_impl: str = "hash",
     rngs: nnx.Rngs | nnx.RngStream | None = None,
+    inverted: bool = True,
   ):
     self.rate = self._strength(_specs.DROPOUT, rate)
     self.broadcast_dims = hashable(broadcast_dims)
     self.rng_impl = self._rng_impl(rng_impl)
+    if not isinstance(inverted, (bool, np.bool_)):
+      raise TypeError(f"{self._op_name()}: `inverted` must be a bool; got {inverted!r}.")
+    self.inverted = bool(inverted)
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(
@@ -69,6 +76,7 @@ class Dropout(NoiseModule):
       rngs,
       broadcast_dims=self.broadcast_dims,
       rng_impl=self.rng_impl,
+      inverted=self.inverted,
     )
 
 

@@ -1,4 +1,5 @@
-"""NNX wrappers of :mod:`regjax.structured`: channel dropout, drop path, DropBlock, cutout.
+"""NNX wrappers of :mod:`regjax.structured`: channel dropout, drop path, DropBlock, cutout,
+random erasing.
 
 Constructor and call follow ``flax.nnx.Dropout`` (see :mod:`regjax.nnx.stochastic`);
 a train-mode module never draws from a stream other than its ``rng_collection``.
@@ -13,7 +14,7 @@ from flax import nnx
 
 from regjax import _specs
 from regjax import structured as F
-from regjax.nnx._common import NoiseModule, RngsArg
+from regjax.nnx._common import NoiseModule, RngsArg, hashable
 
 
 class ChannelDropout(NoiseModule):
@@ -113,15 +114,18 @@ class DropPath(NoiseModule):
 class DropBlock(NoiseModule):
   """Drops contiguous ``block_size x block_size`` regions; see :func:`regjax.dropblock`.
 
+  Rank-5 input (3-D maps, ``NDHWC`` or ``NCDHW``) drops ``block_size**3`` cubes
+  (torchvision ``DropBlock3d``).
+
   Args:
     rate: nominal drop rate, in ``[0, 1]``. To ramp it (e.g. with
       ``optax.linear_schedule(0.0, final_rate, total_steps)``), construct with a JAX scalar
       (``DropBlock(jnp.float32(0.0))``) and assign ``module.rate =
       jnp.float32(r)`` between steps: the rate is then pytree data, traced
       under ``nnx.jit``, and one compilation serves the whole schedule.
-    block_size: side of the square blocks.
+    block_size: side of the square (3-D: cubic) blocks.
     share_channels: one mask per sample, shared by its channels.
-    data_format: ``'NHWC'`` or ``'NCHW'``: the layout, where
+    data_format: ``'NHWC'`` or ``'NCHW'`` (rank 5 also ``'NDHWC'``, ``'NCDHW'``): the layout, where
       :class:`ChannelDropout` takes a ``channel_axis`` (see :func:`regjax.dropblock`).
     deterministic, rng_collection: as in :class:`ChannelDropout`.
     rng_impl: ``'hash'`` (fused counter hash, default) or ``'jax'``
@@ -167,10 +171,14 @@ class DropBlock(NoiseModule):
 
 
 class Cutout(NoiseModule):
-  """Zeroes one ``size x size`` square per image (inputs only); see :func:`regjax.cutout`.
+  """Fills one ``size x size`` square per image (inputs only); see :func:`regjax.cutout`.
 
   Args:
     size: side of the square (0 returns the input).
+    probability: probability that an image is cut out, in ``[0, 1]`` (1, every
+      image, by default); a JAX scalar is traced under ``nnx.jit``, as
+      :class:`DropBlock`'s rate.
+    fill: the square's value (0 by default), or ``'random'`` (``N(0, 1)`` per element).
     data_format: ``'NHWC'`` or ``'NCHW'``.
     deterministic, rng_collection, rngs: as in :class:`ChannelDropout`.
   """
@@ -179,12 +187,16 @@ class Cutout(NoiseModule):
     self,
     size: int,
     *,
+    probability: float = 1.0,
+    fill: float | str = 0.0,
     data_format: str = "NHWC",
     deterministic: bool | None = False,
     rng_collection: str = "dropout",
     rngs: nnx.Rngs | nnx.RngStream | None = None,
   ):
     self.size = size
+    self.probability = self._strength(_specs.PROBABILITY, probability)
+    self.fill = fill
     self.data_format = data_format
     self._init_noise(deterministic, rng_collection, rngs)
 
@@ -192,6 +204,116 @@ class Cutout(NoiseModule):
     self, inputs: jax.Array, *, deterministic: bool | None = None, rngs: RngsArg = None
   ) -> jax.Array:
     """Applies cutout; ``rngs`` overrides the kept stream."""
+    deterministic = self._deterministic(deterministic)
+    trivial = _specs.CUTOUT.needs_no_draw(self.size) or _specs.PROBABILITY.needs_no_draw(
+      self.probability
+    )
+    key = self._key(deterministic, rngs, trivial)
+    return F.cutout(
+      inputs,
+      self.size,
+      key=key,
+      deterministic=deterministic,
+      probability=self.probability,
+      fill=self.fill,
+      data_format=self.data_format,
+    )
+
+
+class RandomErasing(NoiseModule):
+  """Fills one random rectangle per image (inputs only); see :func:`regjax.random_erasing`.
+
+  torchvision ``transforms.RandomErasing``, on a batch.
+
+  Args:
+    probability: probability that an image is erased, in ``[0, 1]`` (0.5 by
+      default); a JAX scalar is traced under ``nnx.jit``, as :class:`DropBlock`'s rate.
+    area: ``(low, high)``, the range of the erased fraction of the image.
+    aspect: ``(low, high)``, the range of the rectangle's aspect ratio ``h / w``
+      (drawn log-uniformly).
+    fill: the rectangle's value (0 by default), or ``'random'`` (``N(0, 1)`` per element).
+    data_format: ``'NHWC'`` or ``'NCHW'``.
+    deterministic, rng_collection, rngs: as in :class:`ChannelDropout`.
+  """
+
+  def __init__(
+    self,
+    probability: float = 0.5,
+    *,
+    area: tuple[float, float] = (0.02, 0.33),
+    aspect: tuple[float, float] = (0.3, 3.3),
+    fill: float | str = 0.0,
+    data_format: str = "NHWC",
+    deterministic: bool | None = False,
+    rng_collection: str = "dropout",
+    rngs: nnx.Rngs | nnx.RngStream | None = None,
+  ):
+    self.probability = self._strength(_specs.RANDOM_ERASING, probability)
+    self.area = hashable(area)
+    self.aspect = hashable(aspect)
+    self.fill = fill
+    self.data_format = data_format
+    self._init_noise(deterministic, rng_collection, rngs)
+
+  def __call__(
+    self, inputs: jax.Array, *, deterministic: bool | None = None, rngs: RngsArg = None
+  ) -> jax.Array:
+    """Applies random erasing; ``rngs`` overrides the kept stream."""
     return self._call_noise(
-      F.cutout, _specs.CUTOUT, self.size, inputs, deterministic, rngs, data_format=self.data_format
+      F.random_erasing,
+      _specs.RANDOM_ERASING,
+      self.probability,
+      inputs,
+      deterministic,
+      rngs,
+      area=self.area,
+      aspect=self.aspect,
+      fill=self.fill,
+      data_format=self.data_format,
+    )
+
+
+class JoinDropPath(NoiseModule):
+  """FractalNet's drop-path over a join; see :func:`regjax.join_drop_path`.
+
+  Call it on the stacked branch outputs, shape ``(n_branches, batch, ...)``;
+  it returns their join, the mean over the kept branches, shape ``(batch,
+  ...)``. Eval: the mean of all branches.
+
+  Args:
+    rate: probability of dropping each branch (local mode), in ``[0, 1]``.
+    mode: ``'local'`` (each branch dropped independently, at least one kept) or
+      ``'global'`` (one uniform branch per sample; ``rate`` unused).
+    deterministic, rng_collection, rng_impl, rngs: as in :class:`ChannelDropout`.
+  """
+
+  def __init__(
+    self,
+    rate: float,
+    *,
+    mode: str = "local",
+    deterministic: bool | None = False,
+    rng_collection: str = "dropout",
+    rng_impl: str = "hash",
+    rngs: nnx.Rngs | nnx.RngStream | None = None,
+  ):
+    self.rate = self._strength(_specs.JOIN_DROP_PATH, rate)
+    self.mode = mode
+    self.rng_impl = self._rng_impl(rng_impl)
+    self._init_noise(deterministic, rng_collection, rngs)
+
+  def __call__(
+    self, branches: jax.Array, *, deterministic: bool | None = None, rngs: RngsArg = None
+  ) -> jax.Array:
+    """Joins the branches; ``rngs`` (a key, stream or Rngs) overrides the kept stream."""
+    deterministic = self._deterministic(deterministic)
+    trivial = F.join_needs_no_draw(branches, self.rate, self.mode)
+    key = self._key(deterministic, rngs, trivial)
+    return F.join_drop_path(
+      branches,
+      self.rate,
+      key=key,
+      mode=self.mode,
+      deterministic=deterministic,
+      rng_impl=self.rng_impl,
     )

@@ -289,3 +289,30 @@ def test_linen_and_nnx_modules_pass_rng_impl_through():
     regjax.nnx.Dropout(0.4, rng_impl="philox", rngs=nnx.Rngs(dropout=0))
   with pytest.raises(ValueError, match="rng_impl"):
     regjax.linen.Dropout(0.4, rng_impl="philox").apply({}, x, deterministic=False, rng=key)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_classic_dropout_module_equals_function(impl):
+  x = jax.random.normal(jax.random.key(70), (16, 40))
+  key = jax.random.key(71)
+  module = rnn.Dropout(0.3, rng_impl=impl, inverted=False)
+  y = module.apply({}, x, deterministic=False, rng=key)
+  np.testing.assert_array_equal(
+    np.asarray(y), np.asarray(regjax.dropout(x, 0.3, key=key, rng_impl=impl, inverted=False))
+  )
+  # The stream's key, as for inverted dropout: the same mask, scaled by keep.
+  rngs = {"dropout": jax.random.key(72)}
+  classic = module.apply({}, x, deterministic=False, rngs=rngs)
+  inverted = rnn.Dropout(0.3, rng_impl=impl).apply({}, x, deterministic=False, rngs=rngs)
+  np.testing.assert_allclose(np.asarray(classic), 0.7 * np.asarray(inverted), rtol=1e-6)
+  # Eval needs no stream and returns x * (1 - rate).
+  evaluated = module.apply({}, x, deterministic=True)
+  np.testing.assert_array_equal(
+    np.asarray(evaluated), np.asarray(regjax.dropout(x, 0.3, deterministic=True, inverted=False))
+  )
+  assert rnn.Dropout(0.3).inverted is True
+
+
+def test_classic_dropout_module_bad_inverted():
+  with pytest.raises(TypeError, match="`inverted` must be a bool"):
+    rnn.Dropout(0.3, inverted=1).apply({}, jnp.ones(3), deterministic=True)

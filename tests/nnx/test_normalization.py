@@ -126,3 +126,64 @@ def test_batch_norm_bad_inputs_raise(kwargs, shape, error, match):
 def test_batch_norm_integer_input_raises():
   with pytest.raises(TypeError, match="floating-point"):
     rx.BatchNorm(3, rngs=nnx.Rngs(0))(jnp.ones((4, 3), jnp.int32))
+
+
+# ----------------------------------------------------------------------------
+# No running statistics; ghost batches
+def test_batch_norm_no_running_stats_has_no_batch_stat_variables():
+  import regjax
+
+  x = _x((16, 6))
+  bn = rx.BatchNorm(6, track_running_stats=False, rngs=nnx.Rngs(0))
+  assert set(nnx.state(bn)) == {"scale", "bias"}
+  assert not jax.tree.leaves(nnx.state(bn, nnx.BatchStat))
+  assert bn.mean is None and bn.var is None
+  want, _ = regjax.batch_norm(x, None, bn.scale[...], bn.bias[...])
+  np.testing.assert_array_equal(bn(x), want)
+  bn.eval()
+  np.testing.assert_array_equal(bn(x), want)  # eval: still the batch statistics
+  np.testing.assert_array_equal(bn(x, deterministic=False), want)
+  np.testing.assert_allclose(nnx.jit(lambda m, a: m(a))(bn, x), want, rtol=1e-6, atol=1e-6)
+  no_mode = rx.BatchNorm(6, use_running_average=None, track_running_stats=False, rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(no_mode(x), want)
+  with pytest.raises(ValueError, match=r"have sizes \(6,\); expected \(5,\)"):
+    rx.BatchNorm(5, track_running_stats=False, rngs=nnx.Rngs(0))(x)
+  seen = []
+
+  def promote(args, dtype=None):
+    seen.append(args[1:3])
+    return args
+
+  rx.BatchNorm(6, track_running_stats=False, promote_dtype=promote, rngs=nnx.Rngs(0))(x)
+  assert seen == [(None, None)]
+
+
+def test_batch_norm_virtual_batch_size_matches_linen_and_the_function():
+  shape, kwargs = (12, 2, 3), dict(momentum=0.8, virtual_batch_size=4)
+  ours = rx.BatchNorm(3, **kwargs, rngs=nnx.Rngs(0))
+  linen = rnn.BatchNorm(**kwargs)
+  variables = linen.init(jax.random.key(0), _x(shape), use_running_average=True)
+  mask = jnp.arange(shape[0])[:, None, None] % 4 < 3
+  for step in range(2):
+    x = _x(shape, seed=step)
+    m = mask if step else None
+    y_linen, updates = linen.apply(
+      variables, x, use_running_average=False, mask=m, mutable=["batch_stats"]
+    )
+    variables = {**variables, **updates}
+    np.testing.assert_array_equal(np.asarray(ours(x, mask=m)), np.asarray(y_linen))
+    for name in ("mean", "var"):
+      np.testing.assert_array_equal(
+        np.asarray(getattr(ours, name)[...]), np.asarray(variables["batch_stats"][name])
+      )
+  with pytest.raises(ValueError, match="`virtual_batch_size` must be None or an int >= 1"):
+    rx.BatchNorm(3, virtual_batch_size=0, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="must divide the batch size"):
+    ours(_x((6, 2, 3)))
+  free = rx.BatchNorm(3, track_running_stats=False, virtual_batch_size=4, rngs=nnx.Rngs(0))
+  free.eval()
+  import regjax
+
+  x = _x(shape)
+  want, _ = regjax.batch_norm(x, None, free.scale[...], free.bias[...], virtual_batch_size=4)
+  np.testing.assert_array_equal(free(x), want)

@@ -251,9 +251,10 @@ def test_dropout_matches_flax_nnx_dropout_key_for_key():
 def test_noise_constructor_matches_flax_nnx_dropout():
   ours = dict(inspect.signature(rx.Dropout.__init__).parameters)
   theirs = inspect.signature(nnx.Dropout.__init__).parameters
-  # Our one addition, the generator choice, is keyword-only with a default.
-  extra = ours.pop("rng_impl")
-  assert extra.kind == inspect.Parameter.KEYWORD_ONLY and extra.default == "hash"
+  # Our additions, the generator choice and classic dropout, are keyword-only with defaults.
+  for name, default in (("rng_impl", "hash"), ("inverted", True)):
+    extra = ours.pop(name)
+    assert extra.kind == inspect.Parameter.KEYWORD_ONLY and extra.default == default, name
   assert list(ours) == list(theirs)
   assert all(ours[p].default == theirs[p].default and ours[p].kind == theirs[p].kind for p in ours)
   call_ours = inspect.signature(rx.Dropout.__call__).parameters

@@ -1,8 +1,9 @@
 """regjax: regularization layers for JAX, with train/eval behaviour done right.
 
 The functions here are pure and know nothing of Flax; ``regjax.linen`` wraps
-them as Flax linen modules and ``regjax.nnx`` as Flax NNX modules (imported
-on first use, so ``import regjax`` does not import Flax).
+them as Flax linen modules, ``regjax.nnx`` as Flax NNX modules and
+``regjax.equinox`` as Equinox modules (each imported on first use, so
+``import regjax`` imports neither Flax nor Equinox).
 """
 
 import importlib
@@ -65,7 +66,7 @@ __all__ = [
   "uout_noise_variance",
 ]
 
-_SUBMODULES = ("linen", "nnx", "diagnostics")
+_SUBMODULES = ("linen", "nnx", "equinox", "diagnostics")
 
 
 def __getattr__(name):

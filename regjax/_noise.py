@@ -37,19 +37,20 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import cast
 
 import jax
 import jax.numpy as jnp
 
-from regjax import _checks, _specs, random
+from regjax import _checks, _specs, _types, random
 
-RNG_IMPLS = ("hash", "jax")
+RNG_IMPLS = _types.RNG_IMPLS
 
 
-def check_rng_impl(rng_impl, op: str) -> str:
+def check_rng_impl(rng_impl, op: str) -> _types.RngImpl:
   if not isinstance(rng_impl, str) or rng_impl not in RNG_IMPLS:
     raise ValueError(f"{op}: `rng_impl` must be one of {RNG_IMPLS}, got {rng_impl!r}.")
-  return rng_impl
+  return cast(_types.RngImpl, rng_impl)
 
 
 def compute_dtype(dtype) -> jnp.dtype:

@@ -36,11 +36,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import cast
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from regjax import _noise, _random, _specs, random
+from regjax._types import RngImpl
 
 __all__ = ["alpha_dropout", "gaussian_noise", "SELU_ALPHA", "SELU_LAMBDA"]
 
@@ -94,13 +97,13 @@ class _GaussianNoise(_noise.NoiseRule):
 
 
 def alpha_dropout(
-  x: jax.Array,
+  x: ArrayLike,
   rate: float | jax.Array,
   *,
   key: jax.Array | None = None,
   deterministic: bool = False,
   broadcast_dims: Sequence[int] = (),
-  rng_impl: str = "hash",
+  rng_impl: RngImpl = "hash",
 ) -> jax.Array:
   """Alpha dropout for self-normalizing (SELU) networks (Klambauer et al. 2017).
 
@@ -140,6 +143,7 @@ def alpha_dropout(
     ``b`` and ``alpha_p`` are the exact constants for ``rate`` (with ``'hash'``
     the output moments are therefore off by the ``2**-17`` keep resolution).
   """
+  x = cast(jax.Array, x)  # typing only (a no-op); checked below
   return _noise.elementwise_op(
     "regjax.alpha_dropout",
     _specs.ALPHA_DROPOUT,
@@ -154,13 +158,13 @@ def alpha_dropout(
 
 
 def gaussian_noise(
-  x: jax.Array,
+  x: ArrayLike,
   stddev: float | jax.Array,
   *,
   key: jax.Array | None = None,
   deterministic: bool = False,
   broadcast_dims: Sequence[int] = (),
-  rng_impl: str = "hash",
+  rng_impl: RngImpl = "hash",
 ) -> jax.Array:
   """Additive Gaussian noise (Keras ``GaussianNoise``).
 
@@ -181,6 +185,7 @@ def gaussian_noise(
       recomputed from the key in the backward; ``'jax'``:
       ``e = jax.random.normal(key, shape)``.
   """
+  x = cast(jax.Array, x)  # typing only (a no-op); checked below
   return _noise.elementwise_op(
     "regjax.gaussian_noise",
     _specs.GAUSSIAN_NOISE,

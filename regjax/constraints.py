@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 
 from regjax import _checks, _noise
+
+if TYPE_CHECKING:
+  import optax
+
+_Params = TypeVar("_Params")
 
 __all__ = ["max_norm", "max_norm_projection", "default_max_norm_filter"]
 
@@ -35,7 +40,7 @@ def _path_names(path) -> tuple[str, ...]:
   return tuple(names)
 
 
-def default_max_norm_filter(path: tuple[str, ...], leaf) -> bool:
+def default_max_norm_filter(path: tuple[str, ...], leaf: Any) -> bool:
   """Selects the leaves named ``'kernel'`` with ``ndim >= 2`` (flax Dense/Conv kernels)."""
   return bool(path) and path[-1] == "kernel" and getattr(leaf, "ndim", 0) >= 2
 
@@ -84,12 +89,12 @@ def _project(w, max_value, axis, op, name):
 
 
 def max_norm(
-  params,
+  params: _Params,
   max_value: float | jax.Array,
   *,
   axis: int | tuple[int, ...] | None = None,
   filter: Callable[[tuple[str, ...], Any], bool] | None = None,
-):
+) -> _Params:
   """Max-norm weight constraint (Srivastava et al. 2014, §5.1; Keras ``MaxNorm``).
 
   Projects each unit's incoming weight vector ``w_j`` onto the L2 ball of
@@ -141,7 +146,7 @@ def max_norm_projection(
   *,
   axis: int | tuple[int, ...] | None = None,
   filter: Callable[[tuple[str, ...], Any], bool] | None = None,
-):
+) -> optax.GradientTransformation:
   """:func:`max_norm` as an ``optax.GradientTransformation``; chain it last.
 
   ::

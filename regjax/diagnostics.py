@@ -146,6 +146,7 @@ def variance_shift(
     NotImplementedError: a BatchNorm stacked by a lifted transform (see above).
   """
   op = "variance_shift"
+  _reject_equinox(op, apply_fn)
   given = _given(op, args, kwargs)
   if _is_nnx_module(apply_fn):
     from regjax.nnx import diagnostics as nnx_diagnostics
@@ -234,6 +235,7 @@ def recalibrate_batch_stats(
       ``batch_stats`` (linen) or by ``nnx.vmap`` (NNX); see :func:`variance_shift`.
   """
   op = "recalibrate_batch_stats"
+  _reject_equinox(op, apply_fn)
   given = _given(op, args, kwargs)
   if _is_nnx_module(apply_fn):
     from regjax.nnx import diagnostics as nnx_diagnostics
@@ -268,6 +270,29 @@ def _given(op: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[st
       f"{len(args) + 1} were given"
     )
   return given
+
+
+def _reject_equinox(op: str, first: Any) -> None:
+  """An Equinox model with a BatchNorm (a stateful layer) raises a clear TypeError: not
+  supported yet. Other Equinox modules (e.g. an ``eqx.filter_jit``-wrapped apply function)
+  are left to the linen form, as before."""
+  eqx = sys.modules.get("equinox")  # imported only by an Equinox user
+  if eqx is None or not isinstance(first, eqx.Module):
+    return
+  import jax
+
+  def is_bn(v: Any) -> bool:
+    return isinstance(v, (eqx.nn.StatefulLayer, eqx.nn.StateIndex))
+
+  if any(is_bn(v) for v in jax.tree_util.tree_leaves(first, is_leaf=is_bn)):
+    raise TypeError(
+      f"{op}: Equinox models are not supported yet. The probe must see the input of every "
+      "BatchNorm call of an eval-mode forward pass, which it does by intercepting the calls "
+      "(flax.linen.intercept_methods for linen, a wrapped copy of the model for NNX); an "
+      "Equinox model has no such hook, and its forward pass (its own signature, an "
+      "eqx.nn.State, keys, a jax.vmap with the BatchNorm's axis_name) is not known to regjax. "
+      f"Use {forms(op)}, or compute the statistics of each BatchNorm's input yourself."
+    )
 
 
 def _is_nnx_module(first: Any) -> bool:

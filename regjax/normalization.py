@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, TypedDict, cast, overload
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.typing import ArrayLike, DTypeLike
 
 from regjax import _bn_kernel, _checks
 
@@ -30,7 +31,9 @@ class BatchStats(TypedDict):
   var: jax.Array
 
 
-def init_batch_stats(num_features: int | tuple[int, ...], dtype=jnp.float32) -> BatchStats:
+def init_batch_stats(
+  num_features: int | tuple[int, ...], dtype: DTypeLike = jnp.float32
+) -> BatchStats:
   """Running statistics before any update: mean 0 and variance 1 per feature."""
 
   def is_int(d) -> bool:
@@ -107,20 +110,20 @@ def check_batch_stats(batch_stats, shape: tuple[int, ...], op: str) -> None:
 
 @overload
 def batch_norm(
-  x: jax.Array,
-  batch_stats: Mapping[str, jax.Array],
-  scale: jax.Array | None = ...,
-  bias: jax.Array | None = ...,
+  x: ArrayLike,
+  batch_stats: BatchStats,
+  scale: ArrayLike | None = ...,
+  bias: ArrayLike | None = ...,
   *,
   deterministic: bool = ...,
   momentum: float | jax.Array = ...,
   epsilon: float = ...,
   axis: int | tuple[int, ...] = ...,
   axis_name: str | tuple[str, ...] | None = ...,
-  axis_index_groups: Any = ...,
+  axis_index_groups: Sequence[Sequence[int]] | None = ...,
   unbiased_running_var: bool = ...,
-  mask: jax.Array | None = ...,
-  dtype: Any = ...,
+  mask: ArrayLike | None = ...,
+  dtype: DTypeLike | None = ...,
   force_float32_reductions: bool = ...,
   virtual_batch_size: int | None = ...,
 ) -> tuple[jax.Array, BatchStats]: ...
@@ -128,40 +131,61 @@ def batch_norm(
 
 @overload
 def batch_norm(
-  x: jax.Array,
+  x: ArrayLike,
   batch_stats: None,
-  scale: jax.Array | None = ...,
-  bias: jax.Array | None = ...,
+  scale: ArrayLike | None = ...,
+  bias: ArrayLike | None = ...,
   *,
   deterministic: bool = ...,
   momentum: float | jax.Array = ...,
   epsilon: float = ...,
   axis: int | tuple[int, ...] = ...,
   axis_name: str | tuple[str, ...] | None = ...,
-  axis_index_groups: Any = ...,
+  axis_index_groups: Sequence[Sequence[int]] | None = ...,
   unbiased_running_var: bool = ...,
-  mask: jax.Array | None = ...,
-  dtype: Any = ...,
+  mask: ArrayLike | None = ...,
+  dtype: DTypeLike | None = ...,
   force_float32_reductions: bool = ...,
   virtual_batch_size: int | None = ...,
 ) -> tuple[jax.Array, None]: ...
 
 
+@overload
 def batch_norm(
-  x: jax.Array,
-  batch_stats: Mapping[str, jax.Array] | None,
-  scale: jax.Array | None = None,
-  bias: jax.Array | None = None,
+  x: ArrayLike,
+  batch_stats: BatchStats | None,
+  scale: ArrayLike | None = ...,
+  bias: ArrayLike | None = ...,
+  *,
+  deterministic: bool = ...,
+  momentum: float | jax.Array = ...,
+  epsilon: float = ...,
+  axis: int | tuple[int, ...] = ...,
+  axis_name: str | tuple[str, ...] | None = ...,
+  axis_index_groups: Sequence[Sequence[int]] | None = ...,
+  unbiased_running_var: bool = ...,
+  mask: ArrayLike | None = ...,
+  dtype: DTypeLike | None = ...,
+  force_float32_reductions: bool = ...,
+  virtual_batch_size: int | None = ...,
+) -> tuple[jax.Array, BatchStats | None]: ...
+
+
+def batch_norm(
+  x: ArrayLike,
+  batch_stats: BatchStats | None,
+  scale: ArrayLike | None = None,
+  bias: ArrayLike | None = None,
   *,
   deterministic: bool = False,
   momentum: float | jax.Array = 0.99,
   epsilon: float = 1e-5,
   axis: int | tuple[int, ...] = -1,
   axis_name: str | tuple[str, ...] | None = None,
-  axis_index_groups: Any = None,
+  axis_index_groups: Sequence[Sequence[int]] | None = None,
   unbiased_running_var: bool = False,
-  mask: jax.Array | None = None,
-  dtype: Any = None,
+  mask: ArrayLike | None = None,
+  dtype: DTypeLike | None = None,
   force_float32_reductions: bool = True,
   virtual_batch_size: int | None = None,
 ) -> tuple[jax.Array, BatchStats | None]:
@@ -246,6 +270,7 @@ def batch_norm(
   Returns:
     ``(y, new_batch_stats)``; ``(y, None)`` when ``batch_stats`` is None.
   """
+  x = cast(jax.Array, x)  # typing only (a no-op); checked below
   op = "regjax.batch_norm"
   check_inexact(x, op)
   deterministic = _checks.check_deterministic(deterministic, op)
@@ -282,7 +307,7 @@ def batch_norm(
       as_keep(bias),
       epsilon,
     )
-    return y.astype(out_dtype), cast(BatchStats, batch_stats)
+    return y.astype(out_dtype), batch_stats
   if mask is not None:
     mask = jnp.broadcast_to(mask, x.shape)
   tracked = batch_stats is not None

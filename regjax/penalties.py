@@ -63,7 +63,7 @@ def _sum_of(leaves: list[jax.Array], square: bool) -> jax.Array:
   return total
 
 
-def l1_penalty(params, filter: Filter | None = default_max_norm_filter) -> jax.Array:
+def l1_penalty(params: Any, filter: Filter | None = default_max_norm_filter) -> jax.Array:
   """L1 penalty ``sum |w|`` over the selected leaves of ``params``.
 
   Add ``coeff * l1_penalty(params)`` to the loss (Keras'
@@ -89,7 +89,7 @@ def l1_penalty(params, filter: Filter | None = default_max_norm_filter) -> jax.A
   return _sum_of(_selected_leaves(params, filter, "regjax.l1_penalty"), False)
 
 
-def l2_penalty(params, filter: Filter | None = default_max_norm_filter) -> jax.Array:
+def l2_penalty(params: Any, filter: Filter | None = default_max_norm_filter) -> jax.Array:
   """L2 penalty ``0.5 * sum w**2`` over the selected leaves of ``params``.
 
   Add ``coeff * l2_penalty(params)`` to the loss; its gradient is ``coeff * w``

@@ -84,11 +84,13 @@ first sequences coincide after a shift (an equal step ``g0``: a chance of
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.typing import ArrayLike, DTypeLike
 
 from regjax import _checks
 
@@ -258,7 +260,7 @@ def _flat_index(shape) -> jax.Array:
   return idx
 
 
-def counter_bits(seed: jax.Array, shape) -> jax.Array:
+def counter_bits(seed: jax.Array, shape: Sequence[int]) -> jax.Array:
   """The generator's uint32 word for every element of ``shape``, from the seed words.
 
   ``bits(key, shape) == counter_bits(seed_words(key), shape)``. The ops call it
@@ -285,7 +287,7 @@ def _shape(shape, name: str = "shape") -> tuple:
   return shape
 
 
-def bits(key: jax.Array, shape=()) -> jax.Array:
+def bits(key: jax.Array, shape: int | Sequence[int] = ()) -> jax.Array:
   """One uint32 word per element of ``shape``: the words every ``rng_impl='hash'`` op uses.
 
   ``counter_bits(seed_words(key), shape)``; element ``i`` of the row-major
@@ -296,7 +298,7 @@ def bits(key: jax.Array, shape=()) -> jax.Array:
   return counter_bits(seed_words(key), _shape(shape))
 
 
-def keep_threshold(p: jax.Array) -> jax.Array:
+def keep_threshold(p: ArrayLike) -> jax.Array:
   """``round(p * 2**16)`` as uint32, the 16-bit threshold of probability ``p``.
 
   ``p`` is clipped to ``[0, 1]``; a NaN ``p`` gives 0 (never True), as
@@ -309,7 +311,7 @@ def keep_threshold(p: jax.Array) -> jax.Array:
   return jnp.round(p * _TWO16).astype(jnp.uint32)
 
 
-def bernoulli_from_bits(words: jax.Array, p: jax.Array) -> jax.Array:
+def bernoulli_from_bits(words: jax.Array, p: ArrayLike) -> jax.Array:
   """True with probability exactly ``round(p * 2**16) / 2**16``: ``words >> 16 < threshold``.
 
   The resolution is ``2**-16``: the realised probability differs from ``p`` by
@@ -321,13 +323,13 @@ def bernoulli_from_bits(words: jax.Array, p: jax.Array) -> jax.Array:
   return (words >> (32 - BERNOULLI_BITS)) < keep_threshold(p)
 
 
-def uniform_from_bits(words: jax.Array, dtype=jnp.float32) -> jax.Array:
+def uniform_from_bits(words: jax.Array, dtype: DTypeLike = jnp.float32) -> jax.Array:
   """Uniform on ``[0, 1)``: ``(words >> 8) / 2**24``, an even 24-bit grid, exact in float32."""
   compute = jnp.promote_types(dtype, jnp.float32)
   return ((words >> 8).astype(compute) * jnp.asarray(1.0 / _TWO24, compute)).astype(dtype)
 
 
-def symmetric_uniform_from_bits(words: jax.Array, dtype=jnp.float32) -> jax.Array:
+def symmetric_uniform_from_bits(words: jax.Array, dtype: DTypeLike = jnp.float32) -> jax.Array:
   """Uniform on ``(-1, 1)``: ``(2 * (words >> 8) + 1 - 2**24) / 2**24``.
 
   The ``2**24`` midpoints of an even grid: symmetric about 0 (mean exactly 0),
@@ -339,7 +341,7 @@ def symmetric_uniform_from_bits(words: jax.Array, dtype=jnp.float32) -> jax.Arra
   return (odd.astype(compute) * jnp.asarray(1.0 / _TWO24, compute)).astype(dtype)
 
 
-def normal_from_bits(words: jax.Array, dtype=jnp.float32) -> jax.Array:
+def normal_from_bits(words: jax.Array, dtype: DTypeLike = jnp.float32) -> jax.Array:
   """Standard normal: ``sqrt(2) * erf_inv`` of :func:`symmetric_uniform_from_bits`.
 
   The inverse-CDF transform of a 24-bit uniform: the tails are cut at
@@ -357,7 +359,9 @@ def _check_float_dtype(dtype, op: str):
   return dtype
 
 
-def bernoulli(key: jax.Array, p=0.5, shape=None) -> jax.Array:
+def bernoulli(
+  key: jax.Array, p: ArrayLike = 0.5, shape: int | Sequence[int] | None = None
+) -> jax.Array:
   """Bernoulli draws, as ``jax.random.bernoulli``: True with probability ``p``.
 
   The realised probability is exactly ``round(p * 2**16) / 2**16`` (see
@@ -377,7 +381,13 @@ def bernoulli(key: jax.Array, p=0.5, shape=None) -> jax.Array:
   return bernoulli_from_bits(bits(key, shape), p)
 
 
-def uniform(key: jax.Array, shape=(), dtype=jnp.float32, minval=0.0, maxval=1.0) -> jax.Array:
+def uniform(
+  key: jax.Array,
+  shape: int | Sequence[int] = (),
+  dtype: DTypeLike = jnp.float32,
+  minval: ArrayLike = 0.0,
+  maxval: ArrayLike = 1.0,
+) -> jax.Array:
   """Uniform draws on ``[minval, maxval)``, as ``jax.random.uniform`` (same argument order).
 
   ``minval + (maxval - minval) * u`` with ``u`` from :func:`uniform_from_bits`
@@ -394,7 +404,9 @@ def uniform(key: jax.Array, shape=(), dtype=jnp.float32, minval=0.0, maxval=1.0)
   return jnp.maximum(lo.astype(dtype), jnp.minimum(value, below_max))
 
 
-def normal(key: jax.Array, shape=(), dtype=jnp.float32) -> jax.Array:
+def normal(
+  key: jax.Array, shape: int | Sequence[int] = (), dtype: DTypeLike = jnp.float32
+) -> jax.Array:
   """Standard normal draws, as ``jax.random.normal`` (see :func:`normal_from_bits`)."""
   dtype = _check_float_dtype(dtype, "regjax.random.normal")
   return normal_from_bits(bits(key, shape), dtype)

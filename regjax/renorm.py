@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.typing import ArrayLike, DTypeLike
 
 from regjax import _bn_kernel, _checks, normalization
 from regjax.normalization import BatchStats
@@ -83,10 +84,10 @@ def _batch_moments(cfg: _bn_kernel.Config, x, mask, feature_size: int):
 
 
 def batch_renorm(
-  x: jax.Array,
-  batch_stats: Mapping[str, jax.Array],
-  scale: jax.Array | None = None,
-  bias: jax.Array | None = None,
+  x: ArrayLike,
+  batch_stats: BatchStats,
+  scale: ArrayLike | None = None,
+  bias: ArrayLike | None = None,
   *,
   r_max: float | jax.Array,
   d_max: float | jax.Array,
@@ -95,10 +96,10 @@ def batch_renorm(
   epsilon: float = 1e-5,
   axis: int | tuple[int, ...] = -1,
   axis_name: str | tuple[str, ...] | None = None,
-  axis_index_groups: Any = None,
+  axis_index_groups: Sequence[Sequence[int]] | None = None,
   unbiased_running_var: bool = False,
-  mask: jax.Array | None = None,
-  dtype: Any = None,
+  mask: ArrayLike | None = None,
+  dtype: DTypeLike | None = None,
   force_float32_reductions: bool = True,
 ) -> tuple[jax.Array, BatchStats]:
   """Batch renormalization (Ioffe 2017, arXiv:1702.03275) returning updated statistics.
@@ -147,6 +148,8 @@ def batch_renorm(
   Returns:
     ``(y, new_batch_stats)``.
   """
+  x = cast(jax.Array, x)  # typing only (a no-op); checked below
+  scale, bias = cast("jax.Array | None", scale), cast("jax.Array | None", bias)  # likewise
   op = "regjax.batch_renorm"
   _checks.check_floating(x, op)
   deterministic = _checks.check_deterministic(deterministic, op)
@@ -165,7 +168,7 @@ def batch_renorm(
     )
   if mask is not None:
     normalization.check_mask(mask, x.shape, op)
-  common = dict(
+  common: dict[str, Any] = dict(
     deterministic=deterministic,
     momentum=momentum,
     epsilon=epsilon,

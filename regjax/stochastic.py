@@ -46,12 +46,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import cast, overload
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from regjax import _checks, _noise, _specs, random
+from regjax._types import RngImpl
 
 __all__ = [
   "dropout",
@@ -165,13 +168,13 @@ class _Uout(_noise.NoiseRule):
 
 
 def dropout(
-  x: jax.Array,
+  x: ArrayLike,
   rate: float | jax.Array,
   *,
   key: jax.Array | None = None,
   deterministic: bool = False,
   broadcast_dims: Sequence[int] = (),
-  rng_impl: str = "hash",
+  rng_impl: RngImpl = "hash",
   inverted: bool = True,
 ) -> jax.Array:
   """Inverted dropout (Srivastava et al. 2014, JMLR 15), or classic dropout.
@@ -231,6 +234,7 @@ def dropout(
     mask is piecewise constant in ``rate``): none in classic train mode, and
     ``-x`` in classic eval mode.
   """
+  x = cast(jax.Array, x)  # typing only (a no-op); checked below
   if not isinstance(inverted, (bool, np.bool_)):
     raise TypeError(f"regjax.dropout: `inverted` must be a bool; got {inverted!r}.")
   if not inverted:
@@ -249,13 +253,13 @@ def dropout(
 
 
 def gaussian_dropout(
-  x: jax.Array,
+  x: ArrayLike,
   rate: float | jax.Array,
   *,
   key: jax.Array | None = None,
   deterministic: bool = False,
   broadcast_dims: Sequence[int] = (),
-  rng_impl: str = "hash",
+  rng_impl: RngImpl = "hash",
 ) -> jax.Array:
   """Gaussian (multiplicative) dropout (Srivastava et al. 2014, §10).
 
@@ -274,6 +278,7 @@ def gaussian_dropout(
       are ``sqrt(2) * erf_inv`` of 24-bit uniforms, tails cut at ~5.4 sigma);
       ``'jax'``: ``jax.random.normal(key, shape)``.
   """
+  x = cast(jax.Array, x)  # typing only (a no-op); checked below
   return _noise.elementwise_op(
     "regjax.gaussian_dropout",
     _specs.GAUSSIAN_DROPOUT,
@@ -288,13 +293,13 @@ def gaussian_dropout(
 
 
 def uout(
-  x: jax.Array,
+  x: ArrayLike,
   beta: float | jax.Array,
   *,
   key: jax.Array | None = None,
   deterministic: bool = False,
   broadcast_dims: Sequence[int] = (),
-  rng_impl: str = "hash",
+  rng_impl: RngImpl = "hash",
 ) -> jax.Array:
   """Uout: uniform multiplicative noise (Li, Chen, Hu, Yang 2019, arXiv:1801.05134).
 
@@ -317,22 +322,35 @@ def uout(
       ``beta`` times a uniform on the midpoints of a 24-bit grid of
       ``(-1, 1)``); ``'jax'``: ``jax.random.uniform(key, shape, minval=-1, maxval=1)``.
   """
+  x = cast(jax.Array, x)  # typing only (a no-op); checked below
   return _noise.elementwise_op(
     "regjax.uout", _specs.UOUT, _Uout, x, beta, key, deterministic, broadcast_dims, rng_impl
   )
 
 
-def dropout_noise_variance(rate):
+@overload
+def dropout_noise_variance(rate: float) -> float: ...
+@overload
+def dropout_noise_variance(rate: jax.Array) -> jax.Array: ...
+def dropout_noise_variance(rate: float | jax.Array) -> float | jax.Array:
   """Multiplicative noise variance of (Gaussian) dropout: ``rate / (1 - rate)``."""
   return rate / (1.0 - rate)
 
 
-def uout_noise_variance(beta):
+@overload
+def uout_noise_variance(beta: float) -> float: ...
+@overload
+def uout_noise_variance(beta: jax.Array) -> jax.Array: ...
+def uout_noise_variance(beta: float | jax.Array) -> float | jax.Array:
   """Multiplicative noise variance of Uout: ``beta**2 / 3``."""
   return beta**2 / 3.0
 
 
-def matched_uout_beta(rate):
+@overload
+def matched_uout_beta(rate: float) -> float: ...
+@overload
+def matched_uout_beta(rate: jax.Array) -> jax.Array: ...
+def matched_uout_beta(rate: float | jax.Array) -> float | jax.Array:
   """The Uout ``beta`` whose noise variance equals dropout's at ``rate``.
 
   ``beta = sqrt(3 * rate / (1 - rate))``; e.g. rate 0.5 -> beta ~ 1.732.

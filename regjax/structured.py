@@ -33,12 +33,23 @@ import functools
 import math
 import numbers
 import warnings
+from typing import cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
-from regjax import _checks, _noise, _random, _specs, random
+from regjax import _checks, _noise, _random, _specs, _types, random
+from regjax._types import (
+  BlockDataFormat,
+  DataFormat,
+  DropPathConvention,
+  DropPathMode,
+  Fill,
+  JoinMode,
+  RngImpl,
+)
 from regjax.stochastic import dropout
 
 __all__ = [
@@ -52,10 +63,10 @@ __all__ = [
   "random_erasing",
 ]
 
-_DATA_FORMATS = ("NHWC", "NCHW")
-_DATA_FORMATS_3D = ("NDHWC", "NCDHW")  # dropblock's rank-5 spellings of the same two layouts
-_DROP_PATH_MODES = ("row", "batch")
-_DROP_PATH_CONVENTIONS = ("huang", "linspace")
+_DATA_FORMATS = _types.DATA_FORMATS
+_DATA_FORMATS_3D = _types.DATA_FORMATS_3D  # dropblock's rank-5 spellings of the same two layouts
+_DROP_PATH_MODES = _types.DROP_PATH_MODES
+_DROP_PATH_CONVENTIONS = _types.DROP_PATH_CONVENTIONS
 
 
 def _check_int(value, op, name, *, low, high=None, high_text=None):
@@ -106,13 +117,13 @@ def _block_axes(x, data_format, op):
 
 
 def channel_dropout(
-  x: jax.Array,
+  x: ArrayLike,
   rate: float | jax.Array,
   *,
   key: jax.Array | None = None,
   deterministic: bool = False,
   channel_axis: int = -1,
-  rng_impl: str = "hash",
+  rng_impl: RngImpl = "hash",
 ) -> jax.Array:
   """Channel ("spatial") dropout (Tompson et al. 2015, CVPR).
 
@@ -142,6 +153,7 @@ def channel_dropout(
       by one draw).
     rng_impl: ``'hash'`` (default) or ``'jax'``, as in :func:`regjax.dropout`.
   """
+  x = cast(jax.Array, x)  # typing only (a no-op); checked below
   op = "regjax.channel_dropout"
   rng_impl = _noise.check_rng_impl(rng_impl, op)
   deterministic = _noise.check_common(x, key, deterministic, op)
@@ -165,13 +177,13 @@ def channel_dropout(
 
 
 def drop_path(
-  x: jax.Array,
+  x: ArrayLike,
   rate: float | jax.Array,
   *,
   key: jax.Array | None = None,
   deterministic: bool = False,
-  mode: str = "row",
-  rng_impl: str = "hash",
+  mode: DropPathMode = "row",
+  rng_impl: RngImpl = "hash",
 ) -> jax.Array:
   """Drop path / stochastic depth on a residual branch (Huang et al. 2016, ECCV).
 
@@ -195,6 +207,7 @@ def drop_path(
       torchvision's names.
     rng_impl: ``'hash'`` (default) or ``'jax'``, as in :func:`regjax.dropout`.
   """
+  x = cast(jax.Array, x)  # typing only (a no-op); checked below
   op = "regjax.drop_path"
   rng_impl = _noise.check_rng_impl(rng_impl, op)
   deterministic = _noise.check_common(x, key, deterministic, op)
@@ -212,7 +225,7 @@ def drop_path(
 
 
 def drop_path_rates(
-  num_blocks: int, max_rate: float, *, convention: str = "huang"
+  num_blocks: int, max_rate: float, *, convention: DropPathConvention = "huang"
 ) -> tuple[float, ...]:
   """Per-block drop-path rates of the linear decay rule (Huang et al. 2016, eq. 4).
 
@@ -276,15 +289,15 @@ def _box_any(seeds: jax.Array, block_size: int, axes: tuple[int, ...]) -> jax.Ar
 
 
 def dropblock(
-  x: jax.Array,
+  x: ArrayLike,
   rate: float | jax.Array,
   *,
   key: jax.Array | None = None,
   deterministic: bool = False,
   block_size: int = 7,
   share_channels: bool = False,
-  data_format: str = "NHWC",
-  rng_impl: str = "hash",
+  data_format: BlockDataFormat = "NHWC",
+  rng_impl: RngImpl = "hash",
 ) -> jax.Array:
   """DropBlock (Ghiasi, Lin, Le 2018, NeurIPS): drop contiguous square (or cubic) regions.
 
@@ -361,6 +374,7 @@ def dropblock(
       when ``gamma <= 2**-17``) and whose backward recomputes the seeds from the
       key; ``'jax'``: ``jax.random.bernoulli(key, gamma, seed_shape)``.
   """
+  x = cast(jax.Array, x)  # typing only (a no-op); checked below
   op = "regjax.dropblock"
   rng_impl = _noise.check_rng_impl(rng_impl, op)
   deterministic = _noise.check_common(x, key, deterministic, op)
@@ -453,7 +467,9 @@ def _scale_by_mask(x, keep, count_axis):
   return x * jnp.where(keep, scale, 0.0).astype(x.dtype)
 
 
-def dropblock_rate_schedule(step, total_steps: int, final_rate: float | jax.Array) -> jax.Array:
+def dropblock_rate_schedule(
+  step: ArrayLike, total_steps: int, final_rate: float | jax.Array
+) -> jax.Array:
   """Deprecated: the linear DropBlock ramp, ``final_rate * clip(step / total_steps, 0, 1)``.
 
   Use ``optax.linear_schedule(0.0, final_rate, total_steps)``, a schedule (a
@@ -490,12 +506,12 @@ def dropblock_rate_schedule(step, total_steps: int, final_rate: float | jax.Arra
   return jnp.clip(jnp.asarray(final_rate, jnp.float32), 0.0, 1.0) * fraction
 
 
-def _check_fill(fill, dtype, op: str) -> float | str:
+def _check_fill(fill, dtype, op: str) -> Fill:
   """``fill``: ``'random'``, or a finite real number that stays finite in ``dtype``."""
   if isinstance(fill, str):
     if fill != "random":
       raise ValueError(f"{op}: `fill` must be a finite number or 'random'; got {fill!r}.")
-    return fill
+    return "random"
   if _checks.is_traced(fill):
     raise TypeError(f"{op}: `fill` must be a concrete number or 'random', not a traced value.")
   array = (
@@ -585,14 +601,14 @@ def _check_size(size, height: int, width: int, op: str) -> int | jax.Array:
 
 
 def cutout(
-  x: jax.Array,
+  x: ArrayLike,
   size: int | jax.Array,
   *,
   key: jax.Array | None = None,
   deterministic: bool = False,
   probability: float | jax.Array = 1.0,
-  fill: float | str = 0.0,
-  data_format: str = "NHWC",
+  fill: Fill = 0.0,
+  data_format: DataFormat = "NHWC",
 ) -> jax.Array:
   """Cutout (DeVries & Taylor 2017, arXiv:1708.04552): fill one square per image.
 
@@ -632,6 +648,7 @@ def cutout(
       (the layout that ``channel_axis`` of :func:`regjax.channel_dropout` and
       ``axis`` of :func:`regjax.batch_norm` give as an axis).
   """
+  x = cast(jax.Array, x)  # typing only (a no-op); checked below
   op = "regjax.cutout"
   deterministic = _noise.check_common(x, key, deterministic, op)
   h_axis, w_axis, _ = _spatial_axes(x, data_format, op)
@@ -666,15 +683,15 @@ _ERASING_ATTEMPTS = 10  # torchvision's
 
 
 def random_erasing(
-  x: jax.Array,
+  x: ArrayLike,
   probability: float | jax.Array = 0.5,
   *,
   key: jax.Array | None = None,
   deterministic: bool = False,
   area: tuple[float, float] = (0.02, 0.33),
   aspect: tuple[float, float] = (0.3, 3.3),
-  fill: float | str = 0.0,
-  data_format: str = "NHWC",
+  fill: Fill = 0.0,
+  data_format: DataFormat = "NHWC",
 ) -> jax.Array:
   """Random erasing (Zhong et al. 2017, arXiv:1708.04896): fill one random rectangle per image.
 
@@ -731,6 +748,7 @@ def random_erasing(
       and rounded once.
     data_format: ``'NHWC'`` or ``'NCHW'``, as in :func:`regjax.cutout`.
   """
+  x = cast(jax.Array, x)  # typing only (a no-op); checked below
   op = "regjax.random_erasing"
   deterministic = _noise.check_common(x, key, deterministic, op)
   if x.ndim != 4:
@@ -795,7 +813,7 @@ _erase_traced = jax.jit(_erase, static_argnums=(3, 4, 5, 6))
 # ----------------------------------------------------------------------------
 # FractalNet's drop-path over a join.
 
-_JOIN_MODES = ("local", "global")
+_JOIN_MODES = _types.JOIN_MODES
 _MAX_JOIN_BRANCHES = 1 << 16  # the uniform choice uses 16 bits of a word
 
 
@@ -833,13 +851,13 @@ def join_needs_no_draw(branches, rate, mode) -> bool:
 
 
 def join_drop_path(
-  branches: jax.Array,
+  branches: ArrayLike,
   rate: float | jax.Array,
   *,
   key: jax.Array | None = None,
-  mode: str = "local",
+  mode: JoinMode = "local",
   deterministic: bool = False,
-  rng_impl: str = "hash",
+  rng_impl: RngImpl = "hash",
 ) -> jax.Array:
   """Drop-path over a join (Larsson, Maire, Shakhnarovich 2016, FractalNet, arXiv:1605.07648).
 
@@ -893,6 +911,7 @@ def join_drop_path(
   Returns:
     The join, shape ``branches.shape[1:]``, dtype ``branches.dtype``.
   """
+  branches = cast(jax.Array, branches)  # typing only (a no-op); checked below
   op = "regjax.join_drop_path"
   rng_impl = _noise.check_rng_impl(rng_impl, op)
   deterministic, rate = _check_join(branches, rate, key, mode, deterministic, op)

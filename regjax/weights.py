@@ -13,12 +13,15 @@ not ops in the forward pass) and are re-exported here.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import cast
 
 import jax
 import jax.numpy as jnp
+from jax.lax import PrecisionLike
+from jax.typing import ArrayLike
 
 from regjax import _checks, _noise, _specs
+from regjax._types import RngImpl
 from regjax.constraints import default_max_norm_filter, max_norm, max_norm_projection
 from regjax.stochastic import dropout
 
@@ -26,16 +29,16 @@ __all__ = ["dropconnect_dense", "max_norm", "max_norm_projection", "default_max_
 
 
 def dropconnect_dense(
-  x: jax.Array,
-  kernel: jax.Array,
-  bias: jax.Array | None,
+  x: ArrayLike,
+  kernel: ArrayLike,
+  bias: ArrayLike | None,
   rate: float | jax.Array,
   *,
   key: jax.Array | None = None,
   deterministic: bool = False,
-  precision: Any = None,
+  precision: PrecisionLike = None,
   dot_general: Callable[..., jax.Array] | None = None,
-  rng_impl: str = "hash",
+  rng_impl: RngImpl = "hash",
 ) -> jax.Array:
   """A dense layer with DropConnect on its kernel (Wan et al. 2013, ICML).
 
@@ -67,6 +70,8 @@ def dropconnect_dense(
   Returns:
     ``(..., out)``, in the dtype ``x @ kernel + bias`` has.
   """
+  x = cast(jax.Array, x)  # typing only (a no-op); checked below
+  kernel = cast(jax.Array, kernel)  # typing only (a no-op); checked below
   op = "regjax.dropconnect_dense"
   rng_impl = _noise.check_rng_impl(rng_impl, op)
   _checks.check_floating(x, op)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import flax.linen as nn
 import jax
+from jax.typing import ArrayLike
 
 from regjax import _specs
 from regjax._checks import check_deterministic
@@ -48,7 +49,7 @@ def apply_noise(
   op: Callable[..., jax.Array],
   spec: _specs.Strength,
   strength,
-  inputs: jax.Array,
+  inputs: ArrayLike,
   deterministic: bool | None,
   rng: jax.Array | None,
   **kwargs,

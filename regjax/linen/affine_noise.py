@@ -10,9 +10,11 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
+from jax.typing import ArrayLike
 
 from regjax import _specs
 from regjax import affine_noise as F
+from regjax._types import RngImpl
 from regjax.linen._common import apply_noise
 
 
@@ -32,11 +34,11 @@ class AlphaDropout(nn.Module):
   broadcast_dims: Sequence[int] = ()
   deterministic: bool | None = None
   rng_collection: str = "dropout"
-  rng_impl: str = "hash"
+  rng_impl: RngImpl = "hash"
 
   @nn.compact
   def __call__(
-    self, inputs: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None
+    self, inputs: ArrayLike, deterministic: bool | None = None, rng: jax.Array | None = None
   ) -> jax.Array:
     return apply_noise(
       self,
@@ -67,11 +69,11 @@ class GaussianNoise(nn.Module):
   broadcast_dims: Sequence[int] = ()
   deterministic: bool | None = None
   rng_collection: str = "dropout"
-  rng_impl: str = "hash"
+  rng_impl: RngImpl = "hash"
 
   @nn.compact
   def __call__(
-    self, inputs: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None
+    self, inputs: ArrayLike, deterministic: bool | None = None, rng: jax.Array | None = None
   ) -> jax.Array:
     return apply_noise(
       self,

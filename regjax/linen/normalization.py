@@ -8,12 +8,15 @@ when ``|mean| >> std``.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.typing import Dtype
 from jax.nn import initializers
+from jax.typing import ArrayLike
 
 from regjax import normalization as F
 from regjax._checks import canonical_axes, resolve_deterministic_alias
@@ -53,14 +56,14 @@ class BatchNorm(nn.Module):
   axis: int | tuple[int, ...] = -1
   momentum: float = 0.99
   epsilon: float = 1e-5
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
   use_bias: bool = True
   use_scale: bool = True
   bias_init: Initializer = initializers.zeros
   scale_init: Initializer = initializers.ones
   axis_name: str | None = None
-  axis_index_groups: Any = None
+  axis_index_groups: Sequence[Sequence[int]] | None = None
   use_fast_variance: bool = True
   deterministic: bool | None = None
   unbiased_running_var: bool = False
@@ -71,12 +74,13 @@ class BatchNorm(nn.Module):
   @nn.compact
   def __call__(
     self,
-    x: jax.Array,
+    x: ArrayLike,
     use_running_average: bool | None = None,
     *,
     deterministic: bool | None = None,
-    mask: jax.Array | None = None,
+    mask: ArrayLike | None = None,
   ) -> jax.Array:
+    x = cast(jax.Array, x)  # typing only (a no-op); checked below
     module_mode = resolve_deterministic_alias(
       self.deterministic, self.use_running_average, "module attributes"
     )
@@ -158,14 +162,14 @@ class BatchRenorm(nn.Module):
   axis: int | tuple[int, ...] = -1
   momentum: float = 0.99
   epsilon: float = 1e-5
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
   use_bias: bool = True
   use_scale: bool = True
   bias_init: Initializer = initializers.zeros
   scale_init: Initializer = initializers.ones
   axis_name: str | None = None
-  axis_index_groups: Any = None
+  axis_index_groups: Sequence[Sequence[int]] | None = None
   use_fast_variance: bool = True
   deterministic: bool | None = None
   unbiased_running_var: bool = False
@@ -176,11 +180,11 @@ class BatchRenorm(nn.Module):
   @nn.compact
   def __call__(
     self,
-    x: jax.Array,
+    x: ArrayLike,
     use_running_average: bool | None = None,
     *,
     deterministic: bool | None = None,
-    mask: jax.Array | None = None,
+    mask: ArrayLike | None = None,
     r_max: float | jax.Array | None = None,
     d_max: float | jax.Array | None = None,
   ) -> jax.Array:
@@ -194,6 +198,7 @@ class BatchRenorm(nn.Module):
         enter the statistics.
       r_max, d_max: override the fields for this call; may be traced.
     """
+    x = cast(jax.Array, x)  # typing only (a no-op); checked below
     deterministic = nn.merge_param(
       "deterministic",
       resolve_deterministic_alias(

@@ -11,9 +11,11 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
+from jax.typing import ArrayLike
 
 from regjax import _specs
 from regjax import stochastic as F
+from regjax._types import RngImpl
 from regjax.linen._common import apply_noise
 from regjax.linen._common import noise_key as noise_key  # importable from its former home
 
@@ -38,12 +40,12 @@ class Dropout(nn.Module):
   broadcast_dims: Sequence[int] = ()
   deterministic: bool | None = None
   rng_collection: str = "dropout"
-  rng_impl: str = "hash"
+  rng_impl: RngImpl = "hash"
   inverted: bool = True
 
   @nn.compact
   def __call__(
-    self, inputs: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None
+    self, inputs: ArrayLike, deterministic: bool | None = None, rng: jax.Array | None = None
   ) -> jax.Array:
     return apply_noise(
       self,
@@ -66,11 +68,11 @@ class GaussianDropout(nn.Module):
   broadcast_dims: Sequence[int] = ()
   deterministic: bool | None = None
   rng_collection: str = "dropout"
-  rng_impl: str = "hash"
+  rng_impl: RngImpl = "hash"
 
   @nn.compact
   def __call__(
-    self, inputs: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None
+    self, inputs: ArrayLike, deterministic: bool | None = None, rng: jax.Array | None = None
   ) -> jax.Array:
     return apply_noise(
       self,
@@ -92,11 +94,11 @@ class Uout(nn.Module):
   broadcast_dims: Sequence[int] = ()
   deterministic: bool | None = None
   rng_collection: str = "dropout"
-  rng_impl: str = "hash"
+  rng_impl: RngImpl = "hash"
 
   @nn.compact
   def __call__(
-    self, inputs: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None
+    self, inputs: ArrayLike, deterministic: bool | None = None, rng: jax.Array | None = None
   ) -> jax.Array:
     return apply_noise(
       self,

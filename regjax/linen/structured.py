@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+from jax.typing import ArrayLike
 
 from regjax import _specs
 from regjax import structured as F
+from regjax._types import BlockDataFormat, DataFormat, DropPathMode, Fill, JoinMode, RngImpl
 from regjax.linen._common import apply_noise, noise_key
 
 
@@ -39,11 +41,11 @@ class ChannelDropout(nn.Module):
   channel_axis: int = -1
   deterministic: bool | None = None
   rng_collection: str = "dropout"
-  rng_impl: str = "hash"
+  rng_impl: RngImpl = "hash"
 
   @nn.compact
   def __call__(
-    self, inputs: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None
+    self, inputs: ArrayLike, deterministic: bool | None = None, rng: jax.Array | None = None
   ) -> jax.Array:
     return apply_noise(
       self,
@@ -74,14 +76,14 @@ class DropPath(nn.Module):
   """
 
   rate: float
-  mode: str = "row"
+  mode: DropPathMode = "row"
   deterministic: bool | None = None
   rng_collection: str = "dropout"
-  rng_impl: str = "hash"
+  rng_impl: RngImpl = "hash"
 
   @nn.compact
   def __call__(
-    self, inputs: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None
+    self, inputs: ArrayLike, deterministic: bool | None = None, rng: jax.Array | None = None
   ) -> jax.Array:
     return apply_noise(
       self,
@@ -118,14 +120,14 @@ class DropBlock(nn.Module):
   rate: float
   block_size: int = 7
   share_channels: bool = False
-  data_format: str = "NHWC"
+  data_format: BlockDataFormat = "NHWC"
   deterministic: bool | None = None
   rng_collection: str = "dropout"
-  rng_impl: str = "hash"
+  rng_impl: RngImpl = "hash"
 
   @nn.compact
   def __call__(
-    self, inputs: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None
+    self, inputs: ArrayLike, deterministic: bool | None = None, rng: jax.Array | None = None
   ) -> jax.Array:
     return apply_noise(
       self,
@@ -155,16 +157,16 @@ class Cutout(nn.Module):
   """
 
   size: int
-  data_format: str = "NHWC"
+  data_format: DataFormat = "NHWC"
   deterministic: bool | None = None
   rng_collection: str = "dropout"
   # After the original fields, so that positional construction keeps its meaning.
   probability: float = 1.0
-  fill: float | str = 0.0
+  fill: Fill = 0.0
 
   @nn.compact
   def __call__(
-    self, inputs: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None
+    self, inputs: ArrayLike, deterministic: bool | None = None, rng: jax.Array | None = None
   ) -> jax.Array:
     deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
     trivial = _specs.CUTOUT.needs_no_draw(self.size) or _specs.PROBABILITY.needs_no_draw(
@@ -201,14 +203,14 @@ class RandomErasing(nn.Module):
   probability: float = 0.5
   area: tuple[float, float] = (0.02, 0.33)
   aspect: tuple[float, float] = (0.3, 3.3)
-  fill: float | str = 0.0
-  data_format: str = "NHWC"
+  fill: Fill = 0.0
+  data_format: DataFormat = "NHWC"
   deterministic: bool | None = None
   rng_collection: str = "dropout"
 
   @nn.compact
   def __call__(
-    self, inputs: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None
+    self, inputs: ArrayLike, deterministic: bool | None = None, rng: jax.Array | None = None
   ) -> jax.Array:
     return apply_noise(
       self,
@@ -243,14 +245,14 @@ class JoinDropPath(nn.Module):
   """
 
   rate: float
-  mode: str = "local"
+  mode: JoinMode = "local"
   deterministic: bool | None = None
   rng_collection: str = "dropout"
-  rng_impl: str = "hash"
+  rng_impl: RngImpl = "hash"
 
   @nn.compact
   def __call__(
-    self, branches: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None
+    self, branches: ArrayLike, deterministic: bool | None = None, rng: jax.Array | None = None
   ) -> jax.Array:
     deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
     trivial = F.join_needs_no_draw(branches, self.rate, self.mode)

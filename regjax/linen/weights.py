@@ -9,6 +9,7 @@ checkpoint loads into it unchanged; it adds ``rate``, ``deterministic``,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -16,9 +17,11 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from flax.typing import Dtype, Initializer, PrecisionLike
+from jax.typing import ArrayLike
 
 from regjax import _specs
 from regjax import weights as F
+from regjax._types import RngImpl
 from regjax.linen._common import noise_key
 
 
@@ -47,17 +50,17 @@ class DropConnect(nn.Module):
   precision: PrecisionLike = None
   kernel_init: Initializer = nn.initializers.lecun_normal()
   bias_init: Initializer = nn.initializers.zeros_init()
-  promote_dtype: Any = promote_dtype
-  dot_general: Any = None
+  promote_dtype: Callable[..., Any] = promote_dtype
+  dot_general: Callable[..., jax.Array] | None = None
   dot_general_cls: Any = None
   rate: float = 0.5
   deterministic: bool | None = None
   rng_collection: str = "dropout"
-  rng_impl: str = "hash"
+  rng_impl: RngImpl = "hash"
 
   @nn.compact
   def __call__(
-    self, inputs: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None
+    self, inputs: ArrayLike, deterministic: bool | None = None, rng: jax.Array | None = None
   ) -> jax.Array:
     deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
     kernel = self.param(

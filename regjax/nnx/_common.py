@@ -30,8 +30,10 @@ from collections.abc import Callable
 
 import jax
 from flax import nnx
+from jax.typing import ArrayLike
 
 from regjax import _checks, _noise, _specs
+from regjax._types import RngImpl
 
 RngsArg = nnx.Rngs | nnx.RngStream | jax.Array | None
 
@@ -69,7 +71,7 @@ class NoiseModule(nnx.Module):
     spec.check(value, self._op_name())
     return value
 
-  def _rng_impl(self, rng_impl) -> str:
+  def _rng_impl(self, rng_impl) -> RngImpl:
     return _noise.check_rng_impl(rng_impl, self._op_name())
 
   def _init_noise(
@@ -150,7 +152,7 @@ class NoiseModule(nnx.Module):
     op: Callable[..., jax.Array],
     spec: _specs.Strength,
     strength,
-    inputs: jax.Array,
+    inputs: ArrayLike,
     deterministic: bool | None,
     rngs: RngsArg,
     **kwargs,

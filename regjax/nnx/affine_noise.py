@@ -10,9 +10,11 @@ from collections.abc import Sequence
 
 import jax
 from flax import nnx
+from jax.typing import ArrayLike
 
 from regjax import _specs
 from regjax import affine_noise as F
+from regjax._types import RngImpl
 from regjax.nnx._common import NoiseModule, RngsArg, hashable
 
 
@@ -33,12 +35,12 @@ class AlphaDropout(NoiseModule):
 
   def __init__(
     self,
-    rate: float,
+    rate: float | jax.Array,
     *,
     broadcast_dims: Sequence[int] = (),
     deterministic: bool | None = False,
     rng_collection: str = "dropout",
-    rng_impl: str = "hash",
+    rng_impl: RngImpl = "hash",
     rngs: nnx.Rngs | nnx.RngStream | None = None,
   ):
     self.rate = self._strength(_specs.ALPHA_DROPOUT, rate)
@@ -47,7 +49,7 @@ class AlphaDropout(NoiseModule):
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(
-    self, inputs: jax.Array, *, deterministic: bool | None = None, rngs: RngsArg = None
+    self, inputs: ArrayLike, *, deterministic: bool | None = None, rngs: RngsArg = None
   ) -> jax.Array:
     """Applies alpha dropout; ``rngs`` (a key, stream or Rngs) overrides the kept stream."""
     return self._call_noise(
@@ -72,12 +74,12 @@ class GaussianNoise(NoiseModule):
 
   def __init__(
     self,
-    stddev: float,
+    stddev: float | jax.Array,
     *,
     broadcast_dims: Sequence[int] = (),
     deterministic: bool | None = False,
     rng_collection: str = "dropout",
-    rng_impl: str = "hash",
+    rng_impl: RngImpl = "hash",
     rngs: nnx.Rngs | nnx.RngStream | None = None,
   ):
     self.stddev = self._strength(_specs.GAUSSIAN_NOISE, stddev)
@@ -86,7 +88,7 @@ class GaussianNoise(NoiseModule):
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(
-    self, inputs: jax.Array, *, deterministic: bool | None = None, rngs: RngsArg = None
+    self, inputs: ArrayLike, *, deterministic: bool | None = None, rngs: RngsArg = None
   ) -> jax.Array:
     """Adds the noise; ``rngs`` overrides the kept stream."""
     return self._call_noise(

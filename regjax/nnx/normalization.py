@@ -9,16 +9,18 @@ statistics come from :func:`regjax.batch_norm`, which stays accurate when
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from flax.nnx.nn import dtypes
+from flax.typing import Dtype, PromoteDtypeFn
 from jax.nn import initializers
+from jax.typing import ArrayLike
 
 from regjax import _checks, renorm
 from regjax import normalization as F
@@ -98,20 +100,20 @@ class BatchNorm(nnx.Module):
     axis: int | tuple[int, ...] = -1,
     momentum: float = 0.99,
     epsilon: float = 1e-5,
-    dtype: Any = None,
-    param_dtype: Any = jnp.float32,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
     use_bias: bool = True,
     use_scale: bool = True,
     bias_init: Initializer = initializers.zeros,
     scale_init: Initializer = initializers.ones,
     axis_name: str | None = None,
-    axis_index_groups: Any = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
     use_fast_variance: bool = True,
     deterministic: bool | None = None,
     unbiased_running_var: bool = False,
     track_running_stats: bool = True,
     virtual_batch_size: int | None = None,
-    promote_dtype: Any = dtypes.promote_dtype,
+    promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
     rngs: nnx.Rngs,
     bias_metadata: Mapping[str, Any] = MappingProxyType({}),
     scale_metadata: Mapping[str, Any] = MappingProxyType({}),
@@ -179,11 +181,11 @@ class BatchNorm(nnx.Module):
 
   def __call__(
     self,
-    x: jax.Array,
+    x: ArrayLike,
     use_running_average: bool | None = None,
     *,
     deterministic: bool | None = None,
-    mask: jax.Array | None = None,
+    mask: ArrayLike | None = None,
   ) -> jax.Array:
     """Normalizes ``x``; in train mode also updates ``mean`` and ``var``.
 
@@ -195,6 +197,7 @@ class BatchNorm(nnx.Module):
       mask: optional boolean array broadcastable to ``x``; only True positions
         enter the statistics.
     """
+    x = cast(jax.Array, x)  # typing only (a no-op); checked below
     mode = _checks.resolve_deterministic_alias(deterministic, use_running_average, "call arguments")
     if mode is None:
       mode = self.use_running_average
@@ -236,7 +239,7 @@ class BatchNorm(nnx.Module):
     )
     y, new_stats = F.batch_norm(
       x,
-      {"mean": mean, "var": var} if tracked else None,
+      cast(F.BatchStats, {"mean": mean, "var": var}) if tracked else None,
       scale,
       bias,
       deterministic=mode,
@@ -311,18 +314,18 @@ class BatchRenorm(nnx.Module):
     axis: int | tuple[int, ...] = -1,
     momentum: float = 0.99,
     epsilon: float = 1e-5,
-    dtype: Any = None,
-    param_dtype: Any = jnp.float32,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
     use_bias: bool = True,
     use_scale: bool = True,
     bias_init: Initializer = initializers.zeros,
     scale_init: Initializer = initializers.ones,
     axis_name: str | None = None,
-    axis_index_groups: Any = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
     use_fast_variance: bool = True,
     deterministic: bool | None = None,
     unbiased_running_var: bool = False,
-    promote_dtype: Any = dtypes.promote_dtype,
+    promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
     r_max: float = 3.0,
     d_max: float = 5.0,
     rngs: nnx.Rngs,
@@ -391,11 +394,11 @@ class BatchRenorm(nnx.Module):
 
   def __call__(
     self,
-    x: jax.Array,
+    x: ArrayLike,
     use_running_average: bool | None = None,
     *,
     deterministic: bool | None = None,
-    mask: jax.Array | None = None,
+    mask: ArrayLike | None = None,
     r_max: float | jax.Array | None = None,
     d_max: float | jax.Array | None = None,
   ) -> jax.Array:
@@ -410,6 +413,7 @@ class BatchRenorm(nnx.Module):
         enter the statistics.
       r_max, d_max: override the attributes for this call; may be traced.
     """
+    x = cast(jax.Array, x)  # typing only (a no-op); checked below
     mode = _checks.resolve_deterministic_alias(deterministic, use_running_average, "call arguments")
     if mode is None:
       mode = self.use_running_average

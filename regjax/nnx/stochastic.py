@@ -19,9 +19,11 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.typing import ArrayLike
 
 from regjax import _specs
 from regjax import stochastic as F
+from regjax._types import RngImpl
 from regjax.nnx._common import NoiseModule, RngsArg, hashable
 
 
@@ -46,12 +48,12 @@ class Dropout(NoiseModule):
 
   def __init__(
     self,
-    rate: float,
+    rate: float | jax.Array,
     *,
     broadcast_dims: Sequence[int] = (),
     deterministic: bool | None = False,
     rng_collection: str = "dropout",
-    rng_impl: str = "hash",
+    rng_impl: RngImpl = "hash",
     rngs: nnx.Rngs | nnx.RngStream | None = None,
     inverted: bool = True,
   ):
@@ -64,7 +66,7 @@ class Dropout(NoiseModule):
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(
-    self, inputs: jax.Array, *, deterministic: bool | None = None, rngs: RngsArg = None
+    self, inputs: ArrayLike, *, deterministic: bool | None = None, rngs: RngsArg = None
   ) -> jax.Array:
     """Applies dropout; ``rngs`` (a key, stream or Rngs) overrides the kept stream."""
     return self._call_noise(
@@ -88,12 +90,12 @@ class GaussianDropout(NoiseModule):
 
   def __init__(
     self,
-    rate: float,
+    rate: float | jax.Array,
     *,
     broadcast_dims: Sequence[int] = (),
     deterministic: bool | None = False,
     rng_collection: str = "dropout",
-    rng_impl: str = "hash",
+    rng_impl: RngImpl = "hash",
     rngs: nnx.Rngs | nnx.RngStream | None = None,
   ):
     self.rate = self._strength(_specs.GAUSSIAN_DROPOUT, rate)
@@ -102,7 +104,7 @@ class GaussianDropout(NoiseModule):
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(
-    self, inputs: jax.Array, *, deterministic: bool | None = None, rngs: RngsArg = None
+    self, inputs: ArrayLike, *, deterministic: bool | None = None, rngs: RngsArg = None
   ) -> jax.Array:
     """Applies Gaussian dropout; ``rngs`` overrides the kept stream."""
     return self._call_noise(
@@ -126,12 +128,12 @@ class Uout(NoiseModule):
 
   def __init__(
     self,
-    beta: float,
+    beta: float | jax.Array,
     *,
     broadcast_dims: Sequence[int] = (),
     deterministic: bool | None = False,
     rng_collection: str = "dropout",
-    rng_impl: str = "hash",
+    rng_impl: RngImpl = "hash",
     rngs: nnx.Rngs | nnx.RngStream | None = None,
   ):
     self.beta = self._strength(_specs.UOUT, beta)
@@ -140,7 +142,7 @@ class Uout(NoiseModule):
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(
-    self, inputs: jax.Array, *, deterministic: bool | None = None, rngs: RngsArg = None
+    self, inputs: ArrayLike, *, deterministic: bool | None = None, rngs: RngsArg = None
   ) -> jax.Array:
     """Applies Uout noise; ``rngs`` overrides the kept stream."""
     return self._call_noise(

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import jax
 from flax import nnx
+from jax.typing import ArrayLike
 
 from regjax import _specs
 from regjax import structured as F
+from regjax._types import BlockDataFormat, DataFormat, DropPathMode, Fill, JoinMode, RngImpl
 from regjax.nnx._common import NoiseModule, RngsArg, hashable
 
 
@@ -39,12 +41,12 @@ class ChannelDropout(NoiseModule):
 
   def __init__(
     self,
-    rate: float,
+    rate: float | jax.Array,
     *,
     channel_axis: int = -1,
     deterministic: bool | None = False,
     rng_collection: str = "dropout",
-    rng_impl: str = "hash",
+    rng_impl: RngImpl = "hash",
     rngs: nnx.Rngs | nnx.RngStream | None = None,
   ):
     self.rate = self._strength(_specs.CHANNEL_DROPOUT, rate)
@@ -53,7 +55,7 @@ class ChannelDropout(NoiseModule):
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(
-    self, inputs: jax.Array, *, deterministic: bool | None = None, rngs: RngsArg = None
+    self, inputs: ArrayLike, *, deterministic: bool | None = None, rngs: RngsArg = None
   ) -> jax.Array:
     """Applies channel dropout; ``rngs`` (a key, stream or Rngs) overrides the kept stream."""
     return self._call_noise(
@@ -82,12 +84,12 @@ class DropPath(NoiseModule):
 
   def __init__(
     self,
-    rate: float,
+    rate: float | jax.Array,
     *,
-    mode: str = "row",
+    mode: DropPathMode = "row",
     deterministic: bool | None = False,
     rng_collection: str = "dropout",
-    rng_impl: str = "hash",
+    rng_impl: RngImpl = "hash",
     rngs: nnx.Rngs | nnx.RngStream | None = None,
   ):
     self.rate = self._strength(_specs.DROP_PATH, rate)
@@ -96,7 +98,7 @@ class DropPath(NoiseModule):
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(
-    self, inputs: jax.Array, *, deterministic: bool | None = None, rngs: RngsArg = None
+    self, inputs: ArrayLike, *, deterministic: bool | None = None, rngs: RngsArg = None
   ) -> jax.Array:
     """Drops the branch per sample (or batch); ``rngs`` overrides the kept stream."""
     return self._call_noise(
@@ -135,14 +137,14 @@ class DropBlock(NoiseModule):
 
   def __init__(
     self,
-    rate: float,
+    rate: float | jax.Array,
     *,
     block_size: int = 7,
     share_channels: bool = False,
-    data_format: str = "NHWC",
+    data_format: BlockDataFormat = "NHWC",
     deterministic: bool | None = False,
     rng_collection: str = "dropout",
-    rng_impl: str = "hash",
+    rng_impl: RngImpl = "hash",
     rngs: nnx.Rngs | nnx.RngStream | None = None,
   ):
     self.rate = self._strength(_specs.DROPBLOCK, rate)
@@ -153,7 +155,7 @@ class DropBlock(NoiseModule):
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(
-    self, inputs: jax.Array, *, deterministic: bool | None = None, rngs: RngsArg = None
+    self, inputs: ArrayLike, *, deterministic: bool | None = None, rngs: RngsArg = None
   ) -> jax.Array:
     """Applies DropBlock; ``rngs`` overrides the kept stream."""
     return self._call_noise(
@@ -187,9 +189,9 @@ class Cutout(NoiseModule):
     self,
     size: int,
     *,
-    probability: float = 1.0,
-    fill: float | str = 0.0,
-    data_format: str = "NHWC",
+    probability: float | jax.Array = 1.0,
+    fill: Fill = 0.0,
+    data_format: DataFormat = "NHWC",
     deterministic: bool | None = False,
     rng_collection: str = "dropout",
     rngs: nnx.Rngs | nnx.RngStream | None = None,
@@ -201,7 +203,7 @@ class Cutout(NoiseModule):
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(
-    self, inputs: jax.Array, *, deterministic: bool | None = None, rngs: RngsArg = None
+    self, inputs: ArrayLike, *, deterministic: bool | None = None, rngs: RngsArg = None
   ) -> jax.Array:
     """Applies cutout; ``rngs`` overrides the kept stream."""
     deterministic = self._deterministic(deterministic)
@@ -238,12 +240,12 @@ class RandomErasing(NoiseModule):
 
   def __init__(
     self,
-    probability: float = 0.5,
+    probability: float | jax.Array = 0.5,
     *,
     area: tuple[float, float] = (0.02, 0.33),
     aspect: tuple[float, float] = (0.3, 3.3),
-    fill: float | str = 0.0,
-    data_format: str = "NHWC",
+    fill: Fill = 0.0,
+    data_format: DataFormat = "NHWC",
     deterministic: bool | None = False,
     rng_collection: str = "dropout",
     rngs: nnx.Rngs | nnx.RngStream | None = None,
@@ -256,7 +258,7 @@ class RandomErasing(NoiseModule):
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(
-    self, inputs: jax.Array, *, deterministic: bool | None = None, rngs: RngsArg = None
+    self, inputs: ArrayLike, *, deterministic: bool | None = None, rngs: RngsArg = None
   ) -> jax.Array:
     """Applies random erasing; ``rngs`` overrides the kept stream."""
     return self._call_noise(
@@ -289,12 +291,12 @@ class JoinDropPath(NoiseModule):
 
   def __init__(
     self,
-    rate: float,
+    rate: float | jax.Array,
     *,
-    mode: str = "local",
+    mode: JoinMode = "local",
     deterministic: bool | None = False,
     rng_collection: str = "dropout",
-    rng_impl: str = "hash",
+    rng_impl: RngImpl = "hash",
     rngs: nnx.Rngs | nnx.RngStream | None = None,
   ):
     self.rate = self._strength(_specs.JOIN_DROP_PATH, rate)
@@ -303,7 +305,7 @@ class JoinDropPath(NoiseModule):
     self._init_noise(deterministic, rng_collection, rngs)
 
   def __call__(
-    self, branches: jax.Array, *, deterministic: bool | None = None, rngs: RngsArg = None
+    self, branches: ArrayLike, *, deterministic: bool | None = None, rngs: RngsArg = None
   ) -> jax.Array:
     """Joins the branches; ``rngs`` (a key, stream or Rngs) overrides the kept stream."""
     deterministic = self._deterministic(deterministic)

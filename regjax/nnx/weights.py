@@ -11,7 +11,7 @@ adds ``rate``, ``deterministic``, ``rng_collection`` and ``rng_impl``, with the
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -20,9 +20,12 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes
 from flax.nnx.nn.linear import default_bias_init, default_kernel_init
+from flax.typing import Dtype, Initializer, PrecisionLike, PromoteDtypeFn
+from jax.typing import ArrayLike
 
 from regjax import _specs
 from regjax import weights as F
+from regjax._types import RngImpl
 from regjax.nnx._common import NoiseModule, RngsArg
 
 
@@ -54,21 +57,21 @@ class DropConnect(NoiseModule):
     out_features: int,
     *,
     use_bias: bool = True,
-    dtype: Any = None,
-    param_dtype: Any = jnp.float32,
-    precision: Any = None,
-    kernel_init: Any = default_kernel_init,
-    bias_init: Any = default_bias_init,
-    dot_general: Any = jax.lax.dot_general,
-    promote_dtype: Any = dtypes.promote_dtype,
-    preferred_element_type: Any = None,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    precision: PrecisionLike = None,
+    kernel_init: Initializer = default_kernel_init,
+    bias_init: Initializer = default_bias_init,
+    dot_general: Callable[..., jax.Array] = jax.lax.dot_general,
+    promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+    preferred_element_type: Dtype | None = None,
     rngs: nnx.Rngs,
     kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
     bias_metadata: Mapping[str, Any] = MappingProxyType({}),
-    rate: float = 0.5,
+    rate: float | jax.Array = 0.5,
     deterministic: bool | None = False,
     rng_collection: str = "dropout",
-    rng_impl: str = "hash",
+    rng_impl: RngImpl = "hash",
   ):
     self._strength(_specs.DROPCONNECT, rate)  # checked before any param is drawn
     # The same draws, in the same order, as nnx.Linear.
@@ -95,7 +98,7 @@ class DropConnect(NoiseModule):
 
   def __call__(
     self,
-    inputs: jax.Array,
+    inputs: ArrayLike,
     out_sharding=None,
     *,
     deterministic: bool | None = None,

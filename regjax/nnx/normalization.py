@@ -57,7 +57,52 @@ def _feature_shape(num_features, axis, op: str) -> tuple[Any, ...]:
   return feature_shape
 
 
-class BatchNorm(nnx.Module):
+class _Normalization(nnx.Module):
+  """What BatchNorm and BatchRenorm share: the affine parameters, the mode alias, nnx.view."""
+
+  def _init_affine(self, feature_shape, scale_spec, bias_spec, param_dtype, rngs) -> None:
+    """``self.scale`` / ``self.bias``: a Param from ``(init, metadata)``, or None when False."""
+    self.scale: nnx.Param | None = nnx.data(None)
+    self.bias: nnx.Param | None = nnx.data(None)
+    for name, spec in (("scale", scale_spec), ("bias", bias_spec)):
+      if spec:
+        init, metadata = spec
+        setattr(self, name, nnx.Param(init(rngs.params(), feature_shape, param_dtype), **metadata))
+
+  # `deterministic` is an alias: one stored value, so train()/eval(),
+  # set_attributes and nnx.view can never leave the two out of step.
+  use_running_average: bool | None
+
+  @property
+  def deterministic(self) -> bool | None:
+    """Eval mode if True; an alias of ``use_running_average``."""
+    return self.use_running_average
+
+  @deterministic.setter
+  def deterministic(self, value: bool | None) -> None:
+    self.use_running_average = value
+
+  def set_view(self, use_running_average: bool | None = None, deterministic: bool | None = None):
+    """Class method used by ``nnx.view``.
+
+    ``nnx.view`` passes its keyword arguments to every module, so
+    ``nnx.view(model, deterministic=True, use_running_average=False)`` (noise
+    off, BatchNorm on batch statistics, as for re-estimating the statistics)
+    is legitimate: the specific name ``use_running_average`` takes precedence
+    over the alias ``deterministic`` here.
+
+    Args:
+      use_running_average: if True, the stored batch statistics are used
+        instead of the statistics of the input (eval mode).
+      deterministic: alias of ``use_running_average``, used when that is not
+        given.
+    """
+    mode = use_running_average if use_running_average is not None else deterministic
+    if mode is not None:
+      self.use_running_average = mode
+
+
+class BatchNorm(_Normalization):
   """Batch normalization with running statistics in ``nnx.BatchStat`` variables.
 
   Arguments and attributes match ``flax.nnx.BatchNorm``; in addition:
@@ -137,18 +182,13 @@ class BatchNorm(nnx.Module):
     else:
       self.mean = nnx.data(None)
       self.var = nnx.data(None)
-    self.scale: nnx.Param | None
-    self.bias: nnx.Param | None
-    if use_scale:
-      self.scale = nnx.Param(
-        scale_init(rngs.params(), feature_shape, param_dtype), **scale_metadata
-      )
-    else:
-      self.scale = nnx.data(None)
-    if use_bias:
-      self.bias = nnx.Param(bias_init(rngs.params(), feature_shape, param_dtype), **bias_metadata)
-    else:
-      self.bias = nnx.data(None)
+    self._init_affine(
+      feature_shape,
+      use_scale and (scale_init, scale_metadata),
+      use_bias and (bias_init, bias_metadata),
+      param_dtype,
+      rngs,
+    )
 
     # Static attributes must be hashable (they are part of nnx's graph definition).
     self.num_features = tuple(num_features) if isinstance(num_features, list) else num_features
@@ -167,17 +207,6 @@ class BatchNorm(nnx.Module):
     self.track_running_stats = track_running_stats
     self.virtual_batch_size = virtual_batch_size
     self.promote_dtype = promote_dtype
-
-  # `deterministic` is an alias: one stored value, so train()/eval(),
-  # set_attributes and nnx.view can never leave the two out of step.
-  @property
-  def deterministic(self) -> bool | None:
-    """Eval mode if True; an alias of ``use_running_average``."""
-    return self.use_running_average
-
-  @deterministic.setter
-  def deterministic(self, value: bool | None) -> None:
-    self.use_running_average = value
 
   def __call__(
     self,
@@ -260,27 +289,8 @@ class BatchNorm(nnx.Module):
       self.var[...] = jax.lax.stop_gradient(new_stats["var"]).astype(self.var.dtype)
     return y
 
-  def set_view(self, use_running_average: bool | None = None, deterministic: bool | None = None):
-    """Class method used by ``nnx.view``.
 
-    ``nnx.view`` passes its keyword arguments to every module, so
-    ``nnx.view(model, deterministic=True, use_running_average=False)`` (noise
-    off, BatchNorm on batch statistics, as for re-estimating the statistics)
-    is legitimate: the specific name ``use_running_average`` takes precedence
-    over the alias ``deterministic`` here.
-
-    Args:
-      use_running_average: if True, the stored batch statistics are used
-        instead of the statistics of the input (eval mode).
-      deterministic: alias of ``use_running_average``, used when that is not
-        given.
-    """
-    mode = use_running_average if use_running_average is not None else deterministic
-    if mode is not None:
-      self.use_running_average = mode
-
-
-class BatchRenorm(nnx.Module):
+class BatchRenorm(_Normalization):
   """Batch renormalization (Ioffe 2017, arXiv:1702.03275), see :func:`regjax.renorm.batch_renorm`.
 
   Train mode normalizes with the batch statistics, corrected towards the
@@ -352,18 +362,13 @@ class BatchRenorm(nnx.Module):
     stats = F.init_batch_stats(feature_shape, F.running_stats_dtype())
     self.mean = nnx.BatchStat(stats["mean"])
     self.var = nnx.BatchStat(stats["var"])
-    self.scale: nnx.Param | None
-    self.bias: nnx.Param | None
-    if use_scale:
-      self.scale = nnx.Param(
-        scale_init(rngs.params(), feature_shape, param_dtype), **scale_metadata
-      )
-    else:
-      self.scale = nnx.data(None)
-    if use_bias:
-      self.bias = nnx.Param(bias_init(rngs.params(), feature_shape, param_dtype), **bias_metadata)
-    else:
-      self.bias = nnx.data(None)
+    self._init_affine(
+      feature_shape,
+      use_scale and (scale_init, scale_metadata),
+      use_bias and (bias_init, bias_metadata),
+      param_dtype,
+      rngs,
+    )
 
     # Static attributes must be hashable (they are part of nnx's graph definition).
     self.num_features = tuple(num_features) if isinstance(num_features, list) else num_features
@@ -382,15 +387,6 @@ class BatchRenorm(nnx.Module):
     self.promote_dtype = promote_dtype
     self.r_max = r_max
     self.d_max = d_max
-
-  @property
-  def deterministic(self) -> bool | None:
-    """Eval mode if True; an alias of ``use_running_average``."""
-    return self.use_running_average
-
-  @deterministic.setter
-  def deterministic(self, value: bool | None) -> None:
-    self.use_running_average = value
 
   def __call__(
     self,
@@ -459,17 +455,3 @@ class BatchRenorm(nnx.Module):
       self.mean[...] = jax.lax.stop_gradient(new_stats["mean"]).astype(self.mean.dtype)
       self.var[...] = jax.lax.stop_gradient(new_stats["var"]).astype(self.var.dtype)
     return y
-
-  def set_view(self, use_running_average: bool | None = None, deterministic: bool | None = None):
-    """Class method used by ``nnx.view`` (as :meth:`BatchNorm.set_view`:
-    ``use_running_average`` takes precedence over its alias ``deterministic``).
-
-    Args:
-      use_running_average: if True, the stored batch statistics are used
-        instead of the statistics of the input (eval mode).
-      deterministic: alias of ``use_running_average``, used when that is not
-        given.
-    """
-    mode = use_running_average if use_running_average is not None else deterministic
-    if mode is not None:
-      self.use_running_average = mode

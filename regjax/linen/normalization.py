@@ -92,27 +92,11 @@ class BatchNorm(nn.Module):
     feature_axes = canonical_axes(self.axis, x.ndim, "BatchNorm")
     feature_shape = tuple(x.shape[a] for a in feature_axes)
 
-    stats_dtype = F.running_stats_dtype(self.param_dtype, self.force_float32_reductions)
-    if self.track_running_stats:
-      ra_mean = self.variable(
-        "batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), feature_shape
-      )
-      ra_var = self.variable(
-        "batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), feature_shape
-      )
-    scale = (
-      self.param("scale", self.scale_init, feature_shape, self.param_dtype)
-      if self.use_scale
-      else None
-    )
-    bias = (
-      self.param("bias", self.bias_init, feature_shape, self.param_dtype) if self.use_bias else None
-    )
-
+    running, scale, bias = _variables(self, feature_shape, self.track_running_stats)
     initializing = self.is_initializing()
     y, new_stats = F.batch_norm(
       x,
-      {"mean": ra_mean.value, "var": ra_var.value} if self.track_running_stats else None,
+      None if running is None else {"mean": running[0].value, "var": running[1].value},
       scale,
       bias,
       deterministic=deterministic,
@@ -127,9 +111,8 @@ class BatchNorm(nn.Module):
       dtype=F.output_dtype(x, scale, bias, self.dtype),
       virtual_batch_size=None if initializing else self.virtual_batch_size,
     )
-    if new_stats is not None and not deterministic and not initializing:
-      ra_mean.value = new_stats["mean"]
-      ra_var.value = new_stats["var"]
+    if running is not None and new_stats is not None and not deterministic and not initializing:
+      _store(running, new_stats)
     return y
 
 
@@ -209,24 +192,11 @@ class BatchRenorm(nn.Module):
     feature_axes = canonical_axes(self.axis, x.ndim, "BatchRenorm")
     feature_shape = tuple(x.shape[a] for a in feature_axes)
 
-    stats_dtype = F.running_stats_dtype(self.param_dtype, self.force_float32_reductions)
-    ra_mean = self.variable(
-      "batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), feature_shape
-    )
-    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), feature_shape)
-    scale = (
-      self.param("scale", self.scale_init, feature_shape, self.param_dtype)
-      if self.use_scale
-      else None
-    )
-    bias = (
-      self.param("bias", self.bias_init, feature_shape, self.param_dtype) if self.use_bias else None
-    )
-
+    running, scale, bias = _variables(self, feature_shape, True)
     initializing = self.is_initializing()
     y, new_stats = batch_renorm(
       x,
-      {"mean": ra_mean.value, "var": ra_var.value},
+      {"mean": running[0].value, "var": running[1].value},
       scale,
       bias,
       r_max=self.r_max if r_max is None else r_max,
@@ -243,6 +213,34 @@ class BatchRenorm(nn.Module):
       dtype=F.output_dtype(x, scale, bias, self.dtype),
     )
     if not deterministic and not initializing:
-      ra_mean.value = new_stats["mean"]
-      ra_var.value = new_stats["var"]
+      _store(running, new_stats)
     return y
+
+
+def _variables(module: nn.Module, feature_shape: tuple[int, ...], track_running_stats: bool):
+  """BatchNorm's variables in ``module`` (BatchNorm or BatchRenorm, inside its compact call):
+  ``(running, scale, bias)``, ``running`` the ``batch_stats`` pair ``(mean, var)`` or None."""
+  stats_dtype = F.running_stats_dtype(module.param_dtype, module.force_float32_reductions)
+  running = None
+  if track_running_stats:
+    running = (
+      module.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), feature_shape),
+      module.variable("batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), feature_shape),
+    )
+  scale = (
+    module.param("scale", module.scale_init, feature_shape, module.param_dtype)
+    if module.use_scale
+    else None
+  )
+  bias = (
+    module.param("bias", module.bias_init, feature_shape, module.param_dtype)
+    if module.use_bias
+    else None
+  )
+  return running, scale, bias
+
+
+def _store(running, new_stats) -> None:
+  """Writes the updated statistics into the ``batch_stats`` pair."""
+  running[0].value = new_stats["mean"]
+  running[1].value = new_stats["var"]
